@@ -1,0 +1,28 @@
+// Op schemas of the `gdc` namespace. Kernels register per device in csrc/cpu and csrc/cuda;
+// fake (meta) implementations and autograd live in python/gdc_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(gdc, m) {
+  // Fused cross-entropy over [R, V] logits. Returns per-row training loss (float32, sample weight
+  // applied), per-row recorded NLL (float32, NaN where ignored) and, if compute_grad, the gradient
+  // of sum(loss * grad_scale) w.r.t. the logits (logits' dtype). When acc is non-empty ([N, 3]
+  // float64), each non-ignored row's NLL, a token count and its logit-gradient energy are added
+  // to acc[sample_ids[r]] in place.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? class_weight, Tensor sample_ids, "
+        "Tensor sample_weight, Tensor grad_scale, Tensor(a!) acc, int ignore_index, float label_smoothing, "
+        "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // Same, writing the gradient over the logits (zero extra memory).
+  m.def("cross_entropy_fwd_inplace(Tensor(b!) logits, Tensor target, Tensor? class_weight, Tensor sample_ids, "
+        "Tensor sample_weight, Tensor grad_scale, Tensor(a!) acc, int ignore_index, float label_smoothing) "
+        "-> (Tensor, Tensor)");
+  // grad *= grad_output (scalar or per row), in place; a no-op when the scalar is 1.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // Folds the epoch accumulators into the per-sample statistics and zeroes them; epoch += 1.
+  m.def("end_epoch_(Tensor(a!) acc, Tensor(b!) fstats, Tensor(c!) istats, Tensor(d!) forgets, "
+        "Tensor(e!) epoch, Tensor eps, int burn_in) -> ()");
+}
+
+// Importing gdc_ext._C loads this library, which registers the ops above.
+static struct PyModuleDef gdc_module = {PyModuleDef_HEAD_INIT, "_C", "gdc_ext kernels (torch.ops.gdc)", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&gdc_module); }
