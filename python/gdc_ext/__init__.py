@@ -1,2 +1,13 @@
-"""gdc_ext: Generative Data Cartography for PyTorch."""
+"""gdc_ext: Generative Data Cartography for PyTorch.
+
+Replace ``nn.CrossEntropyLoss`` with :class:`CartoLoss`, give it a :class:`CartoState`, pass
+sample ids, call ``state.end_epoch()`` after each epoch, and read ``state.scores()``.
+"""
 from gdc_ext import _C  # noqa: F401  (registers torch.ops.gdc)
+from gdc_ext import ops, reference
+from gdc_ext.loss import CartoLoss, expand_sample_ids
+from gdc_ext.ops import TargetIndexError
+from gdc_ext.state import CartoState, Scores
+
+__version__ = "0.1.0"
+__all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_sample_ids", "ops", "reference"]

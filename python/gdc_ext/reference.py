@@ -1,0 +1,112 @@
+"""The specification in code: a plain NumPy implementation that *does* build the T x N loss
+matrix and computes every score of shared/method.md from it. Short and obvious on purpose;
+the property tests check that the streaming kernels agree with it.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "quadrants", "prune_order"]
+
+
+def token_nll(logits: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-token NLL and logit-gradient energy ||softmax - onehot||^2, in float64.
+
+    logits: [R, V]; target: [R] int. Returns (nll [R], energy [R]).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(target)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    p = np.exp(z - lse[:, None])
+    rows = np.arange(len(y))
+    nll = lse - z[rows, y]
+    energy = (p ** 2).sum(1) - 2 * p[rows, y] + 1
+    return nll, energy
+
+
+def loss_matrix(epochs: Iterable[Sequence[Tuple[np.ndarray, np.ndarray]]], num_samples: int) -> np.ndarray:
+    """L[t, i] = mean of the token losses of sample i seen in epoch t; NaN where none was seen.
+
+    epochs: for each epoch, a sequence of (sample_ids [R], token_losses [R]) batches, one id per
+    token (ignored tokens already removed).
+    """
+    rows = []
+    for batches in epochs:
+        total = np.zeros(num_samples)
+        count = np.zeros(num_samples)
+        for ids, losses in batches:
+            np.add.at(total, np.asarray(ids), np.asarray(losses, dtype=np.float64))
+            np.add.at(count, np.asarray(ids), 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows.append(np.where(count > 0, total / count, np.nan))
+    return np.array(rows).reshape(-1, num_samples)
+
+
+def energy_totals(epochs: Iterable[Sequence[Tuple[np.ndarray, np.ndarray]]], num_samples: int) -> np.ndarray:
+    """Sum over every token of every epoch of its logit-gradient energy, per sample."""
+    total = np.zeros(num_samples)
+    for batches in epochs:
+        for ids, energy in batches:
+            np.add.at(total, np.asarray(ids), np.asarray(energy, dtype=np.float64))
+    return total
+
+
+def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[float]]) -> dict:
+    """Every per-sample score of method.md from the T x N matrix L (NaN = not observed).
+
+    Returns a dict of arrays: difficulty [N], memorization [N, K], forgets [N, K],
+    transitions [N], observed [N], last_loss [N], min_loss [N], loss_mean [N], loss_std [N].
+    """
+    L = np.asarray(L, dtype=np.float64)
+    eps = np.atleast_1d(np.asarray(eps, dtype=np.float64))
+    T, N = L.shape
+    K = len(eps)
+    out = {name: np.full(N, np.nan) for name in ("difficulty", "last_loss", "min_loss", "loss_mean", "loss_std")}
+    out["forgets"] = np.zeros((N, K), dtype=np.int64)
+    out["memorization"] = np.zeros((N, K))
+    out["transitions"] = np.zeros(N, dtype=np.int64)
+    out["observed"] = np.zeros(N, dtype=np.int64)
+    for i in range(N):
+        seen = [t for t in range(T) if not np.isnan(L[t, i])]
+        values = L[seen, i]
+        burn = [L[t, i] for t in seen if t + 1 <= burn_in]  # epochs are 1-based
+        if burn:
+            out["difficulty"][i] = np.mean(burn)
+        out["observed"][i] = len(seen)
+        out["transitions"][i] = max(len(seen) - 1, 0)
+        for k in range(K):
+            out["forgets"][i, k] = sum(1 for a, b in zip(values[:-1], values[1:]) if a < eps[k] and b > eps[k])
+            if out["transitions"][i] > 0:
+                out["memorization"][i, k] = out["forgets"][i, k] / out["transitions"][i]
+        if seen:
+            out["last_loss"][i] = values[-1]
+            out["min_loss"][i] = values.min()
+            out["loss_mean"][i] = values.mean()
+            out["loss_std"][i] = values.std()
+    return out
+
+
+def quadrants(difficulty: np.ndarray, memorization: np.ndarray, alpha_d: float = 0.75, alpha_m: float = 0.75):
+    """Quadrant codes (0 stable-easy, 1 ambiguous-hard, 2 hotspot-memorized, 3 noisy-outlier,
+    -1 unscored) and the thresholds (tau_d, tau_m), by NumPy percentiles over scored samples."""
+    d = np.asarray(difficulty, dtype=np.float64)
+    m = np.asarray(memorization, dtype=np.float64)
+    scored = ~np.isnan(d)
+    codes = np.full(len(d), -1, dtype=np.int8)
+    if not scored.any():
+        return codes, (np.nan, np.nan)
+    tau_d = np.percentile(d[scored], 100 * alpha_d)
+    tau_m = np.percentile(m[scored], 100 * alpha_m)
+    hard = d > tau_d
+    mem = m > tau_m
+    codes[scored] = (hard.astype(np.int8) + 2 * mem.astype(np.int8))[scored]
+    return codes, (float(tau_d), float(tau_m))
+
+
+def prune_order(memorization: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
+    """Sample indices from most to least memorized, ties broken by higher difficulty, then id."""
+    m = np.asarray(memorization, dtype=np.float64)
+    d = np.nan_to_num(np.asarray(difficulty, dtype=np.float64), nan=-np.inf)
+    return np.lexsort((np.arange(len(m)), -d, -m))

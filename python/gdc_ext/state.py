@@ -1,0 +1,283 @@
+"""CartoState: the O(N) per-sample training-dynamics state that CartoLoss records into.
+
+No tensor here grows with the number of epochs: each epoch's losses are folded into running
+statistics by ``end_epoch()`` (see shared/method.md for the exact definitions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from gdc_ext import ops
+
+__all__ = ["CartoState", "Scores", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_FCOLS = ("difficulty_sum", "last_loss", "min_loss", "loss_mean", "loss_m2", "grad_energy")
+_TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
+
+
+@dataclass
+class Scores:
+    """Per-sample scores after the epochs folded so far. All tensors are on the CPU.
+
+    Shapes: N samples; K thresholds. ``memorization`` and ``forgets`` are [N] when the state was
+    built with a single float ``eps`` and [N, K] when built with a sequence.
+    """
+
+    difficulty: torch.Tensor      # [N] float64, NaN where no burn-in epoch was observed
+    memorization: torch.Tensor    # [N] or [N, K] float64, forgets / transitions (0 if no transition)
+    forgets: torch.Tensor         # [N] or [N, K] int32
+    transitions: torch.Tensor     # [N] int32, consecutive-observation pairs
+    observed: torch.Tensor        # [N] int32, epochs in which the sample was seen
+    last_loss: torch.Tensor       # [N] float64, NaN if never observed
+    min_loss: Optional[torch.Tensor]     # [N] float64 (extras)
+    loss_mean: Optional[torch.Tensor]    # [N] float64, mean of L[., i] over observed epochs (extras)
+    loss_std: Optional[torch.Tensor]     # [N] float64, population std of L[., i] (extras)
+    grad_energy: Optional[torch.Tensor]  # [N] float64, sum over tokens and epochs of ||softmax - onehot||^2
+    eps: tuple
+    epoch: int
+    burn_in: int
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """[N] bool: samples with a difficulty (seen in at least one burn-in epoch)."""
+        return ~torch.isnan(self.difficulty)
+
+    @property
+    def confidence(self) -> Optional[torch.Tensor]:
+        """Cartography's confidence analogue: exp(-mean loss), the geometric-mean token probability."""
+        return None if self.loss_mean is None else torch.exp(-self.loss_mean)
+
+    @property
+    def variability(self) -> Optional[torch.Tensor]:
+        """Cartography's variability analogue: std of the per-epoch loss."""
+        return self.loss_std
+
+    def quadrants(self, alpha_d: float = 0.75, alpha_m: float = 0.75, eps_index: int = 0):
+        """Quadrant codes from these scores; see :func:`gdc_ext.cartography.quadrants`."""
+        from gdc_ext.cartography import quadrants
+
+        m = self.memorization if self.memorization.dim() == 1 else self.memorization[:, eps_index]
+        return quadrants(self.difficulty, m, alpha_d=alpha_d, alpha_m=alpha_m)
+
+
+class CartoState:
+    """Per-sample accumulators for N training samples.
+
+    Args:
+        num_samples: N, the number of sample ids (ids are 0..N-1).
+        burn_in: T_e, the number of (1-based) epochs whose losses define difficulty.
+        eps: forget threshold in nats, or a sequence of K thresholds tracked together.
+        device: where the state lives; CartoLoss must run on the same device.
+        extras: also keep min loss, Welford mean/variance and gradient energy (+32 bytes/sample).
+
+    Memory: 24 (epoch accumulator) + 16 (+32 with extras) + 12 + 4K bytes per sample, whatever
+    the number of epochs.
+    """
+
+    def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]] = 0.1,
+                 device: Union[str, torch.device] = "cpu", extras: bool = True):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 1:
+            raise ValueError(f"burn_in must be an int >= 1 (epochs), got {burn_in!r}")
+        self._eps_scalar = isinstance(eps, (int, float, np.floating, np.integer))
+        eps_list = [float(eps)] if self._eps_scalar else [float(e) for e in eps]
+        if not eps_list or not all(np.isfinite(e) and e > 0 for e in eps_list):
+            raise ValueError(f"eps must be a positive finite float or a non-empty sequence of them, got {eps!r}")
+        self.num_samples = int(num_samples)
+        self.burn_in = int(burn_in)
+        self.extras = bool(extras)
+        N, K, dev = self.num_samples, len(eps_list), torch.device(device)
+        self.acc = torch.zeros(N, 3, dtype=torch.float64, device=dev)
+        self.fstats = torch.zeros(N, 6 if extras else 2, dtype=torch.float64, device=dev)
+        self.istats = torch.zeros(N, 3, dtype=torch.int32, device=dev)
+        self.forgets = torch.zeros(N, K, dtype=torch.int32, device=dev)
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.eps = torch.tensor(eps_list, dtype=torch.float64, device=dev)
+        self.process_group = None  # torch.distributed group to all-reduce over (None: the default group)
+
+    # ----------------------------------------------------------------------------- basics
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def num_eps(self) -> int:
+        return int(self.eps.numel())
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs folded so far (a host read of a one-element tensor)."""
+        return int(self.epoch.item())
+
+    def tensors(self) -> dict:
+        return {name: getattr(self, name) for name in _TENSORS}
+
+    def nbytes(self) -> int:
+        """Total bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: Union[str, torch.device]) -> "CartoState":
+        for name, t in self.tensors().items():
+            setattr(self, name, t.to(device))
+        return self
+
+    def __repr__(self) -> str:
+        return (f"CartoState(num_samples={self.num_samples}, burn_in={self.burn_in}, eps={self.eps.tolist()}, "
+                f"device={self.device}, extras={self.extras})")
+
+    # ----------------------------------------------------------------------------- epochs
+    def end_epoch(self) -> None:
+        """Folds this epoch's accumulated losses into the scores and clears the accumulators.
+
+        With torch.distributed initialised (world size > 1), the accumulators are first summed
+        across ranks, so every rank ends with identical scores.
+        """
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size(self.process_group) > 1:
+                torch.distributed.all_reduce(self.acc, group=self.process_group)
+        ops.end_epoch_(self.acc, self.fstats, self.istats, self.forgets, self.epoch, self.eps, self.burn_in)
+
+    def reset_epoch(self) -> None:
+        """Drops what was recorded since the last end_epoch() (an aborted epoch, say)."""
+        self.acc.zero_()
+
+    # ----------------------------------------------------------------------------- scores
+    def scores(self) -> Scores:
+        f = self.fstats.detach().cpu()
+        ist = self.istats.detach().cpu()
+        fg = self.forgets.detach().cpu()
+        diff_count = ist[:, 0]
+        observed = ist[:, 1].clone()
+        transitions = ist[:, 2].clone()
+        difficulty = torch.where(diff_count > 0, f[:, 0] / diff_count.clamp(min=1).double(),
+                                 torch.full_like(f[:, 0], float("nan")))
+        mem = torch.where(transitions[:, None] > 0, fg.double() / transitions.clamp(min=1)[:, None].double(),
+                          torch.zeros_like(fg, dtype=torch.float64))
+        nan = torch.full_like(f[:, 0], float("nan"))
+        seen = observed > 0
+        last = torch.where(seen, f[:, 1], nan)
+        min_loss = loss_mean = loss_std = energy = None
+        if self.extras:
+            min_loss = torch.where(seen, f[:, 2], nan)
+            loss_mean = torch.where(seen, f[:, 3], nan)
+            loss_std = torch.where(seen, torch.sqrt((f[:, 4] / observed.clamp(min=1).double()).clamp(min=0)), nan)
+            energy = f[:, 5].clone()
+        if self._eps_scalar:
+            mem, fgo = mem[:, 0], fg[:, 0].clone()
+        else:
+            fgo = fg.clone()
+        return Scores(difficulty=difficulty, memorization=mem, forgets=fgo, transitions=transitions,
+                      observed=observed, last_loss=last, min_loss=min_loss, loss_mean=loss_mean,
+                      loss_std=loss_std, grad_energy=energy, eps=tuple(self.eps.tolist()),
+                      epoch=self.epochs_done, burn_in=self.burn_in)
+
+    # ----------------------------------------------------------------------------- persistence
+    def _meta(self) -> dict:
+        return {"format": "gdc_ext.CartoState", "version": FORMAT_VERSION, "num_samples": self.num_samples,
+                "burn_in": self.burn_in, "eps": self.eps.tolist(), "eps_scalar": self._eps_scalar,
+                "extras": self.extras}
+
+    def state_dict(self) -> dict:
+        """Tensors (cloned, on the state's device) plus a ``meta`` dict of the configuration."""
+        d = {name: t.clone() for name, t in self.tensors().items()}
+        d["meta"] = self._meta()
+        return d
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state_dict of a state with the same N, eps, burn-in and extras; all checks run
+        before anything is replaced, so a rejected dict leaves this state unchanged."""
+        if not isinstance(state_dict, dict) or "meta" not in state_dict:
+            raise ValueError("state_dict: expected a dict from CartoState.state_dict() with a 'meta' entry")
+        meta = state_dict["meta"]
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"state_dict: format version {meta.get('version')!r} is not supported "
+                             f"(this gdc_ext reads version {FORMAT_VERSION})")
+        mine = self._meta()
+        for key in ("num_samples", "burn_in", "eps", "extras"):
+            if meta.get(key) != mine[key]:
+                raise ValueError(f"state_dict: mismatched state: {key} is {meta.get(key)!r} in the saved state "
+                                 f"but {mine[key]!r} in this CartoState")
+        new = {}
+        for name, t in self.tensors().items():
+            s = state_dict.get(name)
+            if not isinstance(s, torch.Tensor):
+                raise ValueError(f"state_dict: missing tensor {name!r}")
+            if s.shape != t.shape or s.dtype != t.dtype:
+                raise ValueError(f"state_dict: tensor {name!r} has shape {tuple(s.shape)} {s.dtype}, "
+                                 f"expected {tuple(t.shape)} {t.dtype}")
+            new[name] = s.to(t.device).clone().contiguous()
+        _check_consistent(new)
+        for name, t in new.items():
+            setattr(self, name, t)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the state to a safetensors file atomically (temp file, fsync, rename)."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
+        meta = {"gdc_ext": json.dumps(self._meta())}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".gdc-state-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "CartoState":
+        """Reads a state written by :meth:`save`. Raises ValueError for a missing, corrupted or
+        foreign file, or one of another format version."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CartoState.load: no state file at {path!r}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as fh:
+                raw_meta = (fh.metadata() or {}).get("gdc_ext")
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"CartoState.load: {path!r} is not a readable safetensors state file ({e})") from None
+        if raw_meta is None:
+            raise ValueError(f"CartoState.load: {path!r} has no gdc_ext metadata: not a CartoState file")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"CartoState.load: {path!r} has corrupted metadata ({e})") from None
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"CartoState.load: {path!r} has format version {meta.get('version')!r}; "
+                             f"this gdc_ext reads version {FORMAT_VERSION}")
+        try:
+            eps = meta["eps"][0] if meta["eps_scalar"] else meta["eps"]
+            state = cls(meta["num_samples"], meta["burn_in"], eps, device=device, extras=meta["extras"])
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"CartoState.load: {path!r} has incomplete metadata ({e!r})") from None
+        state.load_state_dict({**tensors, "meta": meta})
+        return state
+
+
+def _check_consistent(t: dict) -> None:
+    """Cheap invariants that a damaged or hand-edited state breaks."""
+    ist, fg = t["istats"], t["forgets"]
+    if bool((ist < 0).any()) or bool((fg < 0).any()):
+        raise ValueError("state_dict: negative counters: the state is corrupted")
+    if bool((ist[:, 2] > ist[:, 1]).any()) or bool((fg > ist[:, 2:3]).any()):
+        raise ValueError("state_dict: counters out of order (transitions > observed or forgets > transitions)")
+    if int(t["epoch"].reshape(-1)[0]) < 0:
+        raise ValueError("state_dict: negative epoch counter")
