@@ -90,7 +90,7 @@ void ce_rows(const T* logits, T* grad, const RowArgs& A) {
       const int64_t y = A.target[r];
       if (y == A.ignore_index) {
         A.loss[r] = 0.f;
-        A.nll[r] = NAN;
+        A.nll[r] = 0.f;
         A.energy[r] = 0.f;
         if (g) std::fill(g, g + V, T(0));
         continue;

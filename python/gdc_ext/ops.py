@@ -70,7 +70,7 @@ def cross_entropy_fwd(
         grad_scale: one-element float tensor folded into the gradient (1/denominator for 'mean').
         acc: [N, 3] float64 epoch accumulator updated in place, or an empty tensor (no recording).
     Returns:
-        loss_rows [R] float32, nll_rows [R] float32 (NaN where ignored), grad [R, V] (or [0]).
+        loss_rows [R] float32, nll_rows [R] float32 (0 where ignored), grad [R, V] (or [0]).
     """
     if torch.compiler.is_compiling():
         return torch.ops.gdc.cross_entropy_fwd(logits, target, class_weight, sample_ids, sample_weight, grad_scale,
