@@ -11,3 +11,7 @@ from gdc_ext.state import CartoState, Scores
 
 __version__ = "0.1.0"
 __all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_sample_ids", "ops", "reference"]
+
+from gdc_ext.cartography import QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune, quadrants  # noqa: E402
+
+__all__ += ["QUADRANT_NAMES", "Quadrants", "loss_weights", "multiplicities", "prune", "quadrants"]
