@@ -165,3 +165,11 @@ def test_module_repr_and_public_api():
     assert "inplace_grad" in repr(CartoLoss())
     for name in ("CartoLoss", "CartoState", "Scores", "reference"):
         assert hasattr(gdc_ext, name)
+
+
+def test_second_backward_is_refused_not_wrong():
+    x = torch.randn(6, 9, requires_grad=True)
+    loss = CartoLoss()(x, torch.randint(0, 9, (6,))) * 0.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

@@ -65,6 +65,12 @@ class _FusedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # The gradient was computed in forward and is scaled in place here, so a second backward
+        # over the same graph (retain_graph=True) would scale it twice: refuse it.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("CartoLoss: backward ran twice over one forward pass; the gradient is precomputed "
+                               "and scaled in place, so call the loss again instead of retain_graph=True")
+        ctx.consumed = True
         (grad,) = ctx.saved_tensors
         ops.scale_grad_(grad, grad_out.to(torch.float32).contiguous())
         return grad, None, None, None, None, None, None, None, None, None, None, None
