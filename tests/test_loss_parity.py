@@ -173,3 +173,22 @@ def test_second_backward_is_refused_not_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(R=st.integers(1, 40), V=st.integers(1, 700), reduction=st.sampled_from(REDUCTIONS),
+       use_weight=st.booleans(), smoothing=st.sampled_from([0.0, 0.05, 0.5]), ignore_frac=st.floats(0, 1),
+       ignore_index=st.sampled_from([-100, 0, 3]), scale=st.floats(0.1, 30), seed=st.integers(0, 10**6))
+def test_parity_property(R, V, reduction, use_weight, smoothing, ignore_frac, ignore_index, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, V, generator=g) * scale
+    t = torch.randint(0, V, (R,), generator=g)
+    t[torch.rand(R, generator=g) < ignore_frac] = ignore_index
+    w = torch.rand(V, generator=g) + 0.05 if use_weight else None
+    kw = dict(weight=w, reduction=reduction, label_smoothing=smoothing, ignore_index=ignore_index)
+    o_ref, g_ref = _grads(nn.CrossEntropyLoss(**kw), x, t)
+    o, gr = _grads(CartoLoss(**kw), x, t)
+    torch.testing.assert_close(o, o_ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(gr, g_ref, rtol=1e-4, atol=2e-6, equal_nan=True)

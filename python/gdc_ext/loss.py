@@ -27,7 +27,10 @@ def expand_sample_ids(sample_ids: torch.Tensor, target: torch.Tensor, rows: int)
     """Per-row int64 sample ids [rows] from either per-token ids (same shape as ``target``) or
     per-sequence ids [B] where the rows are B equal consecutive groups."""
     if not isinstance(sample_ids, torch.Tensor):
-        raise ValueError(f"sample_ids must be a tensor, got {type(sample_ids).__name__}")
+        try:
+            sample_ids = torch.as_tensor(sample_ids, device=target.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"sample_ids must be a tensor of integer ids, got {type(sample_ids).__name__}") from None
     if sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
         raise ValueError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
     if sample_ids.device != target.device:
@@ -130,8 +133,6 @@ class CartoLoss(nn.CrossEntropyLoss):
         weighted = self.sample_weight is not None and sample_ids is not None
         if sample_ids is None and self.sample_weight is not None and self.state is not None and torch.is_grad_enabled():
             raise ValueError("sample_ids is required: per-sample loss weights are set on this CartoLoss")
-        if not (recording or weighted) and sample_ids is not None and not isinstance(sample_ids, torch.Tensor):
-            raise ValueError(f"sample_ids must be a tensor, got {type(sample_ids).__name__}")
         if self._kernel_applies(input, target):
             return self._fused(input, target, sample_ids, recording, weighted)
         return self._fallback(input, target, sample_ids, recording, weighted)
