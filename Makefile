@@ -14,7 +14,6 @@ PYTEST_WORKERS ?= 2
 
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(DEPS)
 	touch $@
