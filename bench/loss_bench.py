@@ -335,7 +335,19 @@ def peak_cuda(m: Method, inp: Inputs) -> int:
 
 
 def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """The process's RSS high-water mark. getrusage's ru_maxrss (KiB on Linux) also counts the
+    parent's peak at the fork/exec that started this process (the kernel folds the old address
+    space's high-water mark into it at exec), so a worker started by a large benchmark process
+    would read the parent's peak; VmHWM is this address space's own mark, and clear_refs resets
+    it. ru_maxrss is the fallback where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(spec: dict) -> dict:
@@ -543,7 +555,7 @@ def plot(result: dict, path: str) -> None:
 
     cases = result["cases"]
     names = [n for n in METHODS if any(r["method"] == n and "skipped" not in r for c in cases for r in c["rows"])]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 + 0.45 * max(4, len(names) * len(cases))), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * max(4, len(names) * len(cases))), constrained_layout=True)
     colors = plt.get_cmap("tab10")
     height = 0.8 / max(1, len(cases))
     panels = (("speedup", "speedup vs F.cross_entropy (fwd+bwd; higher is better)", 1.5, "target 1.5x"),
@@ -565,7 +577,7 @@ def plot(result: dict, path: str) -> None:
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.margins(x=0.18)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     env = result["environment"]
     fig.suptitle(f"gdc_ext loss benchmark: {env['device_name']}, torch {env['torch']}, {env['threads']} threads",
                  fontsize=11)
@@ -687,6 +699,7 @@ def main(argv=None) -> int:
                         w = peak_cpu(name, case, torch.get_num_threads())
                         rows[name]["peak_extra_bytes"] = w["peak_extra_bytes"]
                         rows[name]["grad_aliases_logits"] = w["grad_aliases_logits"]
+                        rows[name]["hwm_reset"] = w["hwm_reset"]
                     rows[name]["mem_ratio"] = rows[name]["peak_extra_bytes"] / case.logits_bytes
                 except Exception as e:
                     rows[name]["memory_error"] = str(e)[:300]
