@@ -113,6 +113,9 @@ class Method:
     def bwd(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def reset(self) -> None:
+        """Outside the timed region: drop what the previous step left behind (beyond Inputs)."""
+
     def state_bytes(self) -> int:
         return 0
 
@@ -218,9 +221,11 @@ class CCE(Method):
         self.e = (torch.randn(case.R, D, generator=g, device=case.device) / math.sqrt(D)).to(case.dtype).requires_grad_()
         self.c = torch.randn(case.V, D, generator=g, device=case.device, dtype=case.dtype).requires_grad_()
 
-    def fwd(self):
+    def reset(self):
         self.e.grad = None
         self.c.grad = None
+
+    def fwd(self):
         return self.f(self.e, self.c, self.inp.target)
 
 
@@ -278,6 +283,7 @@ def time_methods(methods: dict[str, Method], inp: Inputs, device, warmup: int, r
     for it in range(warmup + repeats):
         for name, m in methods.items():
             inp.reset()
+            m.reset()
             sync(device)
             timer = Timer(device)
             one_step(m, timer)
@@ -325,6 +331,7 @@ def copy_bandwidth(x: torch.Tensor, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------ memory
 def peak_cuda(m: Method, inp: Inputs) -> int:
     inp.reset()
+    m.reset()
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -671,6 +678,7 @@ def main(argv=None) -> int:
         for name in list(methods):
             try:
                 inp.reset()
+                methods[name].reset()
                 one_step(methods[name])
                 sync(device)
             except Exception as e:
