@@ -67,7 +67,9 @@ def _free_port():
 
 def test_two_process_gloo_equals_single_process(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    # fork, not spawn: the children skip re-importing torch (seconds on a loaded 2-core box)
+    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="fork")
     single = _run(slice(None)).state_dict()
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for r, g in enumerate(got):
