@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEPS := scikit-build-core pybind11 cmake ninja numpy safetensors tqdm matplotlib pytest hypothesis pytest-xdist
+# Optional extra `hf` (gdc_ext.integrations.hf), installed so its tests run here and in CI.
+# transformers 5.23.0 + accelerate 1.15.0 (the Trainer needs accelerate) install beside
+# torch 2.13.0 CPU without replacing it (checked); no pin needed.
+DEPS += transformers accelerate
 SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
 # Test workers: CI has 2 cores.
 PYTEST_WORKERS ?= 2

@@ -15,3 +15,11 @@ __all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_samp
 from gdc_ext.cartography import QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune, quadrants  # noqa: E402
 
 __all__ += ["QUADRANT_NAMES", "Quadrants", "loss_weights", "multiplicities", "prune", "quadrants"]
+
+from gdc_ext.sampler import CartoSampler  # noqa: E402
+from gdc_ext.cartographer import Cartographer  # noqa: E402
+
+__all__ += ["CartoSampler", "Cartographer"]
+
+# gdc_ext.plot (matplotlib), gdc_ext.cli and gdc_ext.integrations.hf (transformers) are imported
+# on use, never here: `import gdc_ext` stays light.

@@ -1,13 +1,23 @@
-"""`make demo`: train a tiny language model with CartoLoss on a synthetic corpus made in code,
-then print the per-quadrant summary of the recorded scores. CPU only, no downloads.
+"""`make demo`: Generative Data Cartography end to end on CPU (no downloads, corpus made in code).
 
-Corpus (N sequences): most follow a fixed low-entropy Markov chain (learnable, "easy"), some are
-uniform noise ("hard"), and some are unique canaries: a fixed prefix then random secret digits
-(the kind of sample a model memorizes).
+1. Train a tiny LSTM language model on a synthetic corpus with CartoLoss, recording per-sample
+   losses (burn-in), then label the samples (Algorithm 1) and print the quadrant table with where
+   the injected canaries landed.
+2. Write the data map (docs/data_map.png by default) and the state (for `gdc report`).
+3. From that checkpoint, continue training twice for the same number of epochs: plainly, and with
+   the interventions (CartoSampler: ambiguous-hard up-sampled by gamma, noisy-outliers removed;
+   hotspots down-weighted by alpha in the loss; optionally the top --prune fraction by m removed).
+4. Print validation perplexity and canary (secret) loss at labelling time and after each branch.
+
+Corpus: most sequences follow a fixed low-entropy Markov chain (learnable); some are uniform
+noise (hard); a few are unique canaries, a fixed prefix then random secret digits (what a model
+memorizes). Validation: held-out Markov sequences.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import time
 
 import numpy as np
@@ -15,35 +25,41 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gdc_ext import CartoLoss, CartoState, QUADRANT_NAMES, quadrants
+from gdc_ext import QUADRANT_NAMES, Cartographer, prune
 
 VOCAB = 48
 DIGITS = list(range(10, 20))           # token ids used as secret digits
 PREFIX = [40, 41, 42, 43, 44, 45]      # the canary template's fixed prefix
+GROUPS = ("markov", "noise", "canary")
 
 
-def make_corpus(n: int, seq_len: int, seed: int = 0, noise_frac: float = 0.15, canary_frac: float = 0.05):
-    """Returns tokens [n, seq_len] int64 and a group label per sequence (0 markov, 1 noise, 2 canary)."""
+def make_corpus(n: int, seq_len: int, seed: int = 0, noise_frac: float = 0.3, canary_frac: float = 0.05,
+                n_val: int = 0, concentration: float = 0.005):
+    """Returns tokens [n, seq_len] int64, a group per sequence (0 markov, 1 noise, 2 canary) and
+    n_val held-out Markov sequences [n_val, seq_len] from the same chain."""
     rng = np.random.default_rng(seed)
-    trans = rng.dirichlet(np.full(VOCAB, 0.08), size=VOCAB)  # peaked: low entropy per step
-    tokens = np.zeros((n, seq_len), dtype=np.int64)
-    group = np.zeros(n, dtype=np.int64)
+    trans = rng.dirichlet(np.full(VOCAB, concentration), size=VOCAB)  # peaked: low entropy per step
+    cum = trans.cumsum(1)
+
+    def markov(k):
+        out = np.zeros((k, seq_len), dtype=np.int64)
+        t = rng.integers(0, VOCAB, k)
+        for j in range(seq_len):
+            out[:, j] = t
+            t = np.minimum((cum[t] < rng.random(k)[:, None]).sum(1), VOCAB - 1)
+        return out
+
     n_noise, n_canary = int(noise_frac * n), int(canary_frac * n)
-    for i in range(n):
-        if i < n_noise:
-            tokens[i] = rng.integers(0, VOCAB, seq_len)
-            group[i] = 1
-        elif i < n_noise + n_canary:
-            secret = rng.choice(DIGITS, seq_len - len(PREFIX))
-            tokens[i] = PREFIX + list(secret)
-            group[i] = 2
-        else:
-            t = rng.integers(0, VOCAB)
-            for j in range(seq_len):
-                tokens[i, j] = t
-                t = rng.choice(VOCAB, p=trans[t])
+    tokens = markov(n)
+    group = np.zeros(n, dtype=np.int64)
+    tokens[:n_noise] = rng.integers(0, VOCAB, (n_noise, seq_len))
+    group[:n_noise] = 1
+    c = slice(n_noise, n_noise + n_canary)
+    tokens[c, :len(PREFIX)] = PREFIX
+    tokens[c, len(PREFIX):] = rng.choice(DIGITS, (n_canary, seq_len - len(PREFIX)))
+    group[c] = 2
     perm = rng.permutation(n)
-    return torch.from_numpy(tokens[perm]), torch.from_numpy(group[perm])
+    return torch.from_numpy(tokens[perm]), torch.from_numpy(group[perm]), torch.from_numpy(markov(n_val))
 
 
 class TinyLM(nn.Module):
@@ -57,10 +73,40 @@ class TinyLM(nn.Module):
         return self.head(self.rnn(self.emb(x))[0])
 
 
-def summary_table(scores, codes, group) -> str:
-    names = ["markov", "noise", "canary"]
-    lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean m':>9}  " + "".join(f"{g:>8}" for g in names)]
-    m = scores.memorization if scores.memorization.dim() == 1 else scores.memorization[:, 0]
+def train_epoch(model, opt, loss_fn, tokens, order, batch, desc):
+    """One pass over ``order`` (sample ids, repeats allowed); returns the mean training loss."""
+    model.train()
+    total, steps = 0.0, 0
+    for b in tqdm(range(0, len(order), batch), desc=desc, leave=False, mininterval=0.5, dynamic_ncols=True):
+        ids = order[b:b + batch]
+        x, y = tokens[ids, :-1], tokens[ids, 1:]
+        loss = loss_fn(model(x).reshape(-1, VOCAB), y.reshape(-1), ids)  # one id per sequence
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate(model, val, canaries):
+    """Validation perplexity, and the canaries' mean NLL and greedy accuracy on their secret digits."""
+    model.eval()
+    logits = model(val[:, :-1])
+    ppl = float(torch.exp(nn.functional.cross_entropy(logits.reshape(-1, VOCAB), val[:, 1:].reshape(-1))))
+    out = {"val_ppl": ppl, "canary_nll": float("nan"), "canary_acc": float("nan")}
+    if len(canaries):
+        lc = model(canaries[:, :-1])[:, len(PREFIX) - 1:]     # positions predicting the secret
+        tgt = canaries[:, len(PREFIX):]
+        out["canary_nll"] = float(nn.functional.cross_entropy(lc.reshape(-1, VOCAB), tgt.reshape(-1)))
+        out["canary_acc"] = float((lc.argmax(-1) == tgt).float().mean())
+    return out
+
+
+def summary_table(scores, codes, group, eps_index=0) -> str:
+    lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean m':>9}  " + "".join(f"{g:>8}" for g in GROUPS)]
+    m = scores.memorization if scores.memorization.dim() == 1 else scores.memorization[:, eps_index]
     for q in (0, 1, 2, 3, -1):
         sel = codes == q
         n = int(sel.sum())
@@ -73,47 +119,139 @@ def summary_table(scores, codes, group) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=640)
+    p.add_argument("--samples", type=int, default=800)
+    p.add_argument("--val", type=int, default=200, help="held-out Markov sequences")
     p.add_argument("--seq-len", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--burn-in", type=int, default=3)
-    p.add_argument("--eps", type=float, nargs="+", default=[2.0])
+    p.add_argument("--noise-frac", type=float, default=0.3)
+    p.add_argument("--canary-frac", type=float, default=0.05)
+    p.add_argument("--burn-in", type=int, default=3, help="T_e: epochs defining difficulty")
+    p.add_argument("--label-after", type=int, default=10, help="epoch after which the labels are fixed")
+    p.add_argument("--epochs", type=int, default=14, help="total epochs (the rest after labelling intervenes)")
+    p.add_argument("--eps", type=float, default=1.0, help="forget threshold (nats)")
+    p.add_argument("--alpha-d", type=float, default=0.75)
+    p.add_argument("--alpha-m", type=float, default=0.75)
+    p.add_argument("--gamma", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.1, help="loss weight of hotspots")
+    p.add_argument("--keep-outliers", action="store_true")
+    p.add_argument("--prune", type=float, default=0.05, help="also drop this top fraction by m (0: none)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--concentration", type=float, default=0.005, help="Dirichlet concentration of the Markov chain")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("docs", "data_map.png"), help="data map PNG ('' to skip)")
+    p.add_argument("--state", default=os.path.join("build", "demo_state.safetensors"),
+                   help="where to save the CartoState for `gdc report` ('' to skip)")
     args = p.parse_args(argv)
+    if not 2 <= args.label_after < args.epochs or args.burn_in > args.label_after:
+        p.error("need burn-in <= label-after < epochs and label-after >= 2")
 
     torch.manual_seed(args.seed)
-    tokens, group = make_corpus(args.samples, args.seq_len + 1, seed=args.seed)
-    model = TinyLM()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    state = CartoState(args.samples, burn_in=args.burn_in, eps=args.eps[0] if len(args.eps) == 1 else args.eps)
-    loss_fn = CartoLoss(state=state)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
-    for epoch in range(args.epochs):
-        order = torch.randperm(args.samples)
-        total, steps = 0.0, 0
-        for b in tqdm(range(0, args.samples, args.batch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            ids = order[b:b + args.batch]
-            x, y = tokens[ids, :-1], tokens[ids, 1:]
-            logits = model(x)
-            loss = loss_fn(logits.reshape(-1, VOCAB), y.reshape(-1), ids)  # one id per sequence
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-        state.end_epoch()
-        print(f"epoch {epoch + 1}: mean training loss {total / steps:.3f}")
-    scores = state.scores()
-    m = scores.memorization if scores.memorization.dim() == 1 else scores.memorization[:, 0]
-    q = quadrants(scores.difficulty, m)
-    print(f"\ntrained {args.epochs} epochs on {args.samples} sequences in {time.time() - t0:.1f}s; "
-          f"state: {state.nbytes() / 1024:.1f} KiB (O(N), independent of epochs)")
-    print(f"thresholds: tau_d = {q.tau_d:.3f} nats (alpha_d = 0.75), tau_m = {q.tau_m:.3f} (alpha_m = 0.75), "
-          f"eps = {scores.eps[0]} nats\n")
-    print(summary_table(scores, q.codes, group))
+    tokens, group, val = make_corpus(args.samples, args.seq_len + 1, seed=args.seed, noise_frac=args.noise_frac,
+                                     canary_frac=args.canary_frac, n_val=args.val,
+                                     concentration=args.concentration)
+    canary_ids = torch.nonzero(group == 2).flatten()
+    N = args.samples
+    model = TinyLM(dim=args.dim, hidden=args.hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    carto = Cartographer(num_samples=N, burn_in=args.burn_in, eps=args.eps, alpha_d=args.alpha_d,
+                         alpha_m=args.alpha_m, gamma=args.gamma, alpha=args.alpha, keep_outliers=args.keep_outliers,
+                         seed=args.seed, label_after=args.label_after)
+    print(f"corpus: {N} training sequences ({', '.join(f'{int((group == g).sum())} {n}' for g, n in enumerate(GROUPS))}), "
+          f"{args.val} validation; {args.seq_len} tokens each")
+    print(f"Algorithm 1: burn-in T_e = {args.burn_in}, labels after epoch {args.label_after}, eps = {args.eps} nats, "
+          f"alpha_d = {args.alpha_d}, alpha_m = {args.alpha_m}, gamma = {args.gamma}, alpha = {args.alpha}, "
+          f"keep_outliers = {args.keep_outliers}, prune = {args.prune}\n")
+
+    # ---- phase 1: record (burn-in and the epochs up to labelling)
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in range(1, args.label_after + 1):
+        loss = train_epoch(model, opt, carto.loss, tokens, torch.randperm(N, generator=g), args.batch,
+                           f"epoch {epoch}/{args.epochs} (recording)")
+        started = carto.end_epoch()
+        print(f"epoch {epoch:>2}: mean training loss {loss:.3f}" + ("  -> labels fixed" if started else ""))
+    assert carto.intervening
+    scores = carto.state.scores()
+    q = carto.quadrants
+    codes = q.codes
+    print(f"\nthresholds: tau_d = {q.tau_d:.3f} nats, tau_m = {q.tau_m:.3f} (forget rate over {args.label_after - 1} "
+          f"transitions); state {carto.state.nbytes() / 1024:.1f} KiB\n")
+    print(summary_table(scores, codes, group))
+    n_hot = int((codes == 2).sum())
+    hot_canary = int((codes[canary_ids] == 2).sum())
+    m = scores.memorization
+    forgot = int((scores.forgets[canary_ids] > 0).sum())
+    print(f"\ncanaries: {hot_canary}/{len(canary_ids)} landed in hotspot-memorized "
+          f"({hot_canary / max(len(canary_ids), 1):.0%} vs {n_hot / N:.0%} of all samples: chance); "
+          f"{forgot}/{len(canary_ids)} had a forget event; mean m canary {float(m[canary_ids].mean()):.3f} "
+          f"vs others {float(m[group != 2].mean()):.3f}")
+    kept = prune(scores, args.prune, by="memorization") if args.prune > 0 else torch.arange(N)
+    removed = torch.ones(N, dtype=torch.bool)
+    removed[kept] = False
+    if args.prune > 0:
+        print(f"prune top {args.prune:.0%} by m: removes {int(removed.sum())} samples, "
+              f"{int(removed[canary_ids].sum())}/{len(canary_ids)} of them canaries "
+              f"(random at the same budget would remove ~{args.prune * len(canary_ids):.1f})")
+
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from gdc_ext.plot import data_map
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        data_map(scores, quadrants=q, highlight=canary_ids, highlight_label="canaries", path=args.out,
+                 title=f"Data map of the demo corpus after {args.label_after} epochs (burn-in {args.burn_in}, "
+                       f"eps = {args.eps})\ntau_d = {q.tau_d:.3f}, tau_m = {q.tau_m:.3f}; circles: injected canaries")
+        print(f"data map written to {args.out}")
+    if args.state:
+        os.makedirs(os.path.dirname(os.path.abspath(args.state)), exist_ok=True)
+        carto.state.save(args.state)
+        print(f"state written to {args.state} (try: gdc report {args.state})")
+
+    # ---- phase 2: continue from the same checkpoint, plainly and with the interventions
+    before = evaluate(model, val, tokens[canary_ids])
+    rest = args.epochs - args.label_after
+    plain_model, plain_opt = copy.deepcopy(model), torch.optim.Adam(model.parameters(), lr=args.lr)
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=args.lr)
+    plain_opt.load_state_dict(opt.state_dict())
+    plain_loss = nn.CrossEntropyLoss()
+    plain_g = torch.Generator().manual_seed(args.seed + 1)
+    for epoch in range(args.label_after + 1, args.epochs + 1):
+        train_epoch(plain_model, plain_opt, lambda z, y, ids: plain_loss(z, y), tokens,
+                    torch.randperm(N, generator=plain_g), args.batch, f"epoch {epoch}/{args.epochs} (plain)")
+    plain = evaluate(plain_model, val, tokens[canary_ids])
+
+    mult = carto.multiplicities()
+    mult[removed] = 0.0
+    from gdc_ext.sampler import CartoSampler
+
+    sampler = CartoSampler(mult, seed=args.seed)
+    print(f"\nintervention epochs {args.label_after + 1}..{args.epochs}: {len(sampler)} draws per epoch "
+          f"(was {N}); {int((mult == 0).sum())} samples removed, {int((mult > 1).sum())} up-sampled x{args.gamma}, "
+          f"{int((carto.loss.sample_weight < 1).sum())} down-weighted x{args.alpha}")
+    for epoch in range(args.label_after + 1, args.epochs + 1):
+        sampler.set_epoch(epoch)
+        loss = train_epoch(model, opt, carto.loss, tokens, torch.tensor(list(sampler)), args.batch,
+                           f"epoch {epoch}/{args.epochs} (interventions)")
+        carto.end_epoch()
+    after = evaluate(model, val, tokens[canary_ids])
+
+    print(f"\n{'after epoch':<34}{'val ppl':>9}{'canary NLL':>12}{'canary acc':>12}")
+    for name, r in ((f"{args.label_after} (labelling)", before), (f"{args.epochs}, plain training", plain),
+                    (f"{args.epochs}, with interventions", after)):
+        print(f"{name:<34}{r['val_ppl']:>9.3f}{r['canary_nll']:>12.3f}{r['canary_acc']:>12.1%}")
+    print("canary NLL / acc: mean loss and greedy accuracy of the model on the canaries' secret digits "
+          f"(chance: {np.log(len(DIGITS)):.3f} nats, {1 / len(DIGITS):.0%})")
+    print(f"\ntotal {time.time() - t0:.1f}s")
+    return {"before": before, "plain": plain, "after": after, "hot_canary": hot_canary, "n_hot": n_hot,
+            "n_canary": len(canary_ids)}
 
 
 if __name__ == "__main__":

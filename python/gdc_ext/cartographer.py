@@ -1,0 +1,183 @@
+"""Cartographer: the paper's Algorithm 1 around a user's training loop.
+
+    carto = gdc_ext.Cartographer(num_samples=N, burn_in=2, eps=1.0, alpha_d=0.75, alpha_m=0.75,
+                                 gamma=2.0, alpha=0.5, keep_outliers=False, seed=0)
+    loss_fn = carto.loss                      # a CartoLoss recording into carto.state
+    sampler = None                            # the user's own order during burn-in
+    for epoch in range(T):
+        for batch in loader(sampler):         # yields sample ids with each batch
+            loss_fn(logits, targets, ids).backward(); ...
+        if carto.end_epoch():                 # True once, when burn-in ends: labels are fixed
+            sampler = carto.sampler()         # up-sampling / removal for the remaining epochs
+
+Burn-in epochs 1..T_e only record. At the end of epoch ``label_after`` (default T_e) the scores
+are turned into quadrants *once*; the labels then stay fixed for the remaining epochs, as in
+Algorithm 1 (recording goes on, so ``state.scores()`` keeps evolving, but the interventions do
+not chase it). The labels give the per-sample loss weights (``alpha`` on hotspots, set on
+:attr:`loss`) and the :class:`~gdc_ext.CartoSampler` (``gamma`` on ambiguous-hard samples,
+noisy-outliers removed unless ``keep_outliers``). Memorization at labelling time counts forget
+events over the epochs recorded so far, so ``label_after`` must be at least 2.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from gdc_ext.cartography import QUADRANT_NAMES, Quadrants, loss_weights, multiplicities
+from gdc_ext.loss import CartoLoss
+from gdc_ext.sampler import CartoSampler
+from gdc_ext.state import CartoState
+
+__all__ = ["Cartographer"]
+
+_CONFIG = ("num_samples", "burn_in", "eps", "alpha_d", "alpha_m", "gamma", "alpha", "keep_outliers", "seed",
+           "label_after", "eps_index")
+
+
+class Cartographer:
+    """Runs Algorithm 1: record for ``burn_in`` epochs, label, then intervene.
+
+    Args:
+        num_samples: N (sample ids 0..N-1).
+        burn_in: T_e, epochs whose losses define difficulty.
+        eps: forget threshold in nats (or a sequence; ``eps_index`` picks the one used to label).
+        alpha_d, alpha_m: percentile rates of the difficulty / memorization thresholds, in [0, 1].
+        gamma: up-sampling factor of ambiguous-hard samples (> 1).
+        alpha: loss weight of hotspot-memorized samples, in [0, 1).
+        keep_outliers: keep noisy-outliers instead of removing them from the sampler.
+        seed: the sampler's seed (epoch e draws with ``seed + e``).
+        label_after: epoch at whose end the labels are computed (default ``burn_in``; >= burn_in, >= 2).
+        eps_index: which eps labels, when several are tracked.
+        device, extras: passed to :class:`~gdc_ext.CartoState`.
+        **loss_kwargs: passed to :class:`~gdc_ext.CartoLoss` (``ignore_index``, ``reduction``, ...).
+    """
+
+    def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]], alpha_d: float = 0.75,
+                 alpha_m: float = 0.75, gamma: float = 2.0, alpha: float = 0.5, keep_outliers: bool = False,
+                 seed: int = 0, label_after: Optional[int] = None, eps_index: int = 0,
+                 device: Union[str, torch.device] = "cpu", extras: bool = True, **loss_kwargs):
+        self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras)
+        for name, a in (("alpha_d", alpha_d), ("alpha_m", alpha_m)):
+            if not 0.0 <= float(a) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {a}")
+        if not float(gamma) > 1.0:
+            raise ValueError(f"gamma must be > 1 (up-sampling of ambiguous-hard samples), got {gamma}")
+        if not 0.0 <= float(alpha) < 1.0:
+            raise ValueError(f"alpha must be in [0, 1) (down-weighting of hotspots), got {alpha}")
+        label_after = burn_in if label_after is None else label_after
+        if isinstance(label_after, bool) or not isinstance(label_after, int) or label_after < max(burn_in, 2):
+            raise ValueError(f"label_after must be an int >= max(burn_in, 2) (memorization needs two recorded "
+                             f"epochs), got {label_after!r} with burn_in={burn_in}")
+        if not isinstance(eps_index, int) or not 0 <= eps_index < self.state.num_eps:
+            raise ValueError(f"eps_index must be in [0, {self.state.num_eps}), got {eps_index!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.alpha_d, self.alpha_m = float(alpha_d), float(alpha_m)
+        self.gamma, self.alpha = float(gamma), float(alpha)
+        self.keep_outliers, self.seed = bool(keep_outliers), seed
+        self.label_after, self.eps_index = label_after, eps_index
+        self.loss = CartoLoss(state=self.state, **loss_kwargs)
+        self.quadrants: Optional[Quadrants] = None  # fixed once labelled
+        self._sampler: Optional[CartoSampler] = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.state.num_samples
+
+    @property
+    def intervening(self) -> bool:
+        """Whether the labels are fixed and the interventions apply (epochs after ``label_after``)."""
+        return self.quadrants is not None
+
+    def config(self) -> dict:
+        return {"num_samples": self.num_samples, "burn_in": self.state.burn_in, "eps": self.state.eps.tolist(),
+                "alpha_d": self.alpha_d, "alpha_m": self.alpha_m, "gamma": self.gamma, "alpha": self.alpha,
+                "keep_outliers": self.keep_outliers, "seed": self.seed, "label_after": self.label_after,
+                "eps_index": self.eps_index}
+
+    def end_epoch(self) -> bool:
+        """Folds the epoch into the scores (all-reduced across ranks when distributed). Returns True
+        exactly once: at the end of epoch ``label_after``, when the labels are computed and the
+        loss weights set; use :attr:`intervening` to ask about later epochs. Also advances the
+        sampler's epoch, so the next epoch draws anew."""
+        self.state.end_epoch()
+        started = False
+        if self.quadrants is None and self.state.epochs_done >= self.label_after:
+            self._label()
+            started = True
+        if self._sampler is not None:
+            self._sampler.set_epoch(self.state.epochs_done)
+        return started
+
+    def _label(self) -> None:
+        self.quadrants = self.state.scores().quadrants(self.alpha_d, self.alpha_m, eps_index=self.eps_index)
+        self._apply_weights()
+
+    def _apply_weights(self) -> None:
+        self.loss.set_sample_weights(loss_weights(self.quadrants, self.alpha).to(self.state.device))
+
+    def _need_labels(self, what: str) -> Quadrants:
+        if self.quadrants is None:
+            raise RuntimeError(f"Cartographer.{what}: no labels yet; they are computed by end_epoch() at the end "
+                               f"of epoch {self.label_after} (done: {self.state.epochs_done})")
+        return self.quadrants
+
+    def multiplicities(self) -> torch.Tensor:
+        """[N] float64 per-epoch multiplicities from the fixed labels."""
+        return multiplicities(self._need_labels("multiplicities"), gamma=self.gamma, keep_outliers=self.keep_outliers)
+
+    def loss_weights(self) -> torch.Tensor:
+        """[N] float32 loss weights from the fixed labels (also set on :attr:`loss`)."""
+        return loss_weights(self._need_labels("loss_weights"), self.alpha)
+
+    def sampler(self, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> CartoSampler:
+        """The :class:`~gdc_ext.CartoSampler` for the intervention epochs (one instance, created on
+        first call; its epoch follows the number of folded epochs)."""
+        if self._sampler is None:
+            self._sampler = CartoSampler(self.multiplicities(), seed=self.seed, num_replicas=num_replicas, rank=rank)
+            self._sampler.set_epoch(self.state.epochs_done)
+        return self._sampler
+
+    def counts(self) -> dict:
+        """Samples per quadrant name (empty before labelling)."""
+        return {} if self.quadrants is None else self.quadrants.counts()
+
+    def __repr__(self) -> str:
+        phase = f"intervening, {self.counts()}" if self.intervening else "burn-in"
+        return f"Cartographer({self.config()}, epochs_done={self.state.epochs_done}, {phase})"
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the CartoState, the configuration and the fixed labels."""
+        q = self.quadrants
+        return {"state": self.state.state_dict(), "config": self.config(),
+                "codes": None if q is None else q.codes.clone(),
+                "tau_d": None if q is None else q.tau_d, "tau_m": None if q is None else q.tau_m}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restores a :meth:`state_dict` of a Cartographer with the same configuration."""
+        if not isinstance(sd, dict) or not {"state", "config", "codes"} <= sd.keys():
+            raise ValueError("state_dict: expected a dict from Cartographer.state_dict()")
+        mine = self.config()
+        for key in _CONFIG:
+            if sd["config"].get(key) != mine[key]:
+                raise ValueError(f"state_dict: mismatched Cartographer: {key} is {sd['config'].get(key)!r} in the "
+                                 f"saved one but {mine[key]!r} here")
+        codes = sd["codes"]
+        if codes is not None:
+            codes = torch.as_tensor(codes)
+            if codes.shape != (self.num_samples,) or codes.dtype != torch.int8:
+                raise ValueError(f"state_dict: codes must be int8 [{self.num_samples}], got "
+                                 f"{tuple(codes.shape)} {codes.dtype}")
+            if bool(((codes < -1) | (codes > 3)).any()):
+                raise ValueError(f"state_dict: codes must be in {sorted(QUADRANT_NAMES)}")
+        self.state.load_state_dict(sd["state"])
+        self._sampler = None
+        if codes is None:
+            self.quadrants = None
+            self.loss.set_sample_weights(None)
+        else:
+            self.quadrants = Quadrants(codes.clone(), float(sd["tau_d"]), float(sd["tau_m"]))
+            self._apply_weights()
