@@ -9,7 +9,7 @@ DEPS := scikit-build-core pybind11 cmake ninja numpy safetensors tqdm matplotlib
 # Optional extra `hf` (gdc_ext.integrations.hf), installed so its tests run here and in CI.
 # transformers 5.23.0 + accelerate 1.15.0 (the Trainer needs accelerate) install beside
 # torch 2.13.0 CPU without replacing it (checked); no pin needed.
-DEPS += transformers accelerate
+DEPS += transformers==5.23.0 accelerate==1.15.0
 SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
 # Test workers: CI has 2 cores.
 PYTEST_WORKERS ?= 2
