@@ -43,8 +43,15 @@ def _end_epoch_fake(acc, fstats, istats, forgets, epoch, eps, burn_in):
     return None
 
 
-def _translate(err: IndexError) -> TargetIndexError:
-    return TargetIndexError(str(err).split("\nException raised from")[0])
+def _call(op, *args):
+    """Runs a cross-entropy op; in eager mode an out-of-range target surfaces as TargetIndexError
+    (an IndexError like torch's, and a ValueError). Compiled graphs raise the plain IndexError."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    try:
+        return op(*args)
+    except IndexError as e:
+        raise TargetIndexError(str(e).split("\nException raised from")[0]) from None
 
 
 def cross_entropy_fwd(
@@ -72,14 +79,8 @@ def cross_entropy_fwd(
     Returns:
         loss_rows [R] float32, nll_rows [R] float32 (0 where ignored), grad [R, V] (or [0]).
     """
-    if torch.compiler.is_compiling():
-        return torch.ops.gdc.cross_entropy_fwd(logits, target, class_weight, sample_ids, sample_weight, grad_scale,
-                                               acc, ignore_index, label_smoothing, compute_grad)
-    try:
-        return torch.ops.gdc.cross_entropy_fwd(logits, target, class_weight, sample_ids, sample_weight, grad_scale,
-                                               acc, ignore_index, label_smoothing, compute_grad)
-    except IndexError as e:
-        raise _translate(e) from None
+    return _call(torch.ops.gdc.cross_entropy_fwd, logits, target, class_weight, sample_ids, sample_weight, grad_scale,
+                 acc, ignore_index, label_smoothing, compute_grad)
 
 
 def cross_entropy_fwd_inplace(
@@ -94,14 +95,8 @@ def cross_entropy_fwd_inplace(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`cross_entropy_fwd` with the gradient written over ``logits``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.gdc.cross_entropy_fwd_inplace(logits, target, class_weight, sample_ids, sample_weight,
-                                                       grad_scale, acc, ignore_index, label_smoothing)
-    try:
-        return torch.ops.gdc.cross_entropy_fwd_inplace(logits, target, class_weight, sample_ids, sample_weight,
-                                                       grad_scale, acc, ignore_index, label_smoothing)
-    except IndexError as e:
-        raise _translate(e) from None
+    return _call(torch.ops.gdc.cross_entropy_fwd_inplace, logits, target, class_weight, sample_ids, sample_weight,
+                 grad_scale, acc, ignore_index, label_smoothing)
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
