@@ -39,7 +39,9 @@ clean:
 
 # CUDA compile check (no GPU needed): builds the CUDA kernels for sm_80/sm_90 in .venv-cuda with
 # the CUDA 13.0 torch wheel, in its own build dir, then checks that the module imports and
-# registers CUDA kernels. Skips (exit 0) only when nvcc is not found.
+# registers CUDA kernels. Skips (exit 0) only when nvcc is not found. From a fresh clone on the
+# 2-core machine kind: ~20 min wall under load (venv ~7 min, compile ~13 min; 10.5 min CPU time);
+# a rerun with nothing changed: ~30 s.
 CUDA_VENV ?= .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_TORCH_SPEC ?= torch==2.14.1
