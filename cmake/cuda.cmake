@@ -42,7 +42,12 @@ if(_nv_root AND EXISTS "${_nv_root}/include")
   include_directories(SYSTEM "${_nv_root}/include")
   list(APPEND CMAKE_LIBRARY_PATH "${_nv_root}/lib")
   list(APPEND CMAKE_PREFIX_PATH "${_nv_root}")
-  set(ENV{CPATH} "${_nv_root}/include:$ENV{CPATH}")
+  # The wheel ships only versioned sonames (libnvrtc.so.13), which find_library does not match;
+  # torch's CMake then fails with "CUDA_nvrtc_LIBRARY ... NOTFOUND" at generate time.
+  file(GLOB _nvrtc "${_nv_root}/lib/libnvrtc.so.${_torch_cuda_major}")
+  if(_nvrtc AND NOT CUDA_nvrtc_LIBRARY)
+    set(CUDA_nvrtc_LIBRARY "${_nvrtc}" CACHE FILEPATH "nvrtc from the CUDA torch wheel")
+  endif()
 endif()
 
 if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
@@ -50,7 +55,13 @@ if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
 endif()
 set(CMAKE_CUDA_ARCHITECTURES OFF)
 set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
-set(CMAKE_CUDA_STANDARD 17)
+set(CMAKE_CUDA_STANDARD ${GDC_CXX_STANDARD})
 enable_language(CUDA)
+if(_nv_root AND EXISTS "${_nv_root}/include")
+  # Not before enable_language: nvcc would then report the folder as an implicit include
+  # directory, CMake would drop its -isystem, and the build (without CPATH) would miss cusparse.h.
+  list(REMOVE_ITEM CMAKE_CUDA_IMPLICIT_INCLUDE_DIRECTORIES "${_nv_root}/include")
+  set(ENV{CPATH} "${_nv_root}/include:$ENV{CPATH}")  # for torch's configure-time checks only
+endif()
 set(GDC_WITH_CUDA ON)
 message(STATUS "gdc_ext: building CUDA kernels (nvcc ${_nvcc_major}, torch CUDA ${_torch_cuda}, arch $ENV{TORCH_CUDA_ARCH_LIST})")

@@ -30,10 +30,10 @@ def histories(draw):
     return dict(N=N, V=V, burn_in=burn_in, eps=eps, per_token=per_token, dtype=dtype, seed=seed, epochs=epochs)
 
 
-def _run(h):
+def _run(h, device="cpu"):
     g = torch.Generator().manual_seed(h["seed"])
     N, V = h["N"], h["V"]
-    state = CartoState(N, burn_in=h["burn_in"], eps=h["eps"])
+    state = CartoState(N, burn_in=h["burn_in"], eps=h["eps"], device=device)
     loss_fn = CartoLoss(state=state)
     hist_loss, hist_energy = [], []
     for batches in h["epochs"]:
@@ -41,7 +41,7 @@ def _run(h):
         for B, L in batches:
             # logit scale varies so that some samples are learnt (low loss) and some forgotten
             scale = float(torch.rand((), generator=g) * 8)
-            logits = (torch.randn(B * L, V, generator=g) * scale).to(h["dtype"]).requires_grad_()
+            logits = (torch.randn(B * L, V, generator=g) * scale).to(h["dtype"])
             target = torch.randint(0, V, (B * L,), generator=g)
             target[torch.rand(B * L, generator=g) < 0.2] = -100
             if h["per_token"]:  # packed rows: several documents per row, repeats allowed
@@ -50,7 +50,7 @@ def _run(h):
             else:  # one id per sequence, shuffled, possibly repeated within the epoch
                 ids = torch.randint(0, N, (B,), generator=g)
                 tok_ids = ids.repeat_interleave(L)
-            loss_fn(logits, target, ids).backward()
+            loss_fn(logits.to(device).requires_grad_(), target.to(device), ids.to(device)).backward()
             keep = (target != -100).numpy()
             nll, energy = reference.token_nll(logits.detach().float().numpy()[keep], target.numpy()[keep])
             ep_l.append((tok_ids.numpy()[keep], nll))
@@ -63,7 +63,12 @@ def _run(h):
 
 @given(histories())
 def test_streaming_equals_reference(h):
-    state, hist_loss, hist_energy = _run(h)
+    check_streaming_equals_reference(h)
+
+
+def check_streaming_equals_reference(h, device="cpu"):
+    """Shared with tests/test_cuda.py, which runs the same histories on a CUDA device."""
+    state, hist_loss, hist_energy = _run(h, device)
     L = reference.loss_matrix(hist_loss, h["N"])
     # A loss within float32 rounding of a threshold could flip a forget event either way.
     assume(not np.any(np.abs(L[~np.isnan(L)][:, None] - np.array(h["eps"])[None]) < 1e-4))

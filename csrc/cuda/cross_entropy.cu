@@ -1,0 +1,459 @@
+// CUDA kernels of the fused cross-entropy op, with the semantics of csrc/cpu/cross_entropy.cpp.
+//
+// One block per row: an online logsumexp pass (float32, 16-byte vector loads after a scalar
+// head that reaches alignment, scalar tail) reduced across the block with row_stats_merge, then
+// row_finish (csrc/ce_math.h, shared with the CPU) and a gradient pass that may overwrite the
+// logits. Everything is launched on the current stream with no host synchronisation, so a
+// training step stays CUDA-graph capturable.
+//
+// Data errors (target out of range, sample id out of range, non-finite NLL while recording)
+// cannot raise without a sync. Instead of a device assert (which kills the CUDA context), a bad
+// row gets NaN loss, NaN NLL and a NaN gradient row, so the batch loss is visibly NaN, and a
+// device flag makes the recording kernel skip the *whole batch*: as on the CPU, a rejected batch
+// leaves the CartoState unchanged. (Unlike the CPU, the logits of an in-place call are already
+// overwritten by then.)
+//
+// Recording into acc[N, 3] happens in a second kernel once every row's NLL is known:
+//  - default: one thread per row, atomicAdd of doubles (fast; summation order varies run to run);
+//  - torch.use_deterministic_algorithms(True): rows are stably sorted by sample id and one thread
+//    per sample adds its rows in row order, which is exactly the CPU's order, so acc is
+//    bit-reproducible (and bit-equal to the CPU given bit-equal per-row values).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "ce_math.h"
+#include "checks.h"
+
+namespace gdc {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxThreads = 512;
+constexpr int64_t kMaxBlocks = 1 << 20;  // rows beyond this are covered by a grid-stride loop
+constexpr int64_t kIgnoredKey = std::numeric_limits<int64_t>::max();
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+struct Vec {
+  static constexpr int n = 16 / sizeof(T);
+};
+
+// Leading elements of a row before its first 16-byte boundary (the whole row if shorter).
+template <typename T>
+__device__ __forceinline__ int64_t head_len(const T* p, int64_t V) {
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15);
+  const int64_t h = mis ? (16 - mis) / static_cast<int64_t>(sizeof(T)) : 0;
+  return h < V ? h : V;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&x)[Vec<T>::n]) {
+  alignas(16) T buf[Vec<T>::n];
+  *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::n; ++i) x[i] = static_cast<float>(buf[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&x)[Vec<T>::n]) {
+  alignas(16) T buf[Vec<T>::n];
+#pragma unroll
+  for (int i = 0; i < Vec<T>::n; ++i) buf[i] = static_cast<T>(x[i]);
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(buf);
+}
+
+// Adds n logits (already float) to a thread's running stats: one rescale per chunk, so one
+// exp per element. NaN logits are skipped by fmaxf but poison s through exp, as on the CPU.
+template <int n>
+__device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
+  float cm = st.m;
+#pragma unroll
+  for (int i = 0; i < n; ++i) cm = fmaxf(cm, x[i]);
+  if (cm == -INFINITY) return;  // every logit so far is -inf: contributes nothing
+  const float f = __expf(st.m - cm);
+  st.s *= f;
+  st.s2 *= f * f;
+  st.m = cm;
+#pragma unroll
+  for (int i = 0; i < n; ++i) {
+    const float e = __expf(x[i] - cm);
+    st.s += e;
+    st.s2 += e * e;
+  }
+}
+
+// Butterfly reduction: row_stats_merge is commutative, so every lane ends with the same bits.
+__device__ __forceinline__ RowStats warp_merge(RowStats st) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    RowStats b;
+    b.m = __shfl_xor_sync(0xffffffffu, st.m, o);
+    b.s = __shfl_xor_sync(0xffffffffu, st.s, o);
+    b.s2 = __shfl_xor_sync(0xffffffffu, st.s2, o);
+    b.wz = __shfl_xor_sync(0xffffffffu, st.wz, o);
+    st = row_stats_merge(st, b);
+  }
+  return st;
+}
+
+// Block-wide merge; every thread returns the row's total. blockDim.x is a multiple of 32.
+__device__ __forceinline__ RowStats block_merge(RowStats st) {
+  __shared__ RowStats part[kMaxThreads / kWarp];
+  __shared__ RowStats total;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  st = warp_merge(st);
+  if (lane == 0) part[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = warp_merge(lane < nwarps ? part[lane] : row_stats_init());
+    if (lane == 0) total = st;
+  }
+  __syncthreads();
+  return total;
+}
+
+// g[0..V) = v, with vector stores.
+template <typename T>
+__device__ __forceinline__ void fill_row(T* g, int64_t V, float v) {
+  constexpr int n = Vec<T>::n;
+  const int64_t head = head_len(g, V);
+  const int64_t nvec = (V - head) / n;
+  float x[n];
+#pragma unroll
+  for (int i = 0; i < n; ++i) x[i] = v;
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) g[j] = static_cast<T>(v);
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) store_vec(g + head + k * n, x);
+  for (int64_t j = head + nvec * n + threadIdx.x; j < V; j += blockDim.x) g[j] = static_cast<T>(v);
+}
+
+struct CeParams {
+  int64_t R, V, N, ignore_index;  // N < 0: ids are not range-checked (no state, no sample weights)
+  float smoothing;
+  const int64_t* target;
+  const float* cw;          // class weights [V] or null
+  const float* wsum;        // device scalar: sum of class weights (null: V)
+  const int64_t* ids;       // [R] or null
+  const float* sw;          // per-sample loss weights [N] or null
+  const float* grad_scale;  // device scalar
+  float* loss;
+  float* nll;
+  float* energy;
+  int* bad;                 // set when the batch must not be recorded
+  bool grad_vec;            // logits and grad rows share their 16-byte alignment
+};
+
+template <typename T>
+__global__ void ce_rows_kernel(const T* logits, T* grad, CeParams P) {
+  constexpr int n = Vec<T>::n;
+  const int64_t V = P.V;
+  const bool want_wz = P.smoothing > 0.f;
+  for (int64_t r = blockIdx.x; r < P.R; r += gridDim.x) {
+    const T* z = logits + r * V;
+    T* g = grad ? grad + r * V : nullptr;
+    const int64_t y = P.target[r];
+    const bool ignored = y == P.ignore_index;
+    bool bad = !ignored && (y < 0 || y >= V);
+    if (!ignored && P.ids && P.N >= 0) {
+      const int64_t id = P.ids[r];
+      bad |= id < 0 || id >= P.N;
+    }
+    if (ignored || bad) {  // uniform across the block
+      const float fill = bad ? NAN : 0.f;
+      if (threadIdx.x == 0) {
+        P.loss[r] = fill;
+        P.nll[r] = fill;
+        P.energy[r] = 0.f;
+        if (bad) atomicOr(P.bad, 1);
+      }
+      if (g) fill_row(g, V, fill);
+      continue;
+    }
+    // Read before any thread of the block overwrites the row (in-place mode).
+    const float zy = static_cast<float>(z[y]);
+
+    RowStats st = row_stats_init();
+    const int64_t head = head_len(z, V);
+    const int64_t nvec = (V - head) / n;
+    const int64_t tail = head + nvec * n;
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) {
+      const float x[1] = {static_cast<float>(z[j])};
+      stats_add<1>(st, x);
+      if (want_wz) st.wz += (P.cw ? P.cw[j] : 1.f) * x[0];
+    }
+    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+      const int64_t j0 = head + k * n;
+      float x[n];
+      load_vec(z + j0, x);
+      stats_add<n>(st, x);
+      if (want_wz) {
+#pragma unroll
+        for (int i = 0; i < n; ++i) st.wz += (P.cw ? P.cw[j0 + i] : 1.f) * x[i];
+      }
+    }
+    for (int64_t j = tail + threadIdx.x; j < V; j += blockDim.x) {
+      const float x[1] = {static_cast<float>(z[j])};
+      stats_add<1>(st, x);
+      if (want_wz) st.wz += (P.cw ? P.cw[j] : 1.f) * x[0];
+    }
+    st = block_merge(st);
+
+    const float wy = P.cw ? P.cw[y] : 1.f;
+    const float wsum = P.wsum ? *P.wsum : static_cast<float>(V);
+    const RowResult res = row_finish(st, zy, wy, wsum, V, P.smoothing);
+    const float swr = (P.ids && P.sw) ? P.sw[P.ids[r]] : 1.f;
+    if (threadIdx.x == 0) {
+      P.loss[r] = swr * res.loss;
+      P.nll[r] = res.nll;
+      P.energy[r] = res.energy < 0.f ? 0.f : res.energy;
+      if (!isfinite(res.nll)) atomicOr(P.bad, 1);
+    }
+    if (!g) continue;
+
+    // g[j] = c (p[j] a - b w[j]) - c cy [j == y], rounded to T once, as on the CPU.
+    const float c = swr * P.grad_scale[0];
+    const float cyc = c * res.cy;
+    auto grad_of = [&](int64_t j, float x) {
+      float v = c * (__expf(x - res.lse) * res.a - res.b * (P.cw ? P.cw[j] : 1.f));
+      if (j == y) v -= cyc;
+      return v;
+    };
+    const int64_t ghead = P.grad_vec ? head : V;
+    const int64_t gvec = P.grad_vec ? nvec : 0;
+    for (int64_t j = threadIdx.x; j < ghead; j += blockDim.x) g[j] = static_cast<T>(grad_of(j, static_cast<float>(z[j])));
+    for (int64_t k = threadIdx.x; k < gvec; k += blockDim.x) {
+      const int64_t j0 = ghead + k * n;
+      float x[n];
+      load_vec(z + j0, x);
+#pragma unroll
+      for (int i = 0; i < n; ++i) x[i] = grad_of(j0 + i, x[i]);
+      store_vec(g + j0, x);
+    }
+    const int64_t gtail = ghead + gvec * n;
+    for (int64_t j = gtail + threadIdx.x; j < V; j += blockDim.x) g[j] = static_cast<T>(grad_of(j, static_cast<float>(z[j])));
+  }
+}
+
+// Fast recording: one thread per row, double atomics. Skips everything if the batch is bad.
+__global__ void record_atomic_kernel(const float* nll, const float* energy, const int64_t* target,
+                                     const int64_t* ids, int64_t R, int64_t ignore_index, const int* bad,
+                                     double* acc) {
+  if (*bad) return;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < R;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (target[r] == ignore_index) continue;
+    double* a = acc + ids[r] * 3;
+    atomicAdd(a + 0, static_cast<double>(nll[r]));
+    atomicAdd(a + 1, 1.0);
+    atomicAdd(a + 2, static_cast<double>(energy[r]));
+  }
+}
+
+// Deterministic recording: keys are the stably sorted sample ids (ignored rows last), order the
+// original row of each key. The first thread of each run of equal keys adds the run in row order.
+__global__ void record_sorted_kernel(const float* nll, const float* energy, const int64_t* keys,
+                                     const int64_t* order, int64_t R, const int* bad, double* acc) {
+  if (*bad) return;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < R;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = keys[i];
+    if (k == kIgnoredKey || (i > 0 && keys[i - 1] == k)) continue;
+    double* a = acc + k * 3;
+    double s0 = a[0], s1 = a[1], s2 = a[2];
+    for (int64_t j = i; j < R && keys[j] == k; ++j) {
+      const int64_t r = order[j];
+      s0 += static_cast<double>(nll[r]);
+      s1 += 1.0;
+      s2 += static_cast<double>(energy[r]);
+    }
+    a[0] = s0;
+    a[1] = s1;
+    a[2] = s2;
+  }
+}
+
+// Threads per row: enough for about two vectors per thread, a multiple of 32, at most 512.
+int threads_for(int64_t V, int64_t elems_per_vec) {
+  int t = kWarp;
+  while (t < kMaxThreads && static_cast<int64_t>(t) * elems_per_vec * 2 < V) t *= 2;
+  return t;
+}
+
+int grid_for(int64_t work, int threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
+}
+
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& logits, at::Tensor* grad_out, const at::Tensor& target,
+                                       const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
+                                       const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc,
+                                       int64_t ignore_index, double label_smoothing) {
+  // Shapes, dtypes and devices are checked on the host (no data read); data checks are on device.
+  const CheckedInputs ci = check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale,
+                                           acc, ignore_index, label_smoothing);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t R = ci.R, V = ci.V;
+  auto fopts = logits.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({R}, fopts);
+  at::Tensor nll = at::empty({R}, fopts);
+  at::Tensor energy = at::empty({R}, fopts);
+  if (R == 0) return {loss, nll};
+
+  at::Tensor cw, wsum;
+  if (class_weight.has_value() && class_weight->defined()) {
+    cw = class_weight->to(at::kFloat).contiguous();
+    wsum = at::sum(cw);  // stays on the device: no .item()
+  }
+  // grad_scale's device is not checked by check_ce_inputs: bring it over (a no-op when already there).
+  at::Tensor gs = grad_scale.to(logits.device(), at::kFloat).contiguous();
+  at::Tensor sw = ci.has_sw ? sample_weight.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bad = at::zeros({1}, logits.options().dtype(at::kInt));
+
+  const bool has_grad = grad_out != nullptr;
+  CeParams P{R, V, ci.N, ignore_index, static_cast<float>(label_smoothing), target.data_ptr<int64_t>(),
+             cw.defined() ? cw.data_ptr<float>() : nullptr, wsum.defined() ? wsum.data_ptr<float>() : nullptr,
+             ci.has_ids ? sample_ids.data_ptr<int64_t>() : nullptr, sw.defined() ? sw.data_ptr<float>() : nullptr,
+             gs.data_ptr<float>(), loss.data_ptr<float>(), nll.data_ptr<float>(), energy.data_ptr<float>(),
+             bad.data_ptr<int>(), false};
+  if (has_grad) {
+    const auto d = reinterpret_cast<uintptr_t>(logits.data_ptr()) - reinterpret_cast<uintptr_t>(grad_out->data_ptr());
+    P.grad_vec = (d % 16) == 0;
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gdc_ce_cuda", [&] {
+    const int threads = threads_for(V, Vec<scalar_t>::n);
+    const int blocks = static_cast<int>(std::min<int64_t>(R, kMaxBlocks));
+    ce_rows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), has_grad ? grad_out->data_ptr<scalar_t>() : nullptr, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  if (ci.recording) {
+    double* a = acc.data_ptr<double>();
+    if (at::globalContext().deterministicAlgorithms()) {
+      // at::sort (stable) runs on the stream without host synchronisation.
+      at::Tensor keys = at::where(target.eq(ignore_index), at::Scalar(kIgnoredKey), sample_ids);
+      auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      const at::Tensor& skeys = std::get<0>(sorted);
+      const at::Tensor& order = std::get<1>(sorted);
+      record_sorted_kernel<<<grid_for(R, 256), 256, 0, stream>>>(
+          P.nll, P.energy, skeys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), R, P.bad, a);
+    } else {
+      record_atomic_kernel<<<grid_for(R, 256), 256, 0, stream>>>(P.nll, P.energy, P.target, P.ids, R,
+                                                                  ignore_index, P.bad, a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {loss, nll};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                           const c10::optional<at::Tensor>& class_weight,
+                                                           const at::Tensor& sample_ids, const at::Tensor& sample_weight,
+                                                           const at::Tensor& grad_scale, at::Tensor& acc,
+                                                           int64_t ignore_index, double label_smoothing,
+                                                           bool compute_grad) {
+  at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : at::empty({0}, logits.options());
+  auto out = run(logits, compute_grad ? &grad : nullptr, target, class_weight, sample_ids, sample_weight, grad_scale,
+                 acc, ignore_index, label_smoothing);
+  return {std::get<0>(out), std::get<1>(out), grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_fwd_inplace_cuda(at::Tensor& logits, const at::Tensor& target,
+                                                       const c10::optional<at::Tensor>& class_weight,
+                                                       const at::Tensor& sample_ids, const at::Tensor& sample_weight,
+                                                       const at::Tensor& grad_scale, at::Tensor& acc,
+                                                       int64_t ignore_index, double label_smoothing) {
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "gdc.cross_entropy_inplace: input (logits) must be contiguous");
+  return run(logits, &logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, ignore_index,
+             label_smoothing);
+}
+
+// grad *= s: s is read on the device; when the scalar is exactly 1 every thread returns at
+// once, which is the common 'mean'/'sum' backward (no host read needed). Per-row factors are
+// rounded to T first, like the CPU's grad.mul_(grad_output.to(grad.dtype)).
+template <typename T>
+__device__ __forceinline__ void scale_span(T* g, int64_t V, at::opmath_type<T> f, int64_t tid, int64_t nthreads) {
+  using opmath_t = at::opmath_type<T>;
+  constexpr int n = Vec<T>::n;
+  const int64_t head = head_len(g, V);
+  const int64_t nvec = (V - head) / n;
+  for (int64_t j = tid; j < head; j += nthreads) g[j] = static_cast<T>(static_cast<opmath_t>(g[j]) * f);
+  for (int64_t k = tid; k < nvec; k += nthreads) {
+    T* p = g + head + k * n;
+    alignas(16) T buf[n];
+    *reinterpret_cast<uint4*>(buf) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < n; ++i) buf[i] = static_cast<T>(static_cast<opmath_t>(buf[i]) * f);
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(buf);
+  }
+  for (int64_t j = head + nvec * n + tid; j < V; j += nthreads) g[j] = static_cast<T>(static_cast<opmath_t>(g[j]) * f);
+}
+
+// One scalar over the whole (contiguous) tensor, grid-wide.
+template <typename T>
+__global__ void scale_all_kernel(T* grad, int64_t numel, const double* s) {
+  if (s[0] == 1.0) return;
+  scale_span(grad, numel, static_cast<at::opmath_type<T>>(s[0]),
+             blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x,
+             static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+// One factor per row, one block per row.
+template <typename T>
+__global__ void scale_rows_kernel(T* grad, int64_t R, int64_t V, const double* s) {
+  using opmath_t = at::opmath_type<T>;
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    scale_span(grad + r * V, V, static_cast<opmath_t>(static_cast<T>(s[r])), threadIdx.x, blockDim.x);
+  }
+}
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
+  if (grad.numel() == 0) return;
+  const bool per_row = grad_output.numel() != 1;
+  if (per_row) {
+    TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad.dim() >= 1 && grad_output.size(0) == grad.size(0),
+                      "gdc.scale_grad: grad_output must be a scalar or have one value per row (",
+                      grad.dim() >= 1 ? grad.size(0) : 1, ")");
+  }
+  TORCH_CHECK_VALUE(is_float_dtype(grad.scalar_type()), "gdc.scale_grad: grad must be a float tensor, got ",
+                    grad.scalar_type());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor s = grad_output.to(grad.device(), at::kDouble).contiguous();
+  if (!grad.is_contiguous()) {
+    // Not produced by our kernels; stays on the device but without the early exit.
+    grad.mul_(per_row ? s.to(grad.scalar_type()).reshape({-1, 1}) : s.reshape({}));
+    return;
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "gdc_scale_grad_cuda", [&] {
+    constexpr int n = Vec<scalar_t>::n;
+    if (per_row) {
+      const int64_t R = grad.size(0), V = grad.numel() / R;
+      scale_rows_kernel<scalar_t><<<static_cast<int>(std::min<int64_t>(R, kMaxBlocks)), threads_for(V, n), 0, stream>>>(
+          grad.data_ptr<scalar_t>(), R, V, s.data_ptr<double>());
+    } else {
+      scale_all_kernel<scalar_t><<<grid_for(grad.numel() / n + 1, 256), 256, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), grad.numel(), s.data_ptr<double>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gdc, CUDA, m) {
+  m.impl("cross_entropy_fwd", &ce_fwd_cuda);
+  m.impl("cross_entropy_fwd_inplace", &ce_fwd_inplace_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
+}
+
+}  // namespace gdc
