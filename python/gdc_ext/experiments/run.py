@@ -71,7 +71,7 @@ def _leak(**over) -> ExperimentConfig:
         corpus_args=dict(n_train=800, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
                          inject_reps=(1, 2, 4, 8), injected_per_rep=4, suffix_len=8, n_valid=300,
                          n_nonmembers=600, n_members=600),
-        epochs=8, burn_in=2, batch=32, lr=3e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
+        epochs=6, burn_in=2, batch=32, lr=3e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
     return dataclasses.replace(base, **over)
 
 
@@ -241,7 +241,8 @@ def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(dataclasses.asdict(cfg), fh, indent=1)
     n_cond = 2 + len(cfg.methods) * sum(1 for p in cfg.fractions if p > 0)
-    jobs = [(exp, cfg, s) for exp in cfg.experiments for s in cfg.seeds]
+    # longest experiments first, so the last worker to finish is not left alone with a long job
+    jobs = [(exp, cfg, s) for exp in sorted(cfg.experiments, key=lambda e: e.name != "leak") for s in cfg.seeds]
     total = len(jobs) * (n_cond + 1)
     t0 = time.time()
     rows: List[dict] = []
