@@ -68,10 +68,10 @@ def _canary(**over) -> ExperimentConfig:
 def _leak(**over) -> ExperimentConfig:
     base = ExperimentConfig(
         name="leak", model="gpt2", dims=dict(n_embd=64, n_layer=2, n_head=2), corpus="wiki",
-        corpus_args=dict(n_train=800, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
-                         inject_reps=(1, 2, 4, 8), injected_per_rep=4, suffix_len=8, n_valid=300,
-                         n_nonmembers=600, n_members=600),
-        epochs=6, burn_in=2, batch=32, lr=3e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
+        corpus_args=dict(n_train=560, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
+                         inject_reps=(1, 2, 4, 8), injected_per_rep=4, suffix_len=8, n_valid=250,
+                         n_nonmembers=500, n_members=500),
+        epochs=5, burn_in=2, batch=32, lr=6e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
     return dataclasses.replace(base, **over)
 
 
