@@ -49,7 +49,7 @@ class Config:
     alpha: float = 0.5             # down-weighting factor (the paper's GPT-2 setting)
     paper_alpha_d: float = 0.75    # the paper's quadrant setting for its down-weighting point
     paper_alpha_m: float = 0.25    # "tau_m = 25%"
-    exposure_samples: int = 512
+    exposure_samples: int = 256
     workers: int = 2
     roc_fraction: float = 0.10     # ROC curves are kept for p = 0 and this p
     device: str = "cpu"
@@ -58,9 +58,9 @@ class Config:
 def _canary(**over) -> ExperimentConfig:
     base = ExperimentConfig(
         name="canary", model="lstm", dims=dict(dim=48, hidden=128), corpus="synthetic",
-        corpus_args=dict(n_ordinary=800, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=3,
-                         inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=400, n_nonmembers=500,
-                         n_members=500),
+        corpus_args=dict(n_ordinary=600, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=3,
+                         inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=300, n_nonmembers=400,
+                         n_members=400),
         epochs=8, burn_in=2, batch=64, lr=1e-2)
     return dataclasses.replace(base, **over)
 
@@ -68,9 +68,9 @@ def _canary(**over) -> ExperimentConfig:
 def _leak(**over) -> ExperimentConfig:
     base = ExperimentConfig(
         name="leak", model="gpt2", dims=dict(n_embd=64, n_layer=2, n_head=2), corpus="wiki",
-        corpus_args=dict(n_train=560, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
+        corpus_args=dict(n_train=440, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
                          inject_reps=(1, 2, 4, 8), injected_per_rep=4, suffix_len=8, n_valid=250,
-                         n_nonmembers=500, n_members=500),
+                         n_nonmembers=400, n_members=400),
         epochs=5, burn_in=2, batch=32, lr=6e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
     return dataclasses.replace(base, **over)
 
