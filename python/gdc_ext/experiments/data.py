@@ -294,8 +294,10 @@ def text_corpus(seed: int, source: str = "wiki", tokenizer: str = "gpt2", n_trai
         seq = (prefix + [digit_ids[s] for s in secret] + tok.encode(".") + filler)[:seq_len]
         canaries_raw.append((prefix, [digit_ids[s] for s in secret], r, seq))
 
-    # limited vocabulary: the most frequent training tokens, the digits and template tokens, UNK last
-    counts = Counter(t for w in train_w for t in w)
+    # limited vocabulary: the most frequent tokens, the digits and template tokens, UNK last. Counted
+    # over training *and* held-out windows: counting training windows only leaves held-out text with
+    # more UNK, an easy-to-predict token, which fakes a membership signal (AUC far below 0.5)
+    counts = Counter(t for w in train_w + held_w for t in w)
     forced = set(digit_ids) | {t for c in canaries_raw for t in c[3]} | {tok.eos}
     keep = list(forced) + [t for t, _ in counts.most_common() if t not in forced]
     keep = keep[:vocab - 1]

@@ -198,8 +198,11 @@ def _fig_theorem(out_dir, exps) -> Dict[str, tuple]:
 
 
 # ------------------------------------------------------------------------------------- RESULTS.md
-def _verdict_reduction(m, c, claim):
-    """m: our mean relative change (negative = reduction); claim: the paper's reduction (0.4 = 40%)."""
+def _verdict_reduction(m, c, claim, baseline=None, floor=None):
+    """m: our mean relative change (negative = reduction); claim: the paper's reduction (0.4 = 40%).
+    baseline below floor: nothing to reduce at this scale, so the claim is not tested."""
+    if baseline is not None and floor is not None and not baseline > floor:
+        return f"**not tested**: the baseline ({baseline:.3f}) is at chance level, nothing to reduce"
     if not np.isfinite(m):
         return "not measurable"
     red = -m
@@ -272,11 +275,13 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
             if not _by(rows, experiment="leak", method=method):
                 continue
             lk = _paired(rows, "leak", method, p, "leakage")
+            lk0 = mean_ci([r["leakage"] for r in _by(rows, experiment="leak", method="none")])[0]
             add(f"| GPT-2 leakage (verbatim recall of injected validation sequences), {lab} | -30% | "
-                f"{_fmt(*lk, pct=True)} | {_verdict_reduction(lk[0], lk[1], 0.30)} |")
+                f"{lk0:.3f} -> {_fmt(*lk, pct=True)} | {_verdict_reduction(lk[0], lk[1], 0.30, lk0, 0.05)} |")
             au = _paired(rows, "leak", method, p, "mia_loss_auc")
-            add(f"| GPT-2 membership-inference AUC (loss attack), {lab} | -15% | {_fmt(*au, pct=True)} | "
-                f"{_verdict_reduction(au[0], au[1], 0.15)} |")
+            au0 = mean_ci([r["mia_loss_auc"] for r in _by(rows, experiment="leak", method="none")])[0]
+            add(f"| GPT-2 membership-inference AUC (loss attack), {lab} | -15% | {au0:.3f} -> {_fmt(*au, pct=True)} | "
+                f"{_verdict_reduction(au[0], au[1], 0.15, au0, 0.55)} |")
             pp = _paired(rows, "leak", method, p, "perplexity")
             add(f"| GPT-2 perplexity increase, {lab} | < 1% | {_fmt(*pp, pct=True)} | {_verdict_bound(pp[0], pp[1], 0.01)} |")
     for e, (m, c) in rhos.items():
@@ -314,8 +319,8 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
                      for k in metrics]
             add(f"| {METHOD_LABEL[mth]} | {pp:.0%} | {pw:.3f} | {hit:.0%} | " + " | ".join(cells) + " |")
         add("")
-        reps = sorted({int(k.split("_r")[1]) for k in rows[0] if k.startswith("extraction_r")} |
-                      set()) if e == "canary" else []
+        first = _by(rows, experiment=e)[0]
+        reps = sorted({int(k.split("_r")[1]) for k in first if k.startswith("extraction_r")}) if e == "canary" else []
         if reps:
             add("Extraction by number of insertions r (no intervention -> prune 10% by m -> prune 10% at random):\n")
             add("| r | none | m, 10% | random, 10% |")
