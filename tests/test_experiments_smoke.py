@@ -32,7 +32,7 @@ def test_smoke_pipeline(tmp_path):
         for att in ("loss", "zlib", "mink"):
             assert 0.0 <= r[f"mia_{att}_auc"] <= 1.0
             assert 0.0 <= r[f"mia_{att}_tpr@0.1%"] <= r[f"mia_{att}_tpr@1%"] <= 1.0
-        assert 0.0 <= r["pruned_weight"] <= (1.0 if r["method"] == "paper" else max(cfg.fractions) + 1e-9)
+        assert 0.0 <= r["pruned_weight"] <= (1.0 if r["method"] == "paper" else max(cfg.fractions) + 0.01)  # rounding to whole samples
         if r["experiment"] == "canary":
             assert 0.0 <= r["extraction"] <= 1.0 and 0.0 <= r["exposure"] <= 6 * math.log2(10) + 1e-9
     # pruning at equal budget removes the same number of samples whatever the criterion
