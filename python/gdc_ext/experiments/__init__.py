@@ -1,0 +1,7 @@
+"""Offline reproduction of the GenDataCarto paper's experiments (``make reproduce``).
+
+Modules: data (corpora, canaries, tokenization), models (LSTM LM, GPT-2-style decoder),
+metrics (extraction, exposure, leakage, membership inference, perplexity), train (record and
+intervention phases), run (configs and CLI), report (figures and RESULTS.md). Importing
+``gdc_ext`` never imports this subpackage; it needs the ``experiments`` extra for real text.
+"""

@@ -1,0 +1,316 @@
+"""One command for the paper's experiments: ``python -m gdc_ext.experiments.run --config default --out DIR``.
+
+Per experiment and seed: build the corpus, train T epochs with recording (one record run per
+seed, shared by all interventions), read the scores, then for every intervention and fraction p
+continue from the burn-in checkpoint for T - T_e epochs on the intervened data and evaluate.
+Jobs (experiment x seed) run in parallel worker processes, one thread each (tiny models use
+cores better that way than with intra-op threads). Results: DIR/rows.jsonl (one row per
+condition and seed), DIR/scores_*.npz, DIR/roc_*.npz, DIR/config.json, then report.py draws
+the figures and writes DIR/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["ExperimentConfig", "Config", "CONFIGS", "run", "main"]
+
+
+@dataclass
+class ExperimentConfig:
+    name: str                      # "canary" (LSTM, synthetic) or "leak" (GPT-2-style, real text)
+    model: str                     # "lstm" | "gpt2"
+    dims: dict
+    corpus: str                    # "synthetic" | "wiki" | "ptb" | "embedded"
+    corpus_args: dict
+    epochs: int = 8
+    burn_in: int = 2
+    batch: int = 32
+    lr: float = 1e-2
+    eps_grid: Tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+    tokenizer: str = "gpt2"
+
+
+@dataclass
+class Config:
+    name: str
+    experiments: List[ExperimentConfig]
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    fractions: Tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20)
+    methods: Tuple[str, ...] = ("memorization", "downweight", "random", "loss")
+    alpha: float = 0.5             # down-weighting factor (the paper's GPT-2 setting)
+    paper_alpha_d: float = 0.75    # the paper's quadrant setting for its down-weighting point
+    paper_alpha_m: float = 0.25    # "tau_m = 25%"
+    exposure_samples: int = 256
+    workers: int = 2
+    roc_fraction: float = 0.10     # ROC curves are kept for p = 0 and this p
+    device: str = "cpu"
+
+
+def _canary(**over) -> ExperimentConfig:
+    base = ExperimentConfig(
+        name="canary", model="lstm", dims=dict(dim=48, hidden=128), corpus="synthetic",
+        corpus_args=dict(n_ordinary=600, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=3,
+                         inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=300, n_nonmembers=400,
+                         n_members=400),
+        epochs=8, burn_in=2, batch=64, lr=1e-2)
+    return dataclasses.replace(base, **over)
+
+
+def _leak(**over) -> ExperimentConfig:
+    base = ExperimentConfig(
+        name="leak", model="gpt2", dims=dict(n_embd=64, n_layer=2, n_head=2), corpus="wiki",
+        corpus_args=dict(n_train=440, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
+                         inject_reps=(1, 2, 4, 8), injected_per_rep=4, suffix_len=8, n_valid=250,
+                         n_nonmembers=400, n_members=400),
+        epochs=5, burn_in=2, batch=32, lr=6e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
+    return dataclasses.replace(base, **over)
+
+
+CONFIGS: Dict[str, Config] = {
+    "default": Config("default", [_canary(), _leak()]),
+    "smoke": Config("smoke", [
+        _canary(corpus_args=dict(n_ordinary=150, seq_len=16, canary_reps=(1, 4), canaries_per_rep=2,
+                                 inject_reps=(1, 4), injected_per_rep=2, n_valid=50, n_nonmembers=60,
+                                 n_members=60), epochs=3, burn_in=1, dims=dict(dim=16, hidden=32)),
+        _leak(corpus="embedded", tokenizer="word", model="lstm", dims=dict(dim=16, hidden=32),
+              corpus_args=dict(n_train=120, seq_len=16, vocab=200, canary_reps=(2,), inject_reps=(1, 2),
+                               injected_per_rep=2, n_valid=30, n_nonmembers=60, n_members=60),
+              epochs=3, burn_in=1, lr=1e-2)],
+        seeds=(0, 1), fractions=(0.0, 0.05, 0.2), exposure_samples=64, workers=1),
+    "gpu": Config("gpu", [
+        _canary(dims=dict(dim=200, hidden=650, layers=2), epochs=20, burn_in=5,
+                corpus_args=dict(n_ordinary=20000, seq_len=32, canary_reps=(1, 2, 4, 8, 16), canaries_per_rep=8,
+                                 inject_reps=(1, 2, 4, 8), injected_per_rep=16)),
+        _leak(dims=dict(n_embd=768, n_layer=12, n_head=12), epochs=6, burn_in=2, lr=3e-4,
+              corpus_args=dict(n_train=20000, seq_len=128, vocab=50257, canary_reps=(2, 8), inject_reps=(1, 2, 4, 8),
+                               injected_per_rep=16, n_valid=1000, n_nonmembers=2000, n_members=2000))],
+        seeds=(0, 1, 2), exposure_samples=4096, workers=1, device="cuda"),
+}
+
+
+# --------------------------------------------------------------------------------------- one job
+def _build_corpus(exp: ExperimentConfig, seed: int):
+    from gdc_ext.experiments.data import synthetic_corpus, text_corpus
+
+    if exp.corpus == "synthetic":
+        return synthetic_corpus(seed, **exp.corpus_args)
+    return text_corpus(seed, source=exp.corpus, tokenizer=exp.tokenizer, **exp.corpus_args)
+
+
+def _pick_eps(scores) -> int:
+    """The tracked threshold with the most forget events (fixed rule, applied to every seed)."""
+    f = scores.forgets.numpy().reshape(len(scores.forgets), -1)
+    return int(np.argmax(f.sum(0)))
+
+
+def evaluate(model, corpus, cfg: Config, seed: int, keep_scores: bool = False) -> dict:
+    import torch
+
+    from gdc_ext.experiments import metrics as M
+
+    model.eval()
+    dev = next(model.parameters()).device
+    out: dict = {}
+    with torch.no_grad():
+        if corpus.canaries:
+            pre = torch.stack([c.prefix for c in corpus.canaries]).to(dev)
+            sec = torch.stack([c.secret for c in corpus.canaries]).to(dev)
+            ext = M.extraction_success(model, pre, sec)
+            expo = np.array([M.canary_exposure(model, c.prefix.to(dev), c.secret.to(dev), corpus.digits,
+                                               n_samples=cfg.exposure_samples, seed=seed)
+                             for c in corpus.canaries])
+            reps = np.array([c.reps for c in corpus.canaries])
+            out["extraction"] = float(ext.mean())
+            out["exposure"] = float(expo.mean())
+            for r in sorted(set(reps.tolist())):
+                out[f"extraction_r{r}"] = float(ext[reps == r].mean())
+                out[f"exposure_r{r}"] = float(expo[reps == r].mean())
+        lk = M.leakage(model, corpus.injected.to(dev), corpus.prefix_len)
+        out["leakage"] = lk["exact"]
+        out["leakage_token_recall"] = lk["token_recall"]
+        for r in sorted(set(corpus.injected_reps.tolist())):
+            out[f"leakage_r{r}"] = float(lk["per_sequence"][corpus.injected_reps == r].mean())
+        out["perplexity"] = M.perplexity(model, corpus.valid.to(dev))
+        lp_m = M.token_logprobs(model, corpus.train[corpus.member_ids].to(dev))
+        lp_n = M.token_logprobs(model, corpus.nonmembers.to(dev))
+        texts_m = [corpus.texts[i] for i in corpus.member_ids]
+        sm = {"loss": M.loss_score(lp_m), "zlib": M.zlib_score(lp_m, texts_m), "mink": M.min_k_score(lp_m, 0.2)}
+        sn = {"loss": M.loss_score(lp_n), "zlib": M.zlib_score(lp_n, corpus.nonmember_texts),
+              "mink": M.min_k_score(lp_n, 0.2)}
+        for att, d in M.mia_summary(sm, sn).items():
+            for k, v in d.items():
+                out[f"mia_{att}_{k}"] = v
+    if keep_scores:
+        out["_mia_scores"] = (sm, sn)
+    return out
+
+
+def run_job(args) -> List[dict]:
+    """(experiment config, Config, seed, out dir, queue) -> rows for every condition of one seed."""
+    exp, cfg, seed, out_dir, queue = args
+    import torch
+
+    torch.set_num_threads(1)
+    import gdc_ext
+    from gdc_ext.experiments.models import build_model
+    from gdc_ext.experiments.train import TrainSpec, intervention_phase, record_phase
+
+    t0 = time.time()
+    corpus = _build_corpus(exp, seed)
+    dev = torch.device(cfg.device if (cfg.device == "cpu" or torch.cuda.is_available()) else "cpu")
+    data = corpus.train.to(dev)
+    spec = TrainSpec(epochs=exp.epochs, burn_in=exp.burn_in, batch=exp.batch, lr=exp.lr, eps=tuple(exp.eps_grid))
+    seq_len = corpus.train.shape[1]
+
+    def make_model():
+        torch.manual_seed(seed)
+        return build_model(exp.model, corpus.vocab_size, seq_len, **exp.dims).to(dev)
+
+    rec_model, scores, snap, losses = record_phase(make_model, data, spec, seed, progress=False)
+    k = _pick_eps(scores)
+    m_all = scores.memorization.numpy().reshape(corpus.num_samples, -1)
+    m = m_all[:, k]
+    d = scores.difficulty.numpy()
+    np.savez_compressed(os.path.join(out_dir, f"scores_{exp.name}_seed{seed}.npz"), memorization=m,
+                        memorization_all=m_all, eps_grid=np.array(exp.eps_grid), eps_index=k, difficulty=d,
+                        grad_energy=scores.grad_energy.numpy(), group=corpus.group, loss_mean=scores.loss_mean.numpy(),
+                        train_losses=np.array(losses))
+    if queue is not None:
+        queue.put(1)
+    base = {"experiment": exp.name, "seed": seed, "corpus": corpus.description, "eps": exp.eps_grid[k]}
+    rows = []
+    roc = {}
+    N = corpus.num_samples
+    canary_ids = np.array(sorted(i for c in corpus.canaries for i in c.ids), dtype=np.int64)
+    conditions = [("none", 0.0)] + [(mth, p) for mth in cfg.methods for p in cfg.fractions if p > 0] + [("paper", None)]
+    for method, p in conditions:
+        keep, weights = None, None
+        if method in ("memorization", "loss", "random"):
+            keep = gdc_ext.prune(scores, p, by=method, seed=seed, eps_index=k)
+            removed = np.setdiff1d(np.arange(N), keep.numpy())
+            pruned_weight = len(removed) / N
+        elif method == "downweight":
+            removed = np.setdiff1d(np.arange(N), gdc_ext.prune(scores, p, by="memorization", eps_index=k).numpy())
+            weights = torch.ones(N)
+            weights[torch.from_numpy(removed)] = cfg.alpha
+            pruned_weight = (1 - cfg.alpha) * len(removed) / N
+        elif method == "paper":
+            q = gdc_ext.quadrants(scores.difficulty, torch.from_numpy(m), cfg.paper_alpha_d, cfg.paper_alpha_m)
+            weights = gdc_ext.loss_weights(q, cfg.alpha)
+            removed = np.flatnonzero(q.codes.numpy() == 2)
+            p = len(removed) / N
+            pruned_weight = (1 - cfg.alpha) * p
+        else:
+            removed = np.zeros(0, dtype=np.int64)
+            pruned_weight = 0.0
+        model = intervention_phase(make_model, data, spec, snap, seed, keep=keep, weights=weights,
+                                   desc=f"{exp.name}/{method}/{p}", progress=False)
+        keep_scores = method == "none" or (p is not None and abs(p - cfg.roc_fraction) < 1e-9) or method == "paper"
+        ev = evaluate(model, corpus, cfg, seed, keep_scores=keep_scores)
+        if "_mia_scores" in ev:
+            sm, sn = ev.pop("_mia_scores")
+            for att in sm:
+                roc[f"{method}_{p:g}_{att}_members"] = sm[att]
+                roc[f"{method}_{p:g}_{att}_nonmembers"] = sn[att]
+        rows.append({**base, "method": method, "fraction": p, "pruned_weight": pruned_weight,
+                     "canaries_hit": float(np.isin(canary_ids, removed).mean()) if len(canary_ids) else float("nan"),
+                     "injected_hit": float(np.isin(np.flatnonzero(corpus.group == 3), removed).mean()),
+                     **ev})
+        if queue is not None:
+            queue.put(1)
+    np.savez_compressed(os.path.join(out_dir, f"roc_{exp.name}_seed{seed}.npz"), **roc)
+    for r in rows:
+        r["job_seconds"] = time.time() - t0
+    return rows
+
+
+# --------------------------------------------------------------------------------------- driver
+def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(dataclasses.asdict(cfg), fh, indent=1)
+    n_cond = 2 + len(cfg.methods) * sum(1 for p in cfg.fractions if p > 0)
+    # longest experiments first, so the last worker to finish is not left alone with a long job
+    jobs = [(exp, cfg, s) for exp in sorted(cfg.experiments, key=lambda e: e.name != "leak") for s in cfg.seeds]
+    total = len(jobs) * (n_cond + 1)
+    t0 = time.time()
+    rows: List[dict] = []
+    bar = tqdm(total=total, desc=f"gdc experiments [{cfg.name}]", disable=not progress, smoothing=0.05)
+    if cfg.workers <= 1:
+        class _Q:
+            def put(self, n):
+                bar.update(n)
+        for exp, c, s in jobs:
+            rows += run_job((exp, c, s, out_dir, _Q()))
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as mgr:
+            q = mgr.Queue()
+            with ctx.Pool(cfg.workers) as pool:
+                res = pool.map_async(run_job, [(e, c, s, out_dir, q) for e, c, s in jobs])
+                done = 0
+                while done < total:
+                    try:
+                        q.get(timeout=1.0)
+                        done += 1
+                        bar.update(1)
+                    except Exception:
+                        if res.ready():
+                            break
+                for r in res.get():
+                    rows += r
+    bar.close()
+    with open(os.path.join(out_dir, "rows.jsonl"), "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    with open(os.path.join(out_dir, "timing.json"), "w") as fh:
+        json.dump({"config": cfg.name, "wall_seconds": time.time() - t0, "workers": cfg.workers}, fh)
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Reproduce the GenDataCarto experiments with gdc_ext (offline).")
+    p.add_argument("--config", default="default", choices=sorted(CONFIGS))
+    p.add_argument("--out", default="results/reproduce")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: the config's)")
+    p.add_argument("--only", choices=["canary", "leak"], help="run one experiment only")
+    p.add_argument("--scale", choices=["config", "paper"], default="config",
+                   help="'paper': GPT-2 small (12 x 768, full 50257 BPE vocabulary) for the leak experiment (GPU)")
+    p.add_argument("--docs", help="also copy RESULTS.md and the figures into this folder")
+    p.add_argument("--no-report", action="store_true")
+    a = p.parse_args(argv)
+    cfg = CONFIGS[a.config]
+    if a.seeds:
+        cfg = dataclasses.replace(cfg, seeds=tuple(a.seeds))
+    if a.workers:
+        cfg = dataclasses.replace(cfg, workers=a.workers)
+    if a.only:
+        cfg = dataclasses.replace(cfg, experiments=[e for e in cfg.experiments if e.name == a.only])
+    if a.scale == "paper":
+        from gdc_ext.experiments.models import GPT2_SMALL
+
+        cfg = dataclasses.replace(cfg, experiments=[
+            dataclasses.replace(e, model="gpt2", dims=dict(GPT2_SMALL), corpus_args={**e.corpus_args, "vocab": 50257})
+            if e.name == "leak" else e for e in cfg.experiments])
+    run(cfg, a.out)
+    if not a.no_report:
+        from gdc_ext.experiments.report import make_report
+
+        make_report(a.out, docs_dir=a.docs)
+    print(f"results in {os.path.abspath(a.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Training loop of the experiments: Algorithm 1 of the paper with a checkpoint at the burn-in.
+
+Record phase: train T epochs on the full corpus with a recording CartoLoss, snapshot model and
+optimizer at the end of epoch T_e (the burn-in), and read the scores after epoch T.
+Intervention phase: from the burn-in snapshot, train the remaining T - T_e epochs on the
+intervened data (some ids pruned, or per-sample loss weights), with the same data-order seed for
+every intervention, so that interventions differ only in what they do to the data.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gdc_ext import CartoLoss, CartoState
+
+__all__ = ["TrainSpec", "Snapshot", "run_epochs", "record_phase", "intervention_phase"]
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 8          # T
+    burn_in: int = 3         # T_e
+    batch: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eps: tuple = (1.0,)      # forget thresholds tracked together (nats); which one scores: eps_index
+    eps_index: int = 0
+
+
+@dataclass
+class Snapshot:
+    model: dict
+    opt: dict
+
+
+def _optimizer(model: nn.Module, spec: TrainSpec):
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def run_epochs(model: nn.Module, opt, data: torch.Tensor, ids: torch.Tensor, loss_fn: CartoLoss, epochs: int,
+               spec: TrainSpec, gen: torch.Generator, state: Optional[CartoState] = None,
+               on_epoch: Optional[Callable[[int], None]] = None, desc: str = "", progress: bool = True) -> list:
+    """Trains `epochs` passes over the sample ids `ids` (shuffled with gen) of data [N, L].
+    Returns the mean training loss of each epoch."""
+    model.train()
+    V = None
+    losses = []
+    for e in range(epochs):
+        order = ids[torch.randperm(len(ids), generator=gen)]
+        total, steps = 0.0, 0
+        for b in tqdm(range(0, len(order), spec.batch), desc=f"{desc} epoch {e + 1}/{epochs}", leave=False,
+                      disable=not progress, mininterval=1.0):
+            bid = order[b:b + spec.batch]
+            x = data[bid]
+            logits = model(x[:, :-1])
+            V = logits.shape[-1]
+            loss = loss_fn(logits.reshape(-1, V), x[:, 1:].reshape(-1), bid)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.clip:
+                nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        if state is not None:
+            state.end_epoch()
+        losses.append(total / max(steps, 1))
+        if on_epoch is not None:
+            on_epoch(e + 1)
+    return losses
+
+
+def record_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: TrainSpec, seed: int,
+                 progress: bool = True):
+    """Trains T epochs with recording. Returns (model after T epochs, scores, burn-in Snapshot,
+    per-epoch training losses)."""
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = _optimizer(model, spec)
+    N = data.shape[0]
+    eps = spec.eps[0] if len(spec.eps) == 1 else list(spec.eps)
+    state = CartoState(N, burn_in=spec.burn_in, eps=eps)
+    loss_fn = CartoLoss(state=state)
+    gen = torch.Generator().manual_seed(seed)
+    snap = {}
+
+    def on_epoch(e):
+        if e == spec.burn_in:
+            snap["s"] = Snapshot(copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    losses = run_epochs(model, opt, data, torch.arange(N), loss_fn, spec.epochs, spec, gen, state=state,
+                        on_epoch=on_epoch, desc="record", progress=progress)
+    return model, state.scores(), snap["s"], losses
+
+
+def intervention_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: TrainSpec, snap: Snapshot,
+                       seed: int, keep: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                       desc: str = "", progress: bool = True) -> nn.Module:
+    """From the burn-in snapshot, trains T - T_e epochs on the kept ids (all when None) with the
+    given per-sample loss weights [N] (none when None)."""
+    model = make_model()
+    model.load_state_dict(snap.model)
+    opt = _optimizer(model, spec)
+    opt.load_state_dict(copy.deepcopy(snap.opt))
+    loss_fn = CartoLoss()
+    if weights is not None:
+        loss_fn.set_sample_weights(weights)
+    ids = torch.arange(data.shape[0]) if keep is None else torch.as_tensor(keep, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed * 7919 + spec.burn_in)
+    run_epochs(model, opt, data, ids, loss_fn, spec.epochs - spec.burn_in, spec, gen, desc=desc, progress=progress)
+    model.eval()
+    return model
