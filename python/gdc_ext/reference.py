@@ -56,10 +56,12 @@ def energy_totals(epochs: Iterable[Sequence[Tuple[np.ndarray, np.ndarray]]], num
 def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[float]]) -> dict:
     """Every per-sample score of method.md from the T x N matrix L (NaN = not observed).
 
-    Returns a dict of arrays: difficulty [N], memorization [N, K], forgets [N, K],
-    transitions [N], observed [N], last_loss [N], min_loss [N], loss_mean [N], loss_std [N].
+    Returns a dict of arrays: difficulty [N], memorization and forgets ([N] for a float eps,
+    [N, K] for a sequence of K, as CartoState.scores() gives them), transitions [N], observed [N],
+    last_loss [N], min_loss [N], loss_mean [N], loss_std [N].
     """
     L = np.asarray(L, dtype=np.float64)
+    scalar_eps = np.ndim(eps) == 0
     eps = np.atleast_1d(np.asarray(eps, dtype=np.float64))
     T, N = L.shape
     K = len(eps)
@@ -85,6 +87,8 @@ def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[f
             out["min_loss"][i] = values.min()
             out["loss_mean"][i] = values.mean()
             out["loss_std"][i] = values.std()
+    if scalar_eps:
+        out["memorization"], out["forgets"] = out["memorization"][:, 0], out["forgets"][:, 0]
     return out
 
 
