@@ -83,7 +83,8 @@ CONFIGS: Dict[str, Config] = {
     "smoke": Config("smoke", [
         _canary(corpus_args=dict(n_ordinary=150, seq_len=16, canary_reps=(1, 4), canaries_per_rep=2,
                                  inject_reps=(1, 4), injected_per_rep=2, n_valid=50, n_nonmembers=60,
-                                 n_members=60), epochs=3, burn_in=1, dims=dict(dim=16, hidden=32)),
+                                 n_members=60), epochs=3, burn_in=1, dims=dict(dim=16, hidden=32),
+                eps_sweep=(0.2,)),
         _leak(corpus="embedded", tokenizer="word", model="lstm", dims=dict(dim=16, hidden=32),
               corpus_args=dict(n_train=120, seq_len=16, vocab=200, canary_reps=(2,), inject_reps=(1, 2),
                                injected_per_rep=2, n_valid=30, n_nonmembers=60, n_members=60),
