@@ -232,6 +232,9 @@ def _fig_eps(rows, out_dir, exp, fractions, eps_grid) -> bool:
             c = float(np.nan_to_num(c))
             ax.axhspan(m - c, m + c, color=col, alpha=0.10, lw=0)
             ax.axhline(m, color=col, lw=1, ls="--", label=f"prune {p:.0%} at random ({m:.2f})")
+        los = [r["extraction"] for r in _by(rows, experiment=exp, method="loss", fraction=p)]
+        if los:
+            ax.axhline(float(np.mean(los)), color=col, lw=1, ls=":", label=f"prune top {p:.0%} by loss ({np.mean(los):.2f})")
         xs, ms, cs = [], [], []
         for eps in eps_grid:
             sel = _by(rows, experiment=exp, method="eps_sweep", fraction=p, eps=eps)
@@ -244,13 +247,13 @@ def _fig_eps(rows, out_dir, exp, fractions, eps_grid) -> bool:
     for j, e in enumerate(fixed):
         ax.axvline(e, color="k", ls=":", lw=1, label="eps picked by the fixed rule" if j == 0 else None)
     ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("forget threshold eps (nats)")
     ax.set_ylabel("canary extraction success")
     ax.set_title(f"{exp}: extraction after pruning by m_i at each eps (mean ± 95% CI, {len(_seeds(rows, exp))} seeds)",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_ylim(-0.25, 1.05)
+    ax.legend(fontsize=6.5, loc="lower center", ncol=3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "fig_eps_sensitivity.png"), dpi=110)
     plt.close(fig)
@@ -283,14 +286,19 @@ def _eps_section(rows, cfg, out_dir) -> List[str]:
             rnd_rows = _by(rows, experiment=exp, method="random", fraction=p)
             rnd = mean_ci([r["extraction"] for r in rnd_rows]) if rnd_rows else (float("nan"), float("nan"))
             rrel = _paired(rows, exp, "random", p, "extraction") if rnd_rows else (float("nan"), float("nan"))
+            los_rows = _by(rows, experiment=exp, method="loss", fraction=p)
+            los = mean_ci([r["extraction"] for r in los_rows]) if los_rows else (float("nan"), float("nan"))
+            lrel = _paired(rows, exp, "loss", p, "extraction") if los_rows else (float("nan"), float("nan"))
             add(f"Prune the top {p:.0%} by m_i at each eps (n = {n} seeds; mean ± 95% interval). Reference: no "
                 f"intervention {_fmt(*base, digits=2)}; prune {p:.0%} at random {_fmt(*rnd, digits=2)} "
-                f"({_fmt(*rrel, pct=True)}).\n")
+                f"({_fmt(*rrel, pct=True)}); prune the top {p:.0%} by loss (burn-in difficulty) "
+                f"{_fmt(*los, digits=2)} ({_fmt(*lrel, pct=True)}).\n")
             add("| eps (nats) | forget events | samples with m > 0 | canary copies in the prune set | canaries with a "
                 "copy pruned | canaries with every copy pruned | share of the prune set that is canary copies | extraction after pruning | "
                 "change vs no intervention |")
             add("|---|---|---|---|---|---|---|---|---|")
             best = None
+            thin = []
             for eps in grid:
                 sel = _by(rows, experiment=exp, method="eps_sweep", fraction=p, eps=eps)
                 if not sel:
@@ -304,11 +312,18 @@ def _eps_section(rows, cfg, out_dir) -> List[str]:
                     if any(r["is_fixed_eps"] for r in sel) else ""
                 fe = mean_ci([r["forget_events"] for r in sel])[0]
                 mp = mean_ci([r["frac_m_positive"] for r in sel])[0]
+                if mp < p:
+                    thin.append((eps, mp))
                 cells = [_fmt(*mean_ci([r[k] for r in sel]), pct=False, digits=2) for k in
                          ("canary_copies_hit", "canaries_any_hit", "canaries_all_hit", "prune_set_canary_share")]
                 add(f"| {eps:g}{mark} | {fe:.0f} | {mp:.0%} | " + " | ".join(cells) +
                     f" | {_fmt(*ext, digits=2)} | {_fmt(*rel, pct=True)} |")
             add("")
+            if thin:
+                add(f"At eps = {', '.join(f'{e_:g}' for e_, _ in thin)} fewer than {p:.0%} of the samples have m_i > 0 "
+                    "(the forget events column is the total over all samples), so the rest of the prune set is filled "
+                    "by prune()'s tie-break, higher burn-in difficulty: where no sample has m_i > 0 the prune set is "
+                    f"exactly the prune-by-loss set, and its extraction is that of pruning by loss, not evidence for m_i.\n")
             fx = [r for r in _by(rows, experiment=exp, method="eps_sweep", fraction=p) if r["is_fixed_eps"]]
             if fx:
                 vals = []
@@ -324,7 +339,9 @@ def _eps_section(rows, cfg, out_dir) -> List[str]:
                 eps_b, rel_b, ext_b = best
                 claim = {0.05: 0.6, 0.10: 0.4}.get(round(p, 4))
                 sig = np.isfinite(rel_b[1]) and rel_b[0] + rel_b[1] < 0
-                txt = (f"Best eps at p = {p:.0%}: {eps_b:g} nats, extraction {_fmt(*ext_b, digits=2)} "
+                ties = [e_ for e_ in grid if e_ != eps_b and _sweep_paired(rows, exp, p, e_)[0] == rel_b[0]]
+                tie_txt = f" (tied with eps = {', '.join(f'{e_:g}' for e_ in ties)})" if ties else ""
+                txt = (f"Best eps at p = {p:.0%}: {eps_b:g} nats{tie_txt}, extraction {_fmt(*ext_b, digits=2)} "
                        f"({_fmt(*rel_b, pct=True)} vs no intervention; the interval "
                        f"{'excludes' if sig else 'includes'} 0).")
                 if claim is not None:
