@@ -24,6 +24,10 @@ def test_smoke_pipeline(tmp_path):
     cfg = CONFIGS["smoke"]
     out = str(tmp_path / "smoke")
     rows = run(cfg, out, progress=False)
+    sweep = [r for r in rows if r["method"] == "eps_sweep"]
+    rows = [r for r in rows if r["method"] != "eps_sweep"]
+    for r in sweep:
+        assert math.isfinite(r["extraction"]) and math.isfinite(r["canary_copies_hit"])
     n_cond = 2 + len(cfg.methods) * sum(1 for p in cfg.fractions if p > 0)
     assert len(rows) == len(cfg.experiments) * len(cfg.seeds) * n_cond
     for r in rows:

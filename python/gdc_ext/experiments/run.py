@@ -37,6 +37,9 @@ class ExperimentConfig:
     lr: float = 1e-2
     eps_grid: Tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
     tokenizer: str = "gpt2"
+    # eps sensitivity: for every eps in eps_grid, prune the top p by m at that eps (p in eps_sweep)
+    # and continue from the same burn-in checkpoint; () = off. Reuses the seed's one record run.
+    eps_sweep: Tuple[float, ...] = ()
 
 
 @dataclass
@@ -61,7 +64,7 @@ def _canary(**over) -> ExperimentConfig:
         corpus_args=dict(n_ordinary=600, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=3,
                          inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=300, n_nonmembers=400,
                          n_members=400),
-        epochs=8, burn_in=2, batch=64, lr=1e-2)
+        epochs=8, burn_in=2, batch=64, lr=1e-2, eps_sweep=(0.05, 0.10))
     return dataclasses.replace(base, **over)
 
 
@@ -80,7 +83,8 @@ CONFIGS: Dict[str, Config] = {
     "smoke": Config("smoke", [
         _canary(corpus_args=dict(n_ordinary=150, seq_len=16, canary_reps=(1, 4), canaries_per_rep=2,
                                  inject_reps=(1, 4), injected_per_rep=2, n_valid=50, n_nonmembers=60,
-                                 n_members=60), epochs=3, burn_in=1, dims=dict(dim=16, hidden=32)),
+                                 n_members=60), epochs=3, burn_in=1, dims=dict(dim=16, hidden=32),
+                eps_sweep=(0.2,)),
         _leak(corpus="embedded", tokenizer="word", model="lstm", dims=dict(dim=16, hidden=32),
               corpus_args=dict(n_train=120, seq_len=16, vocab=200, canary_reps=(2,), inject_reps=(1, 2),
                                injected_per_rep=2, n_valid=30, n_nonmembers=60, n_members=60),
@@ -110,6 +114,72 @@ def _pick_eps(scores) -> int:
     """The tracked threshold with the most forget events (fixed rule, applied to every seed)."""
     f = scores.forgets.numpy().reshape(len(scores.forgets), -1)
     return int(np.argmax(f.sum(0)))
+
+
+def _extraction_eval(model, corpus) -> dict:
+    """The cheap part of evaluate(): canary extraction (overall and by r) and perplexity."""
+    import torch
+
+    from gdc_ext.experiments import metrics as M
+
+    model.eval()
+    dev = next(model.parameters()).device
+    out: dict = {}
+    with torch.no_grad():
+        if corpus.canaries:
+            pre = torch.stack([c.prefix for c in corpus.canaries]).to(dev)
+            sec = torch.stack([c.secret for c in corpus.canaries]).to(dev)
+            ext = M.extraction_success(model, pre, sec)
+            reps = np.array([c.reps for c in corpus.canaries])
+            out["extraction"] = float(ext.mean())
+            for r in sorted(set(reps.tolist())):
+                out[f"extraction_r{r}"] = float(ext[reps == r].mean())
+        out["perplexity"] = M.perplexity(model, corpus.valid.to(dev))
+    return out
+
+
+def _prune_set_stats(corpus, removed: np.ndarray) -> dict:
+    """How much of the canaries a prune set (removed ids) covers."""
+    removed = np.asarray(removed, dtype=np.int64)
+    copies = np.array(sorted(i for c in corpus.canaries for i in c.ids), dtype=np.int64)
+    if not len(copies):
+        return {"canary_copies_hit": float("nan"), "canaries_any_hit": float("nan"),
+                "canaries_all_hit": float("nan"), "prune_set_canary_share": float("nan")}
+    any_hit = [bool(np.isin(c.ids, removed).any()) for c in corpus.canaries]
+    all_hit = [bool(np.isin(c.ids, removed).all()) for c in corpus.canaries]
+    return {"canary_copies_hit": float(np.isin(copies, removed).mean()),
+            "canaries_any_hit": float(np.mean(any_hit)), "canaries_all_hit": float(np.mean(all_hit)),
+            "prune_set_canary_share": float(np.isin(removed, copies).mean()) if len(removed) else 0.0}
+
+
+def eps_sweep_rows(exp: ExperimentConfig, corpus, scores, k: int, train_fn, base: dict, cache: Optional[dict] = None,
+                   seed: int = 0) -> List[dict]:
+    """Eps sensitivity from one record run: for every tracked eps j and fraction p in exp.eps_sweep,
+    prune the top p by m at eps j, continue training with train_fn(keep) (the interventions' own
+    path: from the burn-in checkpoint) and measure extraction. cache: removed-id tuple -> result,
+    so that an eps whose prune set equals one already trained (e.g. the main run's m rows at the
+    fixed eps k) is not trained again."""
+    import gdc_ext
+
+    cache = {} if cache is None else cache
+    N = corpus.num_samples
+    rows = []
+    for p in exp.eps_sweep:
+        for j, eps in enumerate(exp.eps_grid):
+            keep = gdc_ext.prune(scores, p, by="memorization", seed=seed, eps_index=j)
+            removed = np.setdiff1d(np.arange(N), keep.numpy())
+            key = tuple(removed.tolist())
+            reused = key in cache
+            if not reused:
+                cache[key] = _extraction_eval(train_fn(keep, f"{exp.name}/eps{eps:g}/{p}"), corpus)
+            m_j = scores.memorization.numpy().reshape(N, -1)[:, j]
+            rows.append({**base, "method": "eps_sweep", "fraction": p, "eps": float(eps), "eps_index": j,
+                         "eps_fixed": float(exp.eps_grid[k]), "is_fixed_eps": j == k, "reused": reused,
+                         "pruned_weight": len(removed) / N, "forget_events": float(
+                             scores.forgets.numpy().reshape(N, -1)[:, j].sum()),
+                         "frac_m_positive": float((m_j > 0).mean()),
+                         **_prune_set_stats(corpus, removed), **cache[key]})
+    return rows
 
 
 def evaluate(model, corpus, cfg: Config, seed: int, keep_scores: bool = False) -> dict:
@@ -189,6 +259,7 @@ def run_job(args) -> List[dict]:
     base = {"experiment": exp.name, "seed": seed, "corpus": corpus.description, "eps": exp.eps_grid[k]}
     rows = []
     roc = {}
+    sweep_cache: dict = {}
     N = corpus.num_samples
     canary_ids = np.array(sorted(i for c in corpus.canaries for i in c.ids), dtype=np.int64)
     conditions = [("none", 0.0)] + [(mth, p) for mth in cfg.methods for p in cfg.fractions if p > 0] + [("paper", None)]
@@ -221,10 +292,19 @@ def run_job(args) -> List[dict]:
             for att in sm:
                 roc[f"{method}_{p:g}_{att}_members"] = sm[att]
                 roc[f"{method}_{p:g}_{att}_nonmembers"] = sn[att]
+        if method == "memorization" and exp.eps_sweep:
+            sweep_cache[tuple(removed.tolist())] = {k_: v for k_, v in ev.items() if k_ == "extraction"
+                                                    or k_.startswith("extraction_r") or k_ == "perplexity"}
         rows.append({**base, "method": method, "fraction": p, "pruned_weight": pruned_weight,
                      "canaries_hit": float(np.isin(canary_ids, removed).mean()) if len(canary_ids) else float("nan"),
                      "injected_hit": float(np.isin(np.flatnonzero(corpus.group == 3), removed).mean()),
                      **ev})
+        if queue is not None:
+            queue.put(1)
+    if exp.eps_sweep:
+        def train_keep(keep, desc):
+            return intervention_phase(make_model, data, spec, snap, seed, keep=keep, desc=desc, progress=False)
+        rows += eps_sweep_rows(exp, corpus, scores, k, train_keep, base, sweep_cache, seed=seed)
         if queue is not None:
             queue.put(1)
     np.savez_compressed(os.path.join(out_dir, f"roc_{exp.name}_seed{seed}.npz"), **roc)
@@ -243,7 +323,7 @@ def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
     n_cond = 2 + len(cfg.methods) * sum(1 for p in cfg.fractions if p > 0)
     # longest experiments first, so the last worker to finish is not left alone with a long job
     jobs = [(exp, cfg, s) for exp in sorted(cfg.experiments, key=lambda e: e.name != "leak") for s in cfg.seeds]
-    total = len(jobs) * (n_cond + 1)
+    total = sum(n_cond + 1 + bool(exp.eps_sweep) for exp, _, _ in jobs)
     t0 = time.time()
     rows: List[dict] = []
     bar = tqdm(total=total, desc=f"gdc experiments [{cfg.name}]", disable=not progress, smoothing=0.05)
