@@ -235,34 +235,9 @@ def test_opcheck_cuda(dtype):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_compile_training_step_on_cuda(inplace):
-    from test_ops import TinyLM
+    from test_ops import check_compile_matches_eager
 
-    V, B, L, N = 50, 4, 6, 8
-    torch.manual_seed(0)
-    tokens = torch.randint(0, V, (B, L + 1), device="cuda")
-    ids = torch.tensor([1, 5, 2, 7], device="cuda")
-
-    def run(compiled):
-        torch.manual_seed(1)
-        model = TinyLM(V).cuda()
-        state = CartoState(N, burn_in=1, eps=1.0, device="cuda")
-        loss_fn = CartoLoss(state=state, inplace_grad=inplace)
-
-        def step(x, y, sid):
-            return loss_fn(model(x).reshape(-1, V), y.reshape(-1), sid)
-
-        fn = torch.compile(step, fullgraph=True) if compiled else step
-        loss = fn(tokens[:, :-1], tokens[:, 1:], ids)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()], state.acc.clone()
-
-    l0, g0, a0 = run(False)
-    l1, g1, a1 = run(True)
-    torch.testing.assert_close(l1, l0)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a1, a0)
-    assert a0[ids, 1].tolist() == [L] * B
+    check_compile_matches_eager(inplace, device="cuda")
 
 
 def _record_many(R=8192, V=129, N=7, seed=3):

@@ -49,17 +49,18 @@ class TinyLM(nn.Module):
         return self.head(torch.tanh(self.emb(x)))
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_compile_training_step_records_like_eager(inplace):
+def check_compile_matches_eager(inplace: bool, device: str = "cpu") -> None:
+    """A model step with CartoLoss under torch.compile(fullgraph=True) gives eager's loss,
+    gradients and recorded accumulators (also used by tests/test_cuda.py on CUDA)."""
     torch.manual_seed(0)
     V, B, L, N = 50, 4, 6, 8
-    tokens = torch.randint(0, V, (B, L + 1))
-    ids = torch.tensor([1, 5, 2, 7])
+    tokens = torch.randint(0, V, (B, L + 1)).to(device)
+    ids = torch.tensor([1, 5, 2, 7], device=device)
 
     def run(compiled):
         torch.manual_seed(1)
-        model = TinyLM(V)
-        state = CartoState(N, burn_in=1, eps=1.0)
+        model = TinyLM(V).to(device)
+        state = CartoState(N, burn_in=1, eps=1.0, device=device)
         loss_fn = CartoLoss(state=state, inplace_grad=inplace)
 
         def step(x, y, sid):
@@ -80,6 +81,11 @@ def test_compile_training_step_records_like_eager(inplace):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a1, a0)
     assert a0[ids, 1].tolist() == [L] * B
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_training_step_records_like_eager(inplace):
+    check_compile_matches_eager(inplace)
 
 
 def test_compile_inductor_forward():

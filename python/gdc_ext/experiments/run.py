@@ -187,29 +187,22 @@ def evaluate(model, corpus, cfg: Config, seed: int, keep_scores: bool = False) -
 
     from gdc_ext.experiments import metrics as M
 
-    model.eval()
+    out = _extraction_eval(model, corpus)  # extraction (overall, by r) and perplexity
     dev = next(model.parameters()).device
-    out: dict = {}
     with torch.no_grad():
         if corpus.canaries:
-            pre = torch.stack([c.prefix for c in corpus.canaries]).to(dev)
-            sec = torch.stack([c.secret for c in corpus.canaries]).to(dev)
-            ext = M.extraction_success(model, pre, sec)
             expo = np.array([M.canary_exposure(model, c.prefix.to(dev), c.secret.to(dev), corpus.digits,
                                                n_samples=cfg.exposure_samples, seed=seed)
                              for c in corpus.canaries])
             reps = np.array([c.reps for c in corpus.canaries])
-            out["extraction"] = float(ext.mean())
             out["exposure"] = float(expo.mean())
             for r in sorted(set(reps.tolist())):
-                out[f"extraction_r{r}"] = float(ext[reps == r].mean())
                 out[f"exposure_r{r}"] = float(expo[reps == r].mean())
         lk = M.leakage(model, corpus.injected.to(dev), corpus.prefix_len)
         out["leakage"] = lk["exact"]
         out["leakage_token_recall"] = lk["token_recall"]
         for r in sorted(set(corpus.injected_reps.tolist())):
             out[f"leakage_r{r}"] = float(lk["per_sequence"][corpus.injected_reps == r].mean())
-        out["perplexity"] = M.perplexity(model, corpus.valid.to(dev))
         lp_m = M.token_logprobs(model, corpus.train[corpus.member_ids].to(dev))
         lp_n = M.token_logprobs(model, corpus.nonmembers.to(dev))
         texts_m = [corpus.texts[i] for i in corpus.member_ids]
