@@ -59,12 +59,7 @@ class _FusedCE(torch.autograd.Function):
             loss_rows, _, grad = ops.cross_entropy_fwd(logits, target, weight, ids, sw, grad_scale, acc,
                                                        ignore_index, smoothing, True)
         ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        if reduction == "mean":
-            return loss_rows.sum() / denom
-        if reduction == "sum":
-            return loss_rows.sum()
-        return loss_rows
+        return _reduce(loss_rows, reduction, denom)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -168,12 +163,7 @@ class CartoLoss(nn.CrossEntropyLoss):
         acc = self.state.acc if recording else torch.empty(_EMPTY_ACC_SHAPE, dtype=torch.float64, device=dev)
         sw = self.sample_weight.to(dev) if weighted else _empty(dev, torch.float32)
         weight = self.weight
-        valid = tgt != self.ignore_index
-        if weight is not None:
-            wt = weight.to(torch.float32).gather(0, tgt.clamp(0, max(V - 1, 0))) * valid
-            denom = wt.sum()
-        else:
-            denom = valid.sum().to(torch.float32)
+        denom = _mean_denominator(tgt, tgt != self.ignore_index, weight, V, torch.float32)
         needs_grad = torch.is_grad_enabled() and logits.requires_grad
         if not needs_grad:
             loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc,
@@ -211,15 +201,8 @@ class CartoLoss(nn.CrossEntropyLoss):
         flat = per.reshape(-1)
         if weighted:
             flat = flat * self.sample_weight.to(flat.device, flat.dtype)[ids.clamp(0, N - 1)] * valid
-        if self.reduction == "none":
-            return flat.reshape(per.shape)
-        if self.reduction == "sum":
-            return flat.sum()
-        if self.weight is not None:
-            denom = (self.weight.to(flat.dtype)[tgt.clamp(0, logits.shape[1] - 1)] * valid).sum()
-        else:
-            denom = valid.sum().to(flat.dtype)
-        return flat.sum() / denom
+        denom = _mean_denominator(tgt, valid, self.weight, logits.shape[1], flat.dtype)
+        return _reduce(flat, self.reduction, denom).reshape(per.shape if self.reduction == "none" else ())
 
     def _record_fallback(self, logits, tgt, ids, valid):
         logp = torch.log_softmax(logits.double(), dim=-1)
@@ -241,6 +224,14 @@ def _empty(dev, dtype):
 
 def _ones(dev):
     return torch.ones(1, dtype=torch.float32, device=dev)
+
+
+def _mean_denominator(tgt, valid, weight, V, dtype):
+    """nn.CrossEntropyLoss's 'mean' denominator: the class weights of the non-ignored targets
+    summed (their count without weights). Computed on the device: no host synchronisation."""
+    if weight is None:
+        return valid.sum().to(dtype)
+    return (weight.to(dtype).gather(0, tgt.clamp(0, max(V - 1, 0))) * valid).sum()
 
 
 def _reduce(loss_rows, reduction, denom):
