@@ -1,7 +1,7 @@
 """The demo's full loop on a tiny configuration (the default run is `make demo`)."""
 import math
 
-from gdc_ext import demo
+from examples import demo
 
 
 def test_demo_smoke(tmp_path, capsys):

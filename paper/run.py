@@ -1,4 +1,4 @@
-"""One command for the paper's experiments: ``python -m gdc_ext.experiments.run --config default --out DIR``.
+"""One command for the paper's experiments: ``python -m paper.run --config default --out DIR``.
 
 Per experiment and seed: build the corpus, train T epochs with recording (one record run per
 seed, shared by all interventions), read the scores, then for every intervention and fraction p
@@ -16,7 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -103,7 +103,7 @@ CONFIGS: Dict[str, Config] = {
 
 # --------------------------------------------------------------------------------------- one job
 def _build_corpus(exp: ExperimentConfig, seed: int):
-    from gdc_ext.experiments.data import synthetic_corpus, text_corpus
+    from paper.data import synthetic_corpus, text_corpus
 
     if exp.corpus == "synthetic":
         return synthetic_corpus(seed, **exp.corpus_args)
@@ -120,7 +120,7 @@ def _extraction_eval(model, corpus) -> dict:
     """The cheap part of evaluate(): canary extraction (overall and by r) and perplexity."""
     import torch
 
-    from gdc_ext.experiments import metrics as M
+    from paper import metrics as M
 
     model.eval()
     dev = next(model.parameters()).device
@@ -185,7 +185,7 @@ def eps_sweep_rows(exp: ExperimentConfig, corpus, scores, k: int, train_fn, base
 def evaluate(model, corpus, cfg: Config, seed: int, keep_scores: bool = False) -> dict:
     import torch
 
-    from gdc_ext.experiments import metrics as M
+    from paper import metrics as M
 
     out = _extraction_eval(model, corpus)  # extraction (overall, by r) and perplexity
     dev = next(model.parameters()).device
@@ -224,8 +224,8 @@ def run_job(args) -> List[dict]:
 
     torch.set_num_threads(1)
     import gdc_ext
-    from gdc_ext.experiments.models import build_model
-    from gdc_ext.experiments.train import TrainSpec, intervention_phase, record_phase
+    from paper.models import build_model
+    from paper.train import TrainSpec, intervention_phase, record_phase
 
     t0 = time.time()
     corpus = _build_corpus(exp, seed)
@@ -372,14 +372,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     if a.only:
         cfg = dataclasses.replace(cfg, experiments=[e for e in cfg.experiments if e.name == a.only])
     if a.scale == "paper":
-        from gdc_ext.experiments.models import GPT2_SMALL
+        from paper.models import GPT2_SMALL
 
         cfg = dataclasses.replace(cfg, experiments=[
             dataclasses.replace(e, model="gpt2", dims=dict(GPT2_SMALL), corpus_args={**e.corpus_args, "vocab": 50257})
             if e.name == "leak" else e for e in cfg.experiments])
     run(cfg, a.out)
     if not a.no_report:
-        from gdc_ext.experiments.report import make_report
+        from paper.report import make_report
 
         make_report(a.out, docs_dir=a.docs)
     print(f"results in {os.path.abspath(a.out)}")

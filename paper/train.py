@@ -12,14 +12,13 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from gdc_ext import CartoLoss, CartoState
 
-__all__ = ["TrainSpec", "Snapshot", "run_epochs", "record_phase", "intervention_phase"]
+__all__ = ["TrainSpec", "Snapshot", "train_epoch", "run_epochs", "record_phase", "intervention_phase"]
 
 
 @dataclass
@@ -44,34 +43,40 @@ def _optimizer(model: nn.Module, spec: TrainSpec):
     return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
 
+def train_epoch(model: nn.Module, opt, data: torch.Tensor, order: torch.Tensor, loss_fn, batch: int,
+                clip: float = 0.0, desc: str = "", progress: bool = True) -> float:
+    """One pass over ``order`` (sample ids into data [N, L], repeats allowed) in batches of ``batch``:
+    next-token loss with one sample id per sequence. Returns the mean training loss of the pass.
+    Shared by the reproduction and examples/demo.py."""
+    model.train()
+    total, steps = 0.0, 0
+    for b in tqdm(range(0, len(order), batch), desc=desc, leave=False, disable=not progress, mininterval=1.0):
+        bid = order[b:b + batch]
+        x = data[bid]
+        logits = model(x[:, :-1])
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), bid)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
 def run_epochs(model: nn.Module, opt, data: torch.Tensor, ids: torch.Tensor, loss_fn: CartoLoss, epochs: int,
                spec: TrainSpec, gen: torch.Generator, state: Optional[CartoState] = None,
                on_epoch: Optional[Callable[[int], None]] = None, desc: str = "", progress: bool = True) -> list:
     """Trains `epochs` passes over the sample ids `ids` (shuffled with gen) of data [N, L].
     Returns the mean training loss of each epoch."""
-    model.train()
-    V = None
     losses = []
     for e in range(epochs):
         order = ids[torch.randperm(len(ids), generator=gen)]
-        total, steps = 0.0, 0
-        for b in tqdm(range(0, len(order), spec.batch), desc=f"{desc} epoch {e + 1}/{epochs}", leave=False,
-                      disable=not progress, mininterval=1.0):
-            bid = order[b:b + spec.batch]
-            x = data[bid]
-            logits = model(x[:, :-1])
-            V = logits.shape[-1]
-            loss = loss_fn(logits.reshape(-1, V), x[:, 1:].reshape(-1), bid)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if spec.clip:
-                nn.utils.clip_grad_norm_(model.parameters(), spec.clip)
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
+        losses.append(train_epoch(model, opt, data, order, loss_fn, spec.batch, spec.clip,
+                                  f"{desc} epoch {e + 1}/{epochs}", progress))
         if state is not None:
             state.end_epoch()
-        losses.append(total / max(steps, 1))
         if on_epoch is not None:
             on_epoch(e + 1)
     return losses

@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from gdc_ext import QUADRANT_NAMES, Cartographer, prune
+from paper.models import LSTMLM
+from paper.train import train_epoch
 
 VOCAB = 48
 DIGITS = list(range(10, 20))           # token ids used as secret digits
@@ -62,33 +62,6 @@ def make_corpus(n: int, seq_len: int, seed: int = 0, noise_frac: float = 0.3, ca
     return torch.from_numpy(tokens[perm]), torch.from_numpy(group[perm]), torch.from_numpy(markov(n_val))
 
 
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int = VOCAB, dim: int = 64, hidden: int = 128):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.rnn = nn.LSTM(dim, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, x):
-        return self.head(self.rnn(self.emb(x))[0])
-
-
-def train_epoch(model, opt, loss_fn, tokens, order, batch, desc):
-    """One pass over ``order`` (sample ids, repeats allowed); returns the mean training loss."""
-    model.train()
-    total, steps = 0.0, 0
-    for b in tqdm(range(0, len(order), batch), desc=desc, leave=False, mininterval=0.5, dynamic_ncols=True):
-        ids = order[b:b + batch]
-        x, y = tokens[ids, :-1], tokens[ids, 1:]
-        loss = loss_fn(model(x).reshape(-1, VOCAB), y.reshape(-1), ids)  # one id per sequence
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-        steps += 1
-    return total / max(steps, 1)
-
-
 @torch.no_grad()
 def evaluate(model, val, canaries):
     """Validation perplexity, and the canaries' mean NLL and greedy accuracy on their secret digits."""
@@ -104,9 +77,9 @@ def evaluate(model, val, canaries):
     return out
 
 
-def summary_table(scores, codes, group, eps_index=0) -> str:
+def summary_table(scores, codes, group) -> str:
     lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean m':>9}  " + "".join(f"{g:>8}" for g in GROUPS)]
-    m = scores.memorization if scores.memorization.dim() == 1 else scores.memorization[:, eps_index]
+    m = scores.memorization  # [N]: the demo tracks one float eps
     for q in (0, 1, 2, 3, -1):
         sel = codes == q
         n = int(sel.sum())
@@ -161,7 +134,7 @@ def main(argv=None) -> dict:
                                      concentration=args.concentration)
     canary_ids = torch.nonzero(group == 2).flatten()
     N = args.samples
-    model = TinyLM(dim=args.dim, hidden=args.hidden)
+    model = LSTMLM(VOCAB, dim=args.dim, hidden=args.hidden)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     carto = Cartographer(num_samples=N, burn_in=args.burn_in, eps=args.eps, alpha_d=args.alpha_d,
                          alpha_m=args.alpha_m, gamma=args.gamma, alpha=args.alpha, keep_outliers=args.keep_outliers,
@@ -175,8 +148,8 @@ def main(argv=None) -> dict:
     # ---- phase 1: record (burn-in and the epochs up to labelling)
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(1, args.label_after + 1):
-        loss = train_epoch(model, opt, carto.loss, tokens, torch.randperm(N, generator=g), args.batch,
-                           f"epoch {epoch}/{args.epochs} (recording)")
+        loss = train_epoch(model, opt, tokens, torch.randperm(N, generator=g), carto.loss, args.batch,
+                           desc=f"epoch {epoch}/{args.epochs} (recording)")
         started = carto.end_epoch()
         print(f"epoch {epoch:>2}: mean training loss {loss:.3f}" + ("  -> labels fixed" if started else ""))
     assert carto.intervening
@@ -220,15 +193,14 @@ def main(argv=None) -> dict:
 
     # ---- phase 2: continue from the same checkpoint, plainly and with the interventions
     before = evaluate(model, val, tokens[canary_ids])
-    rest = args.epochs - args.label_after
-    plain_model, plain_opt = copy.deepcopy(model), torch.optim.Adam(model.parameters(), lr=args.lr)
+    plain_model = copy.deepcopy(model)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=args.lr)
     plain_opt.load_state_dict(opt.state_dict())
     plain_loss = nn.CrossEntropyLoss()
     plain_g = torch.Generator().manual_seed(args.seed + 1)
     for epoch in range(args.label_after + 1, args.epochs + 1):
-        train_epoch(plain_model, plain_opt, lambda z, y, ids: plain_loss(z, y), tokens,
-                    torch.randperm(N, generator=plain_g), args.batch, f"epoch {epoch}/{args.epochs} (plain)")
+        train_epoch(plain_model, plain_opt, tokens, torch.randperm(N, generator=plain_g),
+                    lambda z, y, ids: plain_loss(z, y), args.batch, desc=f"epoch {epoch}/{args.epochs} (plain)")
     plain = evaluate(plain_model, val, tokens[canary_ids])
 
     mult = carto.multiplicities()
@@ -241,8 +213,8 @@ def main(argv=None) -> dict:
           f"{int((carto.loss.sample_weight < 1).sum())} down-weighted x{args.alpha}")
     for epoch in range(args.label_after + 1, args.epochs + 1):
         sampler.set_epoch(epoch)
-        loss = train_epoch(model, opt, carto.loss, tokens, torch.tensor(list(sampler)), args.batch,
-                           f"epoch {epoch}/{args.epochs} (interventions)")
+        loss = train_epoch(model, opt, tokens, torch.tensor(list(sampler)), carto.loss, args.batch,
+                           desc=f"epoch {epoch}/{args.epochs} (interventions)")
         carto.end_epoch()
     after = evaluate(model, val, tokens[canary_ids])
 

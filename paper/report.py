@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from gdc_ext.experiments.metrics import mean_ci, roc_curve, spearman
+from paper.metrics import mean_ci, roc_curve, spearman
 
 __all__ = ["make_report", "load_rows"]
 
@@ -91,12 +91,16 @@ def _fig_curves(rows, cfg, out_dir, metrics, fname, x, xlabel, ylabel_fn, relati
                 xs, ms, cs = [], [], []
                 for p in cfg["fractions"]:
                     if p == 0:
-                        xs.append(0.0); ms.append(0.0); cs.append(0.0)
+                        xs.append(0.0)
+                        ms.append(0.0)
+                        cs.append(0.0)
                         continue
                     m, c = _paired(rows, exp, method, p, metric)
                     sel = _by(rows, experiment=exp, method=method, fraction=p)
                     if sel:
-                        xs.append(float(np.mean([r[x] for r in sel]))); ms.append(100 * m); cs.append(100 * np.nan_to_num(c))
+                        xs.append(float(np.mean([r[x] for r in sel])))
+                        ms.append(100 * m)
+                        cs.append(100 * np.nan_to_num(c))
                 xs, ms, cs = map(np.array, (xs, ms, cs))
             else:
                 xs, ms, cs = _curve(rows, exp, method, metric, cfg["fractions"], x=x)
@@ -134,7 +138,7 @@ def _fig_roc(out_dir, exp="leak", fraction=0.1):
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     names = {"loss": "loss attack", "zlib": "zlib-ratio attack", "mink": "min-20% prob attack"}
     for ax, att in zip(axes, ("loss", "zlib", "mink")):
-        for key, label, color in ((f"none_0", "no intervention", "k"), (f"memorization_{fraction:g}", f"prune {fraction:.0%} by m", "C3"),
+        for key, label, color in (("none_0", "no intervention", "k"), (f"memorization_{fraction:g}", f"prune {fraction:.0%} by m", "C3"),
                                   (f"downweight_{fraction:g}", f"down-weight {fraction:.0%} by m", "C1"),
                                   (f"random_{fraction:g}", f"prune {fraction:.0%} random", "C0")):
             km, kn = f"{key}_{att}_members", f"{key}_{att}_nonmembers"
@@ -143,7 +147,7 @@ def _fig_roc(out_dir, exp="leak", fraction=0.1):
             mem = np.concatenate([d[km] for d in data])  # pooled over seeds
             non = np.concatenate([d[kn] for d in data])
             fpr, tpr = roc_curve(mem, non)
-            from gdc_ext.experiments.metrics import auc
+            from paper.metrics import auc
             ax.plot(np.maximum(fpr, 1e-4), tpr, color=color, label=f"{label} (AUC {auc(mem, non):.3f})")
         ax.plot([1e-4, 1], [1e-4, 1], ls=":", color="grey")
         ax.set_xscale("log")
@@ -164,7 +168,7 @@ def _fig_theorem(out_dir, exps) -> Dict[str, tuple]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gdc_ext.experiments.data import GROUPS
+    from paper.data import GROUPS
 
     rhos = {}
     fig, axes = plt.subplots(1, len(exps), figsize=(5.2 * len(exps), 4), squeeze=False)
@@ -240,7 +244,9 @@ def _fig_eps(rows, out_dir, exp, fractions, eps_grid) -> bool:
             sel = _by(rows, experiment=exp, method="eps_sweep", fraction=p, eps=eps)
             if sel:
                 m, c = mean_ci([r["extraction"] for r in sel])
-                xs.append(eps); ms.append(m); cs.append(float(np.nan_to_num(c)))
+                xs.append(eps)
+                ms.append(m)
+                cs.append(float(np.nan_to_num(c)))
         if xs:
             ax.errorbar(xs, ms, yerr=cs, marker="o", ms=5, capsize=3, color=col, label=f"prune top {p:.0%} by m at eps")
     fixed = sorted({r["eps_fixed"] for r in _by(rows, experiment=exp, method="eps_sweep")})
