@@ -33,12 +33,14 @@ install: $(VENV)/.built
 demo: install
 	$(PY) -m examples.demo
 
-# The CUDA compile-and-link check (no GPU needed; see cuda-check below), lint, then the suite,
+# The CUDA compile-and-link check (no GPU needed; see cuda-check below), lint, the README's install
+# lines in a fresh venv (scripts/install_check.sh), then the suite,
 # whose summary stays the last line. CUDA_CHECK=0 skips the former for a quick local run.
 CUDA_CHECK_ENABLED ?= $(if $(filter 0,$(CUDA_CHECK)),,yes)
 test: install
 	$(if $(CUDA_CHECK_ENABLED),$(MAKE) --no-print-directory cuda-check,@echo "cuda-check: skipped (CUDA_CHECK=0)")
 	$(MAKE) --no-print-directory lint
+	TORCH_SPEC="$(TORCH_SPEC)" PYTHON=$(PYTHON) bash scripts/install_check.sh
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 lint: install

@@ -3,6 +3,7 @@
 Replace ``nn.CrossEntropyLoss`` with :class:`CartoLoss`, give it a :class:`CartoState`, pass
 sample ids, call ``state.end_epoch()`` after each epoch, and read ``state.scores()``.
 """
+from gdc_ext import _abi  # noqa: F401  (first: a clear ImportError if torch is not the one the build used)
 from gdc_ext import _C  # noqa: F401  (registers torch.ops.gdc)
 from gdc_ext import ops, reference
 from gdc_ext.loss import CartoLoss, expand_sample_ids
