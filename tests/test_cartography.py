@@ -38,7 +38,7 @@ def _scores(d, m):
     m = torch.as_tensor(m, dtype=torch.float64)
     n = len(d)
     z = torch.zeros(n, dtype=torch.int32)
-    return Scores(difficulty=d, memorization=m, forgets=z, transitions=z, observed=z, last_loss=d, min_loss=None,
+    return Scores(difficulty=d, memorization_by_eps=m, forgets_by_eps=z, transitions=z, observed=z, last_loss=d, min_loss=None,
                   loss_mean=None, loss_std=None, grad_energy=None, eps=(1.0,), epoch=3, burn_in=2)
 
 

@@ -1,6 +1,6 @@
 """CartoSampler: the sampling intervention (per-epoch multiplicities), split across ranks.
 
-Definitions: shared/method.md ("Interventions"). A sample with multiplicity w appears
+Definitions: docs/method.md ("Interventions"). A sample with multiplicity w appears
 ``floor(w)`` times per epoch plus once more with probability ``w - floor(w)``; the epoch's list is
 shuffled; everything is drawn from a generator seeded with ``seed + epoch``, so every rank draws
 the same list and a run is reproducible.
