@@ -11,4 +11,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Each xdist worker gets one intra-op thread: two workers already fill CI's two cores.
 torch.set_num_threads(int(os.environ.get("GDC_TEST_THREADS", "1")))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA device")])
+
+
+@pytest.fixture(scope="session", params=["cpu", _CUDA])
+def device(request) -> str:
+    """Runs a test on the CPU and, where a CUDA device is present, on CUDA (marked `cuda`, so
+    `pytest -m cuda tests` runs every CUDA case). Session-scoped: usable with hypothesis."""
+    if request.param == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("gdc::cross_entropy_fwd",
+                                                                                        "CUDA"):
+        pytest.fail("a CUDA device is present but gdc_ext was built without CUDA kernels: "
+                    "rebuild with GDC_CUDA=ON (see scripts/gpu_check.sh)")
+    return request.param
