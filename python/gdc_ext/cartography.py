@@ -157,7 +157,8 @@ def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Option
     """
     if by not in PRUNE_BY:
         raise ValueError(f"by must be one of {', '.join(repr(k) for k in PRUNE_BY)}, got {by!r}")
-    return torch.from_numpy(PRUNE_BY[by](scores, resolve_eps(scores, eps, eps_index), seed))
+    values = PRUNE_BY[by](scores, resolve_eps(scores, eps, eps_index), seed)
+    return torch.from_numpy(np.array(values, dtype=np.float64))  # a copy: never a view of the scores
 
 
 def prune(scores, fraction: float, by: str = "memorization", seed: int = 0, eps: Optional[float] = None, *,
