@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from helpers import require_cuda_kernels
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
@@ -19,8 +20,6 @@ _CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not tor
 def device(request) -> str:
     """Runs a test on the CPU and, where a CUDA device is present, on CUDA (marked `cuda`, so
     `pytest -m cuda tests` runs every CUDA case). Session-scoped: usable with hypothesis."""
-    if request.param == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("gdc::cross_entropy_fwd",
-                                                                                        "CUDA"):
-        pytest.fail("a CUDA device is present but gdc_ext was built without CUDA kernels: "
-                    "rebuild with GDC_CUDA=ON (see scripts/gpu_check.sh)")
+    if request.param == "cuda":
+        require_cuda_kernels()
     return request.param

@@ -1,5 +1,6 @@
 """Helpers shared by several test files (test files never import each other)."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import assume, strategies as st
 from torch import nn
@@ -7,8 +8,15 @@ from torch import nn
 from gdc_ext import CartoLoss, CartoState, reference
 from gdc_ext.layout import ACC_COLS, ACC_COUNT
 
-__all__ = ["ce_args", "loss_and_grad", "histories", "run_history", "check_streaming_equals_reference", "TinyLM",
+__all__ = ["require_cuda_kernels", "ce_args", "loss_and_grad", "histories", "run_history", "check_streaming_equals_reference", "TinyLM",
            "check_compile_matches_eager"]
+
+
+def require_cuda_kernels() -> None:
+    """Fails (not skips) a CUDA test when a device is present but the CUDA kernels were not built."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("gdc::cross_entropy_fwd", "CUDA"):
+        pytest.fail("a CUDA device is present but gdc_ext was built without CUDA kernels: "
+                    "rebuild with GDC_CUDA=ON (see scripts/gpu_check.sh)")
 
 
 # --------------------------------------------------------------------------------- op arguments
