@@ -8,8 +8,8 @@ from torch import nn
 from gdc_ext import CartoLoss, CartoState, reference
 from gdc_ext.layout import ACC_COLS, ACC_COUNT
 
-__all__ = ["require_cuda_kernels", "ce_args", "loss_and_grad", "histories", "run_history", "check_streaming_equals_reference", "TinyLM",
-           "check_compile_matches_eager"]
+__all__ = ["require_cuda_kernels", "ce_args", "loss_and_grad", "histories", "run_history",
+           "check_streaming_equals_reference", "TinyLM", "check_compile_matches_eager"]
 
 
 def require_cuda_kernels() -> None:

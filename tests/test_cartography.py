@@ -86,7 +86,8 @@ def test_prune_budget_and_order(n, fraction, seed):
     assert kept["random"] == set(range(n)) - set(np.random.default_rng(seed).permutation(scored)[:k].tolist())
     # the selection order: the reference's order over the scored samples, then the unscored by id
     order = gdc_ext.selection_order(gdc_ext.score_values(s, "memorization"), s.difficulty).tolist()
-    assert order == [i for i in reference.prune_order(m, d) if not np.isnan(d[i])] + np.flatnonzero(np.isnan(d)).tolist()
+    unscored = np.flatnonzero(np.isnan(d)).tolist()
+    assert order == [i for i in reference.prune_order(m, d) if not np.isnan(d[i])] + unscored
     removed_loss = set(range(n)) - kept["loss"]
     if k:  # the loss baseline removes the highest difficulties
         assert min(d[list(removed_loss)]) >= max(d[list(kept["loss"] & set(scored))], default=-np.inf)

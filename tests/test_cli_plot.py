@@ -20,7 +20,7 @@ def state_file(tmp_path_factory):
     state = gdc_ext.CartoState(N, burn_in=2, eps=[1.0, 2.0])
     loss_fn = gdc_ext.CartoLoss(state=state)
     level = torch.rand(N, generator=g) * 6
-    for e in range(5):
+    for _ in range(5):
         flip = torch.rand(N, generator=g) < 0.3
         lv = torch.where(flip, 6 - level, level)
         logits = torch.zeros(N, 3, 8)

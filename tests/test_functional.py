@@ -84,9 +84,8 @@ def test_k_dimensional_and_fallback_inputs():
     for xi in (x, x.double()):  # float64 takes the torch fallback
         state = CartoState(3, burn_in=1, eps=0.5)
         for reduction in REDUCTIONS:
-            o, g = loss_and_grad(lambda a, b: functional.cross_entropy(a, b, ids, state=state, reduction=reduction),
-                                 xi, t)
-            o_r, g_r = loss_and_grad(lambda a, b: F.cross_entropy(a, b, reduction=reduction), xi, t)
+            o, g = loss_and_grad(functional.cross_entropy, xi, t, sample_ids=ids, state=state, reduction=reduction)
+            o_r, g_r = loss_and_grad(F.cross_entropy, xi, t, reduction=reduction)
             torch.testing.assert_close(o, o_r)
             torch.testing.assert_close(g, g_r)
         assert state.acc[:, ACC_COUNT].tolist() == [3 * 4.0] * 3

@@ -114,7 +114,8 @@ def test_all_rows_ignored_gives_nan_mean_and_zero_grad():
 def test_exception_types_match():
     x = torch.randn(4, 6)
     for bad_t, exc in [(torch.tensor([0, 1, 6, 2]), IndexError), (torch.tensor([0, 1, -3, 2]), IndexError),
-                       (torch.zeros(5, dtype=torch.long), ValueError), (torch.zeros(4, dtype=torch.int32), RuntimeError)]:
+                       (torch.zeros(5, dtype=torch.long), ValueError),
+                       (torch.zeros(4, dtype=torch.int32), RuntimeError)]:
         with pytest.raises(exc):
             nn.CrossEntropyLoss()(x, bad_t)
         with pytest.raises(exc):

@@ -83,7 +83,8 @@ def _report(args) -> int:
         print(f"{r['code']:>4}  {r['quadrant']:<18}{r['n']:>8}{r['share']:>8.1%}{md:>9}{mm:>9}")
     print(f"\ntop {len(hot)} hotspot-memorized ids (highest m, ties by higher d):")
     for h in out["top_hotspots"]:
-        print(f"  {h['id']:>8}  m = {h['memorization']:.3f} ({h['forgets']}/{h['transitions']})  d = {h['difficulty']:.3f}")
+        print(f"  {h['id']:>8}  m = {h['memorization']:.3f} ({h['forgets']}/{h['transitions']})  "
+              f"d = {h['difficulty']:.3f}")
     return 0
 
 

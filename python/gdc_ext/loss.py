@@ -55,7 +55,8 @@ class CartoLoss(nn.CrossEntropyLoss):
             return
         weights = torch.as_tensor(weights)
         if weights.dim() != 1 or not weights.dtype.is_floating_point:
-            raise ValueError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} {weights.dtype}")
+            raise ValueError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
+                             f"{weights.dtype}")
         if self.state is not None and weights.numel() != self.state.num_samples:
             raise ValueError(f"sample weights have {weights.numel()} entries but the state has "
                              f"N = {self.state.num_samples}")

@@ -132,18 +132,10 @@ def _call(op, *args):
         raise TargetIndexError(str(e).split("\nException raised from")[0]) from None
 
 
-def cross_entropy_fwd(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    class_weight: Optional[torch.Tensor],
-    sample_ids: torch.Tensor,
-    sample_weight: torch.Tensor,
-    grad_scale: torch.Tensor,
-    acc: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                      sample_ids: torch.Tensor, sample_weight: torch.Tensor, grad_scale: torch.Tensor,
+                      acc: torch.Tensor, ignore_index: int, label_smoothing: float,
+                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused cross-entropy forward (and gradient) over rows of logits.
 
     Args:
@@ -162,18 +154,12 @@ def cross_entropy_fwd(
                  acc, ignore_index, label_smoothing, compute_grad)
 
 
-def cross_entropy_fwd_inplace(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    class_weight: Optional[torch.Tensor],
-    sample_ids: torch.Tensor,
-    sample_weight: torch.Tensor,
-    grad_scale: torch.Tensor,
-    acc: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`cross_entropy_fwd` with the gradient written over ``logits``."""
+def cross_entropy_fwd_inplace(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                              sample_ids: torch.Tensor, sample_weight: torch.Tensor, grad_scale: torch.Tensor,
+                              acc: torch.Tensor, ignore_index: int,
+                              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`cross_entropy_fwd` (same arguments but ``compute_grad``) with the gradient
+    written over ``logits``; returns loss_rows [R] and nll_rows [R] float32."""
     return _call(torch.ops.gdc.cross_entropy_fwd_inplace, logits, target, class_weight, sample_ids, sample_weight,
                  grad_scale, acc, ignore_index, label_smoothing)
 

@@ -103,7 +103,8 @@ class CartoSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + epoch)
         w = self.weights
         base = torch.floor(w)
-        counts = base.to(torch.int64) + (torch.rand(w.shape, generator=g, dtype=torch.float64) < (w - base)).to(torch.int64)
+        extra = torch.rand(w.shape, generator=g, dtype=torch.float64) < (w - base)
+        counts = base.to(torch.int64) + extra.to(torch.int64)
         ids = torch.repeat_interleave(torch.arange(w.numel()), counts)
         ids = ids[torch.randperm(ids.numel(), generator=g)]
         return counts, ids
