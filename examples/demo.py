@@ -79,7 +79,7 @@ def evaluate(model, val, canaries):
 
 def summary_table(scores, codes, group) -> str:
     lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean m':>9}  " + "".join(f"{g:>8}" for g in GROUPS)]
-    m = scores.memorization  # [N]: the demo tracks one float eps
+    m = scores.memorization_at()
     for q in (0, 1, 2, 3, -1):
         sel = codes == q
         n = int(sel.sum())
@@ -161,8 +161,8 @@ def main(argv=None) -> dict:
     print(summary_table(scores, codes, group))
     n_hot = int((codes == 2).sum())
     hot_canary = int((codes[canary_ids] == 2).sum())
-    m = scores.memorization
-    forgot = int((scores.forgets[canary_ids] > 0).sum())
+    m = scores.memorization_at()
+    forgot = int((scores.forgets_at()[canary_ids] > 0).sum())
     print(f"\ncanaries: {hot_canary}/{len(canary_ids)} landed in hotspot-memorized "
           f"({hot_canary / max(len(canary_ids), 1):.0%} vs {n_hot / N:.0%} of all samples: chance); "
           f"{forgot}/{len(canary_ids)} had a forget event; mean m canary {float(m[canary_ids].mean()):.3f} "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks for a machine with a CUDA device (not run in CI): builds gdc_ext with its CUDA
-# kernels against the torch already installed, runs tests/test_cuda.py, then the sanitizer smoke
-# test under compute-sanitizer memcheck and racecheck.
+# kernels against the torch already installed, runs every `cuda`-marked test (tests/test_cuda.py and
+# the cuda cases of the tests parametrized over the `device` fixture), then the sanitizer smoke test
+# under compute-sanitizer memcheck and racecheck.
 #   PYTHON=python3 scripts/gpu_check.sh        (PYTHON: an interpreter with a CUDA torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +15,8 @@ if ! "$PY" -c "import torch, gdc_ext; assert torch._C._dispatch_has_kernel_for_d
   GDC_CUDA=ON "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir=build/gpu-check .
 fi
 
-echo "== tests/test_cuda.py"
-"$PY" -m pytest -q -rs -s tests/test_cuda.py
+echo "== pytest -m cuda tests (tests/test_cuda.py and the cuda cases of the device fixture)"
+"$PY" -m pytest -q -rs -s -m cuda tests
 
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ ! -x "$SAN" ]; then

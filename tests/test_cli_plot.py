@@ -41,7 +41,7 @@ def test_report_json_matches_library(state_file, capsys):
     assert {r["quadrant"]: r["n"] for r in out["quadrants"]} == q.counts()
     hot = [h["id"] for h in out["top_hotspots"]]
     assert 0 < len(hot) <= 3 and all(int(q.codes[i]) == 2 for i in hot)
-    m = scores.memorization[:, 0]
+    m = scores.memorization_at(1.0)
     assert [h["memorization"] for h in out["top_hotspots"]] == sorted((float(m[i]) for i in hot), reverse=True)
     assert float(m[hot[0]]) == float(m[q.codes == 2].max())
 
@@ -103,6 +103,19 @@ def test_installed_script(state_file, tmp_path):
     r = subprocess.run([gdc, "report", path, "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["num_samples"] == N
+
+
+def test_cli_does_not_import_the_reference(state_file):
+    """The NumPy reference is the tests' oracle: the CLI computes with the library only."""
+    path, _ = state_file
+    code = ("import sys\n"
+            "from gdc_ext import cli\n"
+            f"assert cli.main(['report', {path!r}, '--json']) == 0\n"
+            f"assert cli.main(['select', {path!r}, '--prune', '0.1', '-o', '-']) == 0\n"
+            "print('REFERENCE_LOADED', 'gdc_ext.reference' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "REFERENCE_LOADED False"
 
 
 def test_data_map_figure(state_file, tmp_path):

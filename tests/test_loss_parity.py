@@ -1,24 +1,19 @@
 """CartoLoss returns nn.CrossEntropyLoss's values, gradients and exception types."""
+import importlib
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import loss_and_grad as _grads
+from hypothesis import given, strategies as st
 from torch import nn
 
 import gdc_ext
 from gdc_ext import CartoLoss, CartoState
+from gdc_ext.layout import ACC_COUNT, ACC_LOSS_SUM
 
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def _grads(module, x, t, **kw):
-    x = x.clone().requires_grad_()
-    out = module(x, t, **kw)
-    gen = torch.Generator().manual_seed(123)
-    g = torch.randn(out.shape, generator=gen).to(out.dtype) if out.dim() else torch.tensor(1.7, dtype=out.dtype)
-    (out * g).sum().backward()
-    return out.detach(), x.grad
 
 
 @pytest.mark.parametrize("reduction,use_weight,smoothing,ignore",
@@ -53,7 +48,7 @@ def test_recording_does_not_change_loss_or_grad(reduction, inplace):
     o_ref, g_ref = _grads(nn.CrossEntropyLoss(reduction=reduction), x, t)
     torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
-    assert state.acc[:, 1].sum() == 24
+    assert state.acc[:, ACC_COUNT].sum() == 24
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -119,7 +114,8 @@ def test_all_rows_ignored_gives_nan_mean_and_zero_grad():
 def test_exception_types_match():
     x = torch.randn(4, 6)
     for bad_t, exc in [(torch.tensor([0, 1, 6, 2]), IndexError), (torch.tensor([0, 1, -3, 2]), IndexError),
-                       (torch.zeros(5, dtype=torch.long), ValueError), (torch.zeros(4, dtype=torch.int32), RuntimeError)]:
+                       (torch.zeros(5, dtype=torch.long), ValueError),
+                       (torch.zeros(4, dtype=torch.int32), RuntimeError)]:
         with pytest.raises(exc):
             nn.CrossEntropyLoss()(x, bad_t)
         with pytest.raises(exc):
@@ -141,16 +137,16 @@ def test_inplace_grad_overwrites_logits_and_matches():
     torch.testing.assert_close(logits.detach(), ref.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_sample_weights_scale_each_sample():
+def test_sample_weights_scale_each_sample(device):
     torch.manual_seed(7)
-    x = torch.randn(12, 20)
-    t = torch.randint(0, 20, (12,))
-    ids = torch.tensor([0, 1, 2])
-    state = CartoState(3, burn_in=1, eps=0.5)
+    x = torch.randn(12, 20, device=device)
+    t = torch.randint(0, 20, (12,), device=device)
+    ids = torch.tensor([0, 1, 2], device=device)
+    state = CartoState(3, burn_in=1, eps=0.5, device=device)
     lf = CartoLoss(state=state)
-    lf.set_sample_weights(torch.tensor([1.0, 0.5, 0.0]))
+    lf.set_sample_weights(torch.tensor([1.0, 0.5, 0.0], device=device))
     o, g = _grads(lf, x, t, sample_ids=ids)
-    rows_w = torch.tensor([1.0, 0.5, 0.0]).repeat_interleave(4)
+    rows_w = torch.tensor([1.0, 0.5, 0.0], device=device).repeat_interleave(4)
     xr = x.clone().requires_grad_()
     per = F.cross_entropy(xr, t, reduction="none")
     ref = (per * rows_w).sum() / 12
@@ -158,13 +154,34 @@ def test_sample_weights_scale_each_sample():
     torch.testing.assert_close(o, ref.detach())
     torch.testing.assert_close(g, xr.grad, rtol=1e-4, atol=1e-6)
     # recording stays the plain, unweighted NLL
-    torch.testing.assert_close(state.acc[:, 0], per.detach().double().reshape(3, 4).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.acc[:, ACC_LOSS_SUM], per.detach().double().reshape(3, 4).sum(1),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_module_repr_and_public_api():
-    assert "inplace_grad" in repr(CartoLoss())
-    for name in ("CartoLoss", "CartoState", "Scores", "reference"):
-        assert hasattr(gdc_ext, name)
+    state = CartoState(3, burn_in=1, eps=0.5)
+    r = repr(CartoLoss(reduction="sum", state=state, inplace_grad=True))
+    assert r.startswith("CartoLoss(") and f"state={state!r}" in r and "inplace_grad=True" in r
+    assert "state=None" in repr(CartoLoss()) and "inplace_grad=False" in repr(CartoLoss())
+    # every public name is importable and is the documented object, not a copy
+    documented = {"CartoLoss": ("gdc_ext.loss", "CartoLoss"), "CartoState": ("gdc_ext.state", "CartoState"),
+                  "Scores": ("gdc_ext.state", "Scores"), "TargetIndexError": ("gdc_ext.ops", "TargetIndexError"),
+                  "expand_sample_ids": ("gdc_ext.functional", "expand_sample_ids"),
+                  "prune": ("gdc_ext.cartography", "prune"), "quadrants": ("gdc_ext.cartography", "quadrants"),
+                  "score_values": ("gdc_ext.cartography", "score_values"),
+                  "selection_order": ("gdc_ext.cartography", "selection_order"),
+                  "CartoSampler": ("gdc_ext.sampler", "CartoSampler"),
+                  "Cartographer": ("gdc_ext.cartographer", "Cartographer")}
+    for name, (module, attr) in documented.items():
+        assert name in gdc_ext.__all__
+        assert getattr(gdc_ext, name) is getattr(importlib.import_module(module), attr), name
+    for name in ("functional", "ops", "reference"):
+        assert getattr(gdc_ext, name) is importlib.import_module(f"gdc_ext.{name}")
+    for name in gdc_ext.__all__:
+        assert getattr(gdc_ext, name) is not None, name
+    assert gdc_ext.functional.cross_entropy is importlib.import_module("gdc_ext.functional").cross_entropy
+    with pytest.raises(AttributeError):
+        gdc_ext.no_such_name  # noqa: B018
 
 
 def test_second_backward_is_refused_not_wrong():
@@ -173,9 +190,6 @@ def test_second_backward_is_refused_not_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
-
-
-from hypothesis import given, strategies as st  # noqa: E402
 
 
 @given(R=st.integers(1, 40), V=st.integers(1, 700), reduction=st.sampled_from(REDUCTIONS),

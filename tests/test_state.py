@@ -206,3 +206,35 @@ def test_ids_of_ignored_tokens_are_not_checked():
     ids = torch.tensor([0, 2, -1, -1])
     CartoLoss(state=s)(torch.randn(4, 5, requires_grad=True), t, ids).backward()
     assert s.acc[:, 1].tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("eps", [7.0, [5.0, 7.0, 9.0]])
+def test_scores_accessors_are_shape_stable(eps):
+    s = CartoState(9, burn_in=2, eps=eps)
+    _train(s, _batches(4, 5))
+    sc = s.scores()
+    tracked = [eps] if isinstance(eps, float) else eps
+    K = len(tracked)
+    assert sc.memorization_by_eps.shape == (9, K) and sc.memorization_by_eps.dtype == torch.float64
+    assert sc.forgets_by_eps.shape == (9, K) and sc.forgets_by_eps.dtype == torch.int32
+    assert int(sc.forgets_by_eps.sum()) > 0  # a history with forget events
+    for k, e in enumerate(tracked):
+        for query in (e, e * (1 + 1e-9), np.float32(e)):  # np.isclose to a tracked threshold
+            assert torch.equal(sc.memorization_at(query), sc.memorization_by_eps[:, k])
+            assert torch.equal(sc.forgets_at(query), sc.forgets_by_eps[:, k])
+        transitions = sc.transitions.double()
+        expected = torch.where(transitions > 0, sc.forgets_at(e).double() / transitions.clamp(min=1), 0.0)
+        assert torch.equal(sc.memorization_at(e), expected)
+    assert torch.equal(sc.memorization_at(), sc.memorization_by_eps[:, 0])
+    assert torch.equal(sc.forgets_at(None), sc.forgets_by_eps[:, 0])
+    # the convenience properties keep their shape: [N] for a float eps, [N, K] for a sequence
+    if isinstance(eps, float):
+        assert sc.memorization.shape == (9,) and sc.forgets.shape == (9,)
+    else:
+        assert sc.memorization.shape == (9, K) and sc.forgets.shape == (9, K)
+    assert torch.equal(sc.memorization.reshape(9, -1), sc.memorization_by_eps)
+    for bad in (0.7, 3.0, "1.0", True):
+        with pytest.raises(ValueError, match=r"eps.*\[" + str(tracked[0])):  # lists the tracked thresholds
+            sc.memorization_at(bad)
+        with pytest.raises(ValueError, match="eps"):
+            sc.forgets_at(bad)

@@ -5,17 +5,21 @@ sample ids, call ``state.end_epoch()`` after each epoch, and read ``state.scores
 """
 from gdc_ext import _abi  # noqa: F401  (first: a clear ImportError if torch is not the one the build used)
 from gdc_ext import _C  # noqa: F401  (registers torch.ops.gdc)
-from gdc_ext import ops, reference
-from gdc_ext.loss import CartoLoss, expand_sample_ids
+from gdc_ext import functional, ops
+from gdc_ext.functional import expand_sample_ids
+from gdc_ext.loss import CartoLoss
 from gdc_ext.ops import TargetIndexError
 from gdc_ext.state import CartoState, Scores
 
 __version__ = "0.1.0"
-__all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_sample_ids", "ops", "reference"]
+__all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_sample_ids", "functional", "ops",
+           "reference"]
 
-from gdc_ext.cartography import QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune, quadrants  # noqa: E402
+from gdc_ext.cartography import (QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune,  # noqa: E402
+                                  quadrants, score_values, selection_order)
 
-__all__ += ["QUADRANT_NAMES", "Quadrants", "loss_weights", "multiplicities", "prune", "quadrants"]
+__all__ += ["QUADRANT_NAMES", "Quadrants", "loss_weights", "multiplicities", "prune", "quadrants", "score_values",
+            "selection_order"]
 
 from gdc_ext.sampler import CartoSampler  # noqa: E402
 from gdc_ext.cartographer import Cartographer  # noqa: E402
@@ -23,4 +27,14 @@ from gdc_ext.cartographer import Cartographer  # noqa: E402
 __all__ += ["CartoSampler", "Cartographer"]
 
 # gdc_ext.plot (matplotlib), gdc_ext.cli and gdc_ext.integrations.hf (transformers) are imported
-# on use, never here: `import gdc_ext` stays light.
+# on use, never here: `import gdc_ext` stays light. gdc_ext.reference (the NumPy specification,
+# the tests' oracle) is loaded on first access of `gdc_ext.reference`, so the library itself
+# never runs on it.
+
+
+def __getattr__(name: str):
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module("gdc_ext.reference")
+    raise AttributeError(f"module 'gdc_ext' has no attribute {name!r}")

@@ -1,15 +1,16 @@
 """From scores to actions: quadrants, per-sample multiplicities and loss weights, pruning.
 
-Definitions: shared/method.md. Every function takes explicit parameters; nothing is hidden.
+Definitions: docs/method.md. Every function takes explicit parameters; nothing is hidden.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune"]
+__all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
+           "score_values", "selection_order", "resolve_eps"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -90,30 +91,94 @@ def loss_weights(q, alpha: float = 0.5) -> torch.Tensor:
     return w
 
 
-def prune(scores, fraction: float, by: str = "memorization", seed: int = 0, eps_index: int = 0) -> torch.Tensor:
+def resolve_eps(scores, eps: Optional[float] = None, eps_index: Optional[int] = None) -> Optional[float]:
+    """The threshold that ``eps`` (a tracked value) or ``eps_index`` (its position in
+    ``scores.eps``) names, for :meth:`Scores.memorization_at`; None (neither given) is the first.
+    Raises ValueError for an index out of range or both given."""
+    if eps_index is None:
+        return eps
+    if eps is not None:
+        raise ValueError(f"give eps or eps_index, not both (got eps={eps!r}, eps_index={eps_index!r})")
+    K = len(scores.eps)
+    if isinstance(eps_index, bool) or not isinstance(eps_index, (int, np.integer)) or not 0 <= eps_index < K:
+        raise ValueError(f"eps_index must be an int in [0, {K}) (eps = {list(scores.eps)}), got {eps_index!r}")
+    return scores.eps[int(eps_index)]
+
+
+def selection_order(score, tiebreak=None) -> torch.Tensor:
+    """Sample ids [N] int64 in selection order: highest ``score`` first, ties by higher
+    ``tiebreak`` (NaN lowest), then by lower id; unscored samples (NaN score) last, by id.
+
+    score: [N] float (NaN = unscored); tiebreak: [N] float or None.
+    """
+    s = _as_f64(score, "score")
+    ids = np.arange(len(s))
+    unscored = np.isnan(s)
+    t = np.zeros_like(s) if tiebreak is None else np.nan_to_num(_as_f64(tiebreak, "tiebreak"), nan=-np.inf)
+    if t.shape != s.shape:
+        raise ValueError(f"score {s.shape} and tiebreak {t.shape} must have the same shape")
+    # np.lexsort sorts by its last key first: unscored flag, then -score, -tiebreak, id.
+    order = np.lexsort((ids, -t, -np.where(unscored, 0.0, s), unscored))
+    return torch.from_numpy(order).to(torch.int64)
+
+
+def _by_memorization(scores, eps, seed):
+    m = _as_f64(scores.memorization_at(eps), "memorization")
+    return np.where(np.isnan(_as_f64(scores.difficulty, "difficulty")), np.nan, m)
+
+
+def _by_loss(scores, eps, seed):
+    return _as_f64(scores.difficulty, "difficulty")
+
+
+def _by_random(scores, eps, seed):
+    # A seeded permutation of the scored ids, written as descending scores so that
+    # selection_order gives exactly that permutation.
+    d = _as_f64(scores.difficulty, "difficulty")
+    scored = np.flatnonzero(~np.isnan(d))
+    perm = np.random.default_rng(seed).permutation(scored)
+    out = np.full(len(d), np.nan)
+    out[perm] = np.arange(len(perm), 0, -1, dtype=np.float64)
+    return out
+
+
+# The pruning scores: name -> fn(scores, eps, seed) giving [N] float64, higher = removed first,
+# NaN = unscored (never removed). A new score is one entry here.
+PRUNE_BY: Dict[str, Callable] = {"memorization": _by_memorization, "loss": _by_loss, "random": _by_random}
+
+
+def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Optional[float] = None,
+                 eps_index: Optional[int] = None) -> torch.Tensor:
+    """The pruning score [N] float64 named by ``by`` (a key of :data:`PRUNE_BY`): higher is
+    removed first, NaN marks unscored samples (no burn-in difficulty).
+
+    by: "memorization" (m_i at the threshold ``eps`` / ``eps_index``, default the first),
+        "loss" (difficulty, the mean burn-in loss), or "random" (a uniform order seeded by ``seed``).
+    """
+    if by not in PRUNE_BY:
+        raise ValueError(f"by must be one of {', '.join(repr(k) for k in PRUNE_BY)}, got {by!r}")
+    values = PRUNE_BY[by](scores, resolve_eps(scores, eps, eps_index), seed)
+    return torch.from_numpy(np.array(values, dtype=np.float64))  # a copy: never a view of the scores
+
+
+def prune(scores, fraction: float, by: str = "memorization", seed: int = 0, eps: Optional[float] = None, *,
+          eps_index: Optional[int] = None) -> torch.Tensor:
     """Ids kept after removing the top `fraction` of scored samples.
 
     by: "memorization" (the paper: highest m_i first, ties broken by higher difficulty, then id),
         "loss" (highest difficulty, i.e. mean burn-in loss), or "random" (a seeded uniform choice),
-        so that baselines use exactly the same budget. Unscored samples are always kept.
+        so that baselines use exactly the same budget (see :func:`score_values`). Unscored
+        samples are always kept.
+    eps / eps_index: the threshold whose memorization scores (a tracked value / its position;
+        default the first).
     Returns sorted int64 ids [N - round(fraction * scored)].
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    d = _as_f64(scores.difficulty, "difficulty")
-    m_t = scores.memorization if scores.memorization.dim() == 1 else scores.memorization[:, eps_index]
-    m = _as_f64(m_t, "memorization")
-    ids = np.arange(len(d))
-    scored = ids[~np.isnan(d)]
-    k = int(round(fraction * len(scored)))
-    if by == "memorization":
-        order = scored[np.lexsort((scored, -d[scored], -m[scored]))]
-    elif by == "loss":
-        order = scored[np.lexsort((scored, -d[scored]))]
-    elif by == "random":
-        order = np.random.default_rng(seed).permutation(scored)
-    else:
-        raise ValueError(f"by must be 'memorization', 'loss' or 'random', got {by!r}")
-    keep = np.ones(len(d), dtype=bool)
+    score = score_values(scores, by, seed=seed, eps=eps, eps_index=eps_index)
+    n_scored = int((~torch.isnan(score)).sum())
+    k = int(round(fraction * n_scored))
+    order = selection_order(score, scores.difficulty).numpy()
+    keep = np.ones(len(order), dtype=bool)
     keep[order[:k]] = False
-    return torch.from_numpy(ids[keep]).to(torch.int64)
+    return torch.from_numpy(np.flatnonzero(keep)).to(torch.int64)

@@ -2,7 +2,7 @@
 
     gdc report STATE [--alpha-d A] [--alpha-m A] [--eps-index K] [--top-k K] [--json]
     gdc plot   STATE -o map.png [--alpha-d A] [--alpha-m A] [--eps-index K] [--jitter J]
-    gdc select STATE (--quadrant Q | --prune FRACTION [--by memorization|loss|random] [--seed S]) [-o ids.txt]
+    gdc select STATE (--quadrant Q | --prune FRACTION [--by memorization|loss|random|...] [--seed S]) [-o ids.txt]
 
 A missing, corrupted or foreign state file, or a bad argument, prints one line on stderr and
 exits with status 2 (no traceback).
@@ -34,27 +34,27 @@ def _load(path: str):
         raise _UsageError(f"cannot read state file {path!r}: {e}") from None
 
 
-def _memorization(scores, eps_index: int):
-    m = scores.memorization
-    if m.dim() == 1:
-        if eps_index != 0:
-            raise _UsageError(f"--eps-index must be 0: the state tracks one eps ({scores.eps[0]})")
-        return m
-    if not 0 <= eps_index < m.shape[1]:
-        raise _UsageError(f"--eps-index must be in [0, {m.shape[1]}) (eps = {list(scores.eps)}), got {eps_index}")
-    return m[:, eps_index]
+def _eps(scores, eps_index: int) -> float:
+    """The threshold --eps-index names (a usage error names the tracked ones)."""
+    from gdc_ext.cartography import resolve_eps
+
+    try:
+        return resolve_eps(scores, eps_index=eps_index)
+    except ValueError as e:
+        raise _UsageError(f"--eps-index: {e}") from None
 
 
 def _report(args) -> int:
-    from gdc_ext.cartography import QUADRANT_NAMES
-    from gdc_ext.reference import prune_order
+    from gdc_ext.cartography import QUADRANT_NAMES, score_values, selection_order
 
     scores = _load(args.state).scores()
-    m = _memorization(scores, args.eps_index).numpy()
+    eps = _eps(scores, args.eps_index)
+    m = scores.memorization_at(eps).numpy()
+    forgets = scores.forgets_at(eps).numpy()
     d = scores.difficulty.numpy()
-    q = scores.quadrants(args.alpha_d, args.alpha_m, eps_index=args.eps_index)
+    q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps)
     codes = q.codes.numpy()
-    order = prune_order(m, d)
+    order = selection_order(score_values(scores, "memorization", eps=eps), scores.difficulty).numpy()
     hot = [int(i) for i in order if codes[i] == 2][:args.top_k]
     rows = []
     for code in (0, 1, 2, 3, -1):
@@ -65,10 +65,10 @@ def _report(args) -> int:
                      "mean_d": float(np.mean(d[sel])) if n and code != -1 else None,
                      "mean_m": float(np.mean(m[sel])) if n and code != -1 else None})
     out = {"num_samples": len(codes), "epochs": scores.epoch, "burn_in": scores.burn_in,
-           "eps": scores.eps[args.eps_index], "eps_index": args.eps_index, "alpha_d": args.alpha_d,
+           "eps": eps, "eps_index": args.eps_index, "alpha_d": args.alpha_d,
            "alpha_m": args.alpha_m, "tau_d": q.tau_d, "tau_m": q.tau_m, "quadrants": rows,
            "top_hotspots": [{"id": i, "memorization": float(m[i]), "difficulty": float(d[i]),
-                             "forgets": int(_forgets(scores, args.eps_index)[i]),
+                             "forgets": int(forgets[i]),
                              "transitions": int(scores.transitions[i])} for i in hot]}
     if args.json:
         print(json.dumps(_finite(out), indent=2, allow_nan=False))
@@ -83,13 +83,9 @@ def _report(args) -> int:
         print(f"{r['code']:>4}  {r['quadrant']:<18}{r['n']:>8}{r['share']:>8.1%}{md:>9}{mm:>9}")
     print(f"\ntop {len(hot)} hotspot-memorized ids (highest m, ties by higher d):")
     for h in out["top_hotspots"]:
-        print(f"  {h['id']:>8}  m = {h['memorization']:.3f} ({h['forgets']}/{h['transitions']})  d = {h['difficulty']:.3f}")
+        print(f"  {h['id']:>8}  m = {h['memorization']:.3f} ({h['forgets']}/{h['transitions']})  "
+              f"d = {h['difficulty']:.3f}")
     return 0
-
-
-def _forgets(scores, eps_index):
-    f = scores.forgets
-    return (f if f.dim() == 1 else f[:, eps_index]).numpy()
 
 
 def _finite(x):
@@ -110,9 +106,9 @@ def _plot(args) -> int:
     from gdc_ext.plot import data_map
 
     scores = _load(args.state).scores()
-    _memorization(scores, args.eps_index)
+    eps = _eps(scores, args.eps_index)
     try:
-        data_map(scores, alpha_d=args.alpha_d, alpha_m=args.alpha_m, eps_index=args.eps_index, jitter=args.jitter,
+        data_map(scores, alpha_d=args.alpha_d, alpha_m=args.alpha_m, eps=eps, jitter=args.jitter,
                  path=args.output, title=args.title)
     except (ValueError, OSError) as e:
         raise _UsageError(str(e)) from None
@@ -124,14 +120,14 @@ def _select(args) -> int:
     from gdc_ext.cartography import prune
 
     scores = _load(args.state).scores()
-    _memorization(scores, args.eps_index)
+    eps = _eps(scores, args.eps_index)
     if args.quadrant is not None:
-        q = scores.quadrants(args.alpha_d, args.alpha_m, eps_index=args.eps_index)
+        q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps)
         ids = np.flatnonzero(q.codes.numpy() == args.quadrant)
         what = f"quadrant {args.quadrant}"
     else:
         try:
-            kept = prune(scores, args.prune, by=args.by, seed=args.seed, eps_index=args.eps_index).numpy()
+            kept = prune(scores, args.prune, by=args.by, seed=args.seed, eps=eps).numpy()
         except ValueError as e:
             raise _UsageError(str(e)) from None
         if args.removed:
@@ -160,6 +156,8 @@ def _fraction(s: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gdc_ext.cartography import PRUNE_BY
+
     p = argparse.ArgumentParser(prog="gdc", description="Generative Data Cartography over a saved CartoState.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -187,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--quadrant", type=int, choices=[-1, 0, 1, 2, 3], help="ids in this quadrant")
     g.add_argument("--prune", type=_fraction, metavar="FRACTION", help="ids kept after pruning this fraction")
-    s.add_argument("--by", choices=["memorization", "loss", "random"], default="memorization",
+    s.add_argument("--by", choices=list(PRUNE_BY), default="memorization",
                    help="pruning score (default memorization; loss and random are the baselines)")
     s.add_argument("--seed", type=int, default=0, help="seed of --by random")
     s.add_argument("--removed", action="store_true", help="with --prune: write the removed ids instead")

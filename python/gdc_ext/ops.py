@@ -1,5 +1,7 @@
-"""Python face of the `torch.ops.gdc` kernels: fake (meta) implementations for torch.compile,
-and thin wrappers that translate argument conventions. No logic beyond that lives here.
+"""Python face of the `torch.ops.gdc` kernels: thin wrappers that translate argument conventions,
+fake (meta) implementations for torch.compile that check shapes and dtypes like the kernels do,
+and the autograd Function around the fused cross-entropy. The work of choosing inputs (rows,
+ids, reduction) lives in :mod:`gdc_ext.functional`.
 """
 from __future__ import annotations
 
@@ -8,17 +10,65 @@ from typing import Optional
 import torch
 
 from gdc_ext import _C  # noqa: F401  (loads the kernels and their schemas)
+from gdc_ext._reduction import reduce_rows
+from gdc_ext.layout import ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, I_COLS
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "scale_grad_", "end_epoch_", "TargetIndexError"]
+
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class TargetIndexError(IndexError, ValueError):
     """A target class index is out of range. An IndexError like torch's, and a ValueError."""
 
 
+# ---------------------------------------------------------------------------------------- fakes
+# The fakes raise ValueError, like the kernels' TORCH_CHECK_VALUE, so a compiled graph rejects a
+# bad call at trace time with the same type of error eager mode gives.
+def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing):
+    """The shape and dtype contract of gdc::cross_entropy_fwd(_inplace) (csrc/checks.h)."""
+    torch._check_value(logits.dim() == 2,
+                       lambda: f"gdc.cross_entropy: input (logits) must be 2-D [rows, classes], got {logits.shape}")
+    torch._check_value(logits.dtype in _LOGITS_DTYPES,
+                       lambda: f"gdc.cross_entropy: input (logits) must be float32, bfloat16, float16 or float64, "
+                               f"got {logits.dtype}")
+    R, V = logits.shape
+    torch._check_value(target.dim() == 1 and target.shape[0] == R,
+                       lambda: f"gdc.cross_entropy: target must be 1-D with one class index per row ({R}), "
+                               f"got {target.shape}")
+    torch._check_value(target.dtype == torch.int64, lambda: f"gdc.cross_entropy: target must be int64, got "
+                                                            f"{target.dtype}")
+    if class_weight is not None:
+        torch._check_value(class_weight.dim() == 1 and class_weight.shape[0] == V,
+                           lambda: f"gdc.cross_entropy: weight must be 1-D with one value per class ({V}), "
+                                   f"got {class_weight.shape}")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"gdc.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    torch._check_value(grad_scale.numel() == 1, lambda: "gdc.cross_entropy: grad_scale must hold one value")
+    has_ids = sample_ids.numel() > 0
+    if has_ids:
+        torch._check_value(sample_ids.dim() == 1 and sample_ids.shape[0] == R and sample_ids.dtype == torch.int64,
+                           lambda: f"gdc.cross_entropy: sample_ids must be int64 [{R}] (one id per row) or empty, "
+                                   f"got {sample_ids.shape} {sample_ids.dtype}")
+    if acc.numel() > 0:
+        torch._check_value(acc.dim() == 2 and acc.shape[1] == ACC_COLS and acc.dtype == torch.float64,
+                           lambda: f"gdc.cross_entropy: acc must be a float64 [N, {ACC_COLS}] epoch accumulator or "
+                                   f"empty, got {acc.shape} {acc.dtype}")
+        torch._check_value(has_ids or R == 0, lambda: "gdc.cross_entropy: recording into a state needs sample_ids")
+    if sample_weight.numel() > 0:
+        torch._check_value(has_ids, lambda: "gdc.cross_entropy: sample_weight needs sample_ids")
+        torch._check_value(sample_weight.dim() == 1,
+                           lambda: f"gdc.cross_entropy: sample_weight must be 1-D [N], got {sample_weight.shape}")
+        if acc.numel() > 0:
+            torch._check_value(sample_weight.shape[0] == acc.shape[0],
+                               lambda: f"gdc.cross_entropy: sample_weight has {sample_weight.shape[0]} entries but "
+                                       f"the CartoState has N = {acc.shape[0]}")
+
+
 @torch.library.register_fake("gdc::cross_entropy_fwd")
 def _ce_fwd_fake(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, ignore_index,
                  label_smoothing, compute_grad):
+    _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing)
     R = logits.shape[0]
     loss = logits.new_empty((R,), dtype=torch.float32)
     nll = logits.new_empty((R,), dtype=torch.float32)
@@ -29,20 +79,48 @@ def _ce_fwd_fake(logits, target, class_weight, sample_ids, sample_weight, grad_s
 @torch.library.register_fake("gdc::cross_entropy_fwd_inplace")
 def _ce_fwd_inplace_fake(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
                          ignore_index, label_smoothing):
+    _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing)
     R = logits.shape[0]
     return logits.new_empty((R,), dtype=torch.float32), logits.new_empty((R,), dtype=torch.float32)
 
 
 @torch.library.register_fake("gdc::scale_grad_")
 def _scale_grad_fake(grad, grad_output):
+    torch._check_value(grad.numel() == 0 or grad_output.numel() == 1
+                       or (grad_output.dim() == 1 and grad_output.shape[0] == grad.shape[0]),
+                       lambda: f"gdc.scale_grad: grad_output must be a scalar or have one value per row "
+                               f"({grad.shape[0] if grad.dim() else 0}), got {grad_output.shape}")
     return None
 
 
 @torch.library.register_fake("gdc::end_epoch_")
 def _end_epoch_fake(acc, fstats, istats, forgets, epoch, eps, burn_in):
+    """The state's contract (csrc/epoch_checks.h): acc [N, ACC_COLS] float64, fstats [N, F_COLS_BASE
+    or F_COLS_EXTRAS] float64, istats [N, I_COLS] int32, forgets [N, K] int32, eps [K] float64."""
+    torch._check_value(acc.dim() == 2 and acc.shape[1] == ACC_COLS and acc.dtype == torch.float64,
+                       lambda: f"gdc.end_epoch: acc must be float64 [N, {ACC_COLS}], got {acc.shape} {acc.dtype}")
+    N = acc.shape[0]
+    torch._check_value(fstats.dim() == 2 and fstats.shape[0] == N and fstats.shape[1] in (F_COLS_BASE, F_COLS_EXTRAS)
+                       and fstats.dtype == torch.float64,
+                       lambda: f"gdc.end_epoch: fstats must be float64 [N, {F_COLS_BASE}] or [N, {F_COLS_EXTRAS}] "
+                               f"with N = {N}, got {fstats.shape} {fstats.dtype}")
+    torch._check_value(istats.dim() == 2 and istats.shape[0] == N and istats.shape[1] == I_COLS
+                       and istats.dtype == torch.int32,
+                       lambda: f"gdc.end_epoch: istats must be int32 [N, {I_COLS}] with N = {N}, got "
+                               f"{istats.shape} {istats.dtype}")
+    torch._check_value(eps.dim() == 1 and eps.shape[0] >= 1 and eps.dtype == torch.float64,
+                       lambda: f"gdc.end_epoch: eps must be float64 [K] with K >= 1, got {eps.shape} {eps.dtype}")
+    torch._check_value(forgets.dim() == 2 and forgets.shape[0] == N and forgets.shape[1] == eps.shape[0]
+                       and forgets.dtype == torch.int32,
+                       lambda: f"gdc.end_epoch: forgets must be int32 [N, K] with N = {N}, K = {eps.shape[0]}, "
+                               f"got {forgets.shape} {forgets.dtype}")
+    torch._check_value(epoch.numel() == 1 and epoch.dtype == torch.int64,
+                       lambda: f"gdc.end_epoch: epoch must be a single int64, got {epoch.shape} {epoch.dtype}")
+    torch._check_value(burn_in >= 0, lambda: f"gdc.end_epoch: burn_in must be >= 0, got {burn_in}")
     return None
 
 
+# ------------------------------------------------------------------------------------- wrappers
 def _call(op, *args):
     """Runs a cross-entropy op; in eager mode an out-of-range target surfaces as TargetIndexError
     (an IndexError like torch's, and a ValueError). Compiled graphs raise the plain IndexError."""
@@ -54,28 +132,21 @@ def _call(op, *args):
         raise TargetIndexError(str(e).split("\nException raised from")[0]) from None
 
 
-def cross_entropy_fwd(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    class_weight: Optional[torch.Tensor],
-    sample_ids: torch.Tensor,
-    sample_weight: torch.Tensor,
-    grad_scale: torch.Tensor,
-    acc: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                      sample_ids: torch.Tensor, sample_weight: torch.Tensor, grad_scale: torch.Tensor,
+                      acc: torch.Tensor, ignore_index: int, label_smoothing: float,
+                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused cross-entropy forward (and gradient) over rows of logits.
 
     Args:
-        logits: [R, V] float32/bfloat16/float16, contiguous.
+        logits: [R, V] float32/bfloat16/float16/float64, contiguous.
         target: [R] int64 class indices (``ignore_index`` rows are skipped).
         class_weight: optional [V] class weights.
         sample_ids: [R] int64 sample id per row, or an empty tensor.
         sample_weight: [N] float per-sample loss weights, or an empty tensor.
         grad_scale: one-element float tensor folded into the gradient (1/denominator for 'mean').
-        acc: [N, 3] float64 epoch accumulator updated in place, or an empty tensor (no recording).
+        acc: [N, ACC_COLS] float64 epoch accumulator updated in place, or an empty tensor (no
+            recording); columns as in :mod:`gdc_ext.layout`.
     Returns:
         loss_rows [R] float32, nll_rows [R] float32 (0 where ignored), grad [R, V] (or [0]).
     """
@@ -83,18 +154,12 @@ def cross_entropy_fwd(
                  acc, ignore_index, label_smoothing, compute_grad)
 
 
-def cross_entropy_fwd_inplace(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    class_weight: Optional[torch.Tensor],
-    sample_ids: torch.Tensor,
-    sample_weight: torch.Tensor,
-    grad_scale: torch.Tensor,
-    acc: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`cross_entropy_fwd` with the gradient written over ``logits``."""
+def cross_entropy_fwd_inplace(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
+                              sample_ids: torch.Tensor, sample_weight: torch.Tensor, grad_scale: torch.Tensor,
+                              acc: torch.Tensor, ignore_index: int,
+                              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`cross_entropy_fwd` (same arguments but ``compute_grad``) with the gradient
+    written over ``logits``; returns loss_rows [R] and nll_rows [R] float32."""
     return _call(torch.ops.gdc.cross_entropy_fwd_inplace, logits, target, class_weight, sample_ids, sample_weight,
                  grad_scale, acc, ignore_index, label_smoothing)
 
@@ -104,6 +169,45 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     torch.ops.gdc.scale_grad_(grad, grad_output)
 
 
-def end_epoch_(acc, fstats, istats, forgets, epoch, eps, burn_in: int) -> None:
-    """Folds the epoch accumulators into the per-sample statistics (see csrc/epoch_math.h)."""
+def end_epoch_(acc: torch.Tensor, fstats: torch.Tensor, istats: torch.Tensor, forgets: torch.Tensor,
+               epoch: torch.Tensor, eps: torch.Tensor, burn_in: int) -> None:
+    """Folds the epoch accumulators into the per-sample statistics (see csrc/epoch_math.h and
+    docs/method.md); shapes as in :func:`_end_epoch_fake`."""
     torch.ops.gdc.end_epoch_(acc, fstats, istats, forgets, epoch, eps, int(burn_in))
+
+
+# ------------------------------------------------------------------------------------- autograd
+class _FusedCE(torch.autograd.Function):
+    """Autograd around the fused kernel: the gradient is computed in forward and only scaled by
+    grad_output in backward (in place, skipped when grad_output is 1).
+
+    forward(logits [R, V], target [R], weight [V] or None, ids [R] or empty, sw [N] or empty,
+    grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index, smoothing, reduction, inplace,
+    denom 0-d) -> the reduced loss (0-d, or [R] for 'none').
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ids, sw, grad_scale, acc, ignore_index, smoothing, reduction,
+                inplace, denom):
+        if inplace:
+            loss_rows, _ = cross_entropy_fwd_inplace(logits, target, weight, ids, sw, grad_scale, acc,
+                                                     ignore_index, smoothing)
+            grad = logits
+        else:
+            loss_rows, _, grad = cross_entropy_fwd(logits, target, weight, ids, sw, grad_scale, acc,
+                                                   ignore_index, smoothing, True)
+        ctx.save_for_backward(grad)
+        return reduce_rows(loss_rows, reduction, denom)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The gradient was computed in forward and is scaled in place here, so a second backward
+        # over the same graph (retain_graph=True) would scale it twice: refuse it.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("gdc_ext cross_entropy (CartoLoss): backward ran twice over one forward pass; the "
+                               "gradient is precomputed and scaled in place, so call the loss again instead of "
+                               "retain_graph=True")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        scale_grad_(grad, grad_out.to(torch.float32).contiguous())
+        return grad, None, None, None, None, None, None, None, None, None, None, None

@@ -10,25 +10,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gdc_ext.cartography import QUADRANT_NAMES, Quadrants
+from gdc_ext.cartography import QUADRANT_NAMES, Quadrants, resolve_eps
 
 __all__ = ["QUADRANT_COLORS", "data_map"]
 
 QUADRANT_COLORS = {0: "#4c9be8", 1: "#f2a541", 2: "#d62728", 3: "#7f4fbf", -1: "#9e9e9e"}
 
 
-def _memorization(scores, eps_index: int) -> np.ndarray:
-    m = scores.memorization
-    if m.dim() == 2:
-        if not 0 <= eps_index < m.shape[1]:
-            raise ValueError(f"eps_index must be in [0, {m.shape[1]}), got {eps_index}")
-        m = m[:, eps_index]
-    return m.detach().cpu().double().numpy()
-
-
 def data_map(scores, quadrants: Optional[Quadrants] = None, alpha_d: float = 0.75, alpha_m: float = 0.75,
-             eps_index: int = 0, jitter: float = 0.01, highlight=None, highlight_label: str = "highlighted",
-             title: Optional[str] = None, path=None, seed: int = 0, max_points: Optional[int] = None):
+             eps_index: Optional[int] = None, jitter: float = 0.01, highlight=None,
+             highlight_label: str = "highlighted", title: Optional[str] = None, path=None, seed: int = 0,
+             max_points: Optional[int] = None, *, eps: Optional[float] = None):
     """Draws the data map of ``scores`` (a :class:`~gdc_ext.Scores`) and returns the figure.
 
     Left panel: difficulty d_i (x) vs memorization m_i (y), one dot per scored sample coloured by
@@ -37,6 +29,8 @@ def data_map(scores, quadrants: Optional[Quadrants] = None, alpha_d: float = 0.7
 
     Args:
         quadrants: the labels to colour by (default: computed from ``scores`` with alpha_d, alpha_m).
+        eps, eps_index: the threshold whose memorization is drawn (a tracked value / its position
+            in ``scores.eps``; default the first).
         jitter: standard deviation of the vertical jitter, as a fraction of the m range (0: none),
             so the many ties at m = 0 (and at other multiples of 1/transitions) spread out; the
             histograms show the exact values.
@@ -50,9 +44,11 @@ def data_map(scores, quadrants: Optional[Quadrants] = None, alpha_d: float = 0.7
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    eps = resolve_eps(scores, eps=eps, eps_index=eps_index)
     d = scores.difficulty.detach().cpu().double().numpy()
-    m = _memorization(scores, eps_index)
-    q = quadrants if quadrants is not None else scores.quadrants(alpha_d, alpha_m, eps_index=eps_index)
+    m = scores.memorization_at(eps).detach().cpu().double().numpy()
+    eps = scores.eps[0] if eps is None else eps
+    q = quadrants if quadrants is not None else scores.quadrants(alpha_d, alpha_m, eps=eps)
     codes = q.codes.numpy().astype(np.int64)
     if codes.shape != d.shape:
         raise ValueError(f"quadrants: {codes.shape[0]} codes for {d.shape[0]} samples")
@@ -90,7 +86,6 @@ def data_map(scores, quadrants: Optional[Quadrants] = None, alpha_d: float = 0.7
             a.axvline(q.tau_d, color="black", ls="--", lw=1)
         ax.axhline(q.tau_m, color="black", ls="--", lw=1)
         ax_m.axvline(q.tau_m, color="black", ls="--", lw=1)
-    eps = scores.eps[eps_index] if len(scores.eps) > eps_index else scores.eps[0]
     ax.set_xlabel(f"difficulty d (mean loss over burn-in epochs 1..{scores.burn_in}, nats)")
     ax.set_ylabel(f"memorization m (forget rate, eps = {eps:g} nats)" + (", jittered" if jitter else ""))
     unscored = int((~scored).sum())

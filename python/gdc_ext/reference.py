@@ -1,5 +1,5 @@
 """The specification in code: a plain NumPy implementation that *does* build the T x N loss
-matrix and computes every score of shared/method.md from it. Short and obvious on purpose;
+matrix and computes every score of docs/method.md from it. Short and obvious on purpose;
 the property tests check that the streaming kernels agree with it.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CartoSampler: the sampling intervention (per-epoch multiplicities), split across ranks.
 
-Definitions: shared/method.md ("Interventions"). A sample with multiplicity w appears
+Definitions: docs/method.md ("Interventions"). A sample with multiplicity w appears
 ``floor(w)`` times per epoch plus once more with probability ``w - floor(w)``; the epoch's list is
 shuffled; everything is drawn from a generator seeded with ``seed + epoch``, so every rank draws
 the same list and a run is reproducible.
@@ -103,7 +103,8 @@ class CartoSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed + epoch)
         w = self.weights
         base = torch.floor(w)
-        counts = base.to(torch.int64) + (torch.rand(w.shape, generator=g, dtype=torch.float64) < (w - base)).to(torch.int64)
+        extra = torch.rand(w.shape, generator=g, dtype=torch.float64) < (w - base)
+        counts = base.to(torch.int64) + extra.to(torch.int64)
         ids = torch.repeat_interleave(torch.arange(w.numel()), counts)
         ids = ids[torch.randperm(ids.numel(), generator=g)]
         return counts, ids

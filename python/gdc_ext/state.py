@@ -1,7 +1,7 @@
 """CartoState: the O(N) per-sample training-dynamics state that CartoLoss records into.
 
 No tensor here grows with the number of epochs: each epoch's losses are folded into running
-statistics by ``end_epoch()`` (see shared/method.md for the exact definitions).
+statistics by ``end_epoch()`` (see docs/method.md for the exact definitions).
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from gdc_ext import ops
+from gdc_ext.layout import (ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
+                            I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
 
 __all__ = ["CartoState", "Scores", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_FCOLS = ("difficulty_sum", "last_loss", "min_loss", "loss_mean", "loss_m2", "grad_energy")
 _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
 
 
@@ -27,13 +28,16 @@ _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
 class Scores:
     """Per-sample scores after the epochs folded so far. All tensors are on the CPU.
 
-    Shapes: N samples; K thresholds. ``memorization`` and ``forgets`` are [N] when the state was
-    built with a single float ``eps`` and [N, K] when built with a sequence.
+    Shapes: N samples; K thresholds (``eps``). Memorization and forget counts are kept per
+    threshold, always [N, K]: read one threshold with :meth:`memorization_at` /
+    :meth:`forgets_at`. The :attr:`memorization` / :attr:`forgets` convenience properties are
+    [N] when the state was built with a single float ``eps`` (``single_eps``) and [N, K] when
+    built with a sequence.
     """
 
-    difficulty: torch.Tensor      # [N] float64, NaN where no burn-in epoch was observed
-    memorization: torch.Tensor    # [N] or [N, K] float64, forgets / transitions (0 if no transition)
-    forgets: torch.Tensor         # [N] or [N, K] int32
+    difficulty: torch.Tensor            # [N] float64, NaN where no burn-in epoch was observed
+    memorization_by_eps: torch.Tensor   # [N, K] float64, forgets / transitions (0 if no transition)
+    forgets_by_eps: torch.Tensor        # [N, K] int32, forget events per threshold
     transitions: torch.Tensor     # [N] int32, consecutive-observation pairs
     observed: torch.Tensor        # [N] int32, epochs in which the sample was seen
     last_loss: torch.Tensor       # [N] float64, NaN if never observed
@@ -41,10 +45,61 @@ class Scores:
     loss_mean: Optional[torch.Tensor]    # [N] float64, mean of L[., i] over observed epochs (extras)
     loss_std: Optional[torch.Tensor]     # [N] float64, population std of L[., i] (extras)
     grad_energy: Optional[torch.Tensor]  # [N] float64, sum over tokens and epochs of ||softmax - onehot||^2
-    eps: tuple
+    eps: tuple                    # the K thresholds (nats), in the order of the columns
     epoch: int
     burn_in: int
+    single_eps: bool = False      # built with one float eps: the convenience properties are [N]
 
+    def __post_init__(self):
+        # Scores built by hand with [N] tables (one threshold) are stored [N, 1] like all others.
+        if self.memorization_by_eps.dim() == 1:
+            self.memorization_by_eps = self.memorization_by_eps[:, None]
+            self.single_eps = True
+        if self.forgets_by_eps.dim() == 1:
+            self.forgets_by_eps = self.forgets_by_eps[:, None]
+        self.eps = tuple(float(e) for e in self.eps)
+        K = len(self.eps)
+        for name in ("memorization_by_eps", "forgets_by_eps"):
+            t = getattr(self, name)
+            if t.dim() != 2 or t.shape[1] != K or t.shape[0] != self.difficulty.shape[0]:
+                raise ValueError(f"{name} must be [N, K] = [{self.difficulty.shape[0]}, {K}] (K = len(eps)), "
+                                 f"got {tuple(t.shape)}")
+
+    # ----------------------------------------------------------------------------- per threshold
+    def _column(self, eps: Optional[float]) -> int:
+        """Column of the [N, K] tables for a tracked threshold (None: the first)."""
+        if eps is None:
+            return 0
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+            raise ValueError(f"eps must be a float equal to one of the tracked thresholds {list(self.eps)} or None, "
+                             f"got {eps!r}")
+        gaps = np.abs(np.asarray(self.eps) - float(eps))
+        k = int(np.argmin(gaps))
+        if not np.isclose(float(eps), self.eps[k]):
+            raise ValueError(f"eps = {eps!r} is not a tracked threshold; these scores track eps = {list(self.eps)}")
+        return k
+
+    def memorization_at(self, eps: Optional[float] = None) -> torch.Tensor:
+        """[N] float64 memorization m_i at the tracked threshold ``eps`` (np.isclose to one of
+        :attr:`eps`; None: the first). Raises ValueError for an untracked ``eps``."""
+        return self.memorization_by_eps[:, self._column(eps)]
+
+    def forgets_at(self, eps: Optional[float] = None) -> torch.Tensor:
+        """[N] int32 forget events at the tracked threshold ``eps`` (as :meth:`memorization_at`)."""
+        return self.forgets_by_eps[:, self._column(eps)]
+
+    @property
+    def memorization(self) -> torch.Tensor:
+        """[N] float64 for a state built with one float eps, else [N, K]. Library code uses
+        :meth:`memorization_at`, whose shape does not depend on how the state was built."""
+        return self.memorization_by_eps[:, 0] if self.single_eps else self.memorization_by_eps
+
+    @property
+    def forgets(self) -> torch.Tensor:
+        """[N] int32 for a state built with one float eps, else [N, K] (see :attr:`memorization`)."""
+        return self.forgets_by_eps[:, 0] if self.single_eps else self.forgets_by_eps
+
+    # ----------------------------------------------------------------------------- derived
     @property
     def scored(self) -> torch.Tensor:
         """[N] bool: samples with a difficulty (seen in at least one burn-in epoch)."""
@@ -60,11 +115,13 @@ class Scores:
         """Cartography's variability analogue: std of the per-epoch loss."""
         return self.loss_std
 
-    def quadrants(self, alpha_d: float = 0.75, alpha_m: float = 0.75, eps_index: int = 0):
-        """Quadrant codes from these scores; see :func:`gdc_ext.cartography.quadrants`."""
-        from gdc_ext.cartography import quadrants
+    def quadrants(self, alpha_d: float = 0.75, alpha_m: float = 0.75, eps_index: Optional[int] = None, *,
+                  eps: Optional[float] = None):
+        """Quadrant codes from these scores; see :func:`gdc_ext.cartography.quadrants`. The
+        threshold: ``eps`` (a tracked value) or ``eps_index`` (its position); default the first."""
+        from gdc_ext.cartography import quadrants, resolve_eps
 
-        m = self.memorization if self.memorization.dim() == 1 else self.memorization[:, eps_index]
+        m = self.memorization_at(resolve_eps(self, eps=eps, eps_index=eps_index))
         return quadrants(self.difficulty, m, alpha_d=alpha_d, alpha_m=alpha_m)
 
 
@@ -96,9 +153,9 @@ class CartoState:
         self.burn_in = int(burn_in)
         self.extras = bool(extras)
         N, K, dev = self.num_samples, len(eps_list), torch.device(device)
-        self.acc = torch.zeros(N, 3, dtype=torch.float64, device=dev)
-        self.fstats = torch.zeros(N, 6 if extras else 2, dtype=torch.float64, device=dev)
-        self.istats = torch.zeros(N, 3, dtype=torch.int32, device=dev)
+        self.acc = torch.zeros(N, ACC_COLS, dtype=torch.float64, device=dev)
+        self.fstats = torch.zeros(N, F_COLS_EXTRAS if extras else F_COLS_BASE, dtype=torch.float64, device=dev)
+        self.istats = torch.zeros(N, I_COLS, dtype=torch.int32, device=dev)
         self.forgets = torch.zeros(N, K, dtype=torch.int32, device=dev)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=dev)
         self.eps = torch.tensor(eps_list, dtype=torch.float64, device=dev)
@@ -152,33 +209,29 @@ class CartoState:
 
     # ----------------------------------------------------------------------------- scores
     def scores(self) -> Scores:
+        """The per-sample scores of the epochs folded so far (CPU tensors; see :class:`Scores`)."""
         f = self.fstats.detach().cpu()
         ist = self.istats.detach().cpu()
         fg = self.forgets.detach().cpu()
-        diff_count = ist[:, 0]
-        observed = ist[:, 1].clone()
-        transitions = ist[:, 2].clone()
-        difficulty = torch.where(diff_count > 0, f[:, 0] / diff_count.clamp(min=1).double(),
-                                 torch.full_like(f[:, 0], float("nan")))
+        diff_count = ist[:, I_DIFF_COUNT]
+        observed = ist[:, I_OBSERVED].clone()
+        transitions = ist[:, I_TRANSITIONS].clone()
+        nan = torch.full_like(f[:, F_DIFF_SUM], float("nan"))
+        difficulty = torch.where(diff_count > 0, f[:, F_DIFF_SUM] / diff_count.clamp(min=1).double(), nan)
         mem = torch.where(transitions[:, None] > 0, fg.double() / transitions.clamp(min=1)[:, None].double(),
                           torch.zeros_like(fg, dtype=torch.float64))
-        nan = torch.full_like(f[:, 0], float("nan"))
         seen = observed > 0
-        last = torch.where(seen, f[:, 1], nan)
+        last = torch.where(seen, f[:, F_LAST], nan)
         min_loss = loss_mean = loss_std = energy = None
         if self.extras:
-            min_loss = torch.where(seen, f[:, 2], nan)
-            loss_mean = torch.where(seen, f[:, 3], nan)
-            loss_std = torch.where(seen, torch.sqrt((f[:, 4] / observed.clamp(min=1).double()).clamp(min=0)), nan)
-            energy = f[:, 5].clone()
-        if self._eps_scalar:
-            mem, fgo = mem[:, 0], fg[:, 0].clone()
-        else:
-            fgo = fg.clone()
-        return Scores(difficulty=difficulty, memorization=mem, forgets=fgo, transitions=transitions,
-                      observed=observed, last_loss=last, min_loss=min_loss, loss_mean=loss_mean,
-                      loss_std=loss_std, grad_energy=energy, eps=tuple(self.eps.tolist()),
-                      epoch=self.epochs_done, burn_in=self.burn_in)
+            min_loss = torch.where(seen, f[:, F_MIN], nan)
+            loss_mean = torch.where(seen, f[:, F_MEAN], nan)
+            loss_std = torch.where(seen, torch.sqrt((f[:, F_M2] / observed.clamp(min=1).double()).clamp(min=0)), nan)
+            energy = f[:, F_ENERGY].clone()
+        return Scores(difficulty=difficulty, memorization_by_eps=mem, forgets_by_eps=fg.clone(),
+                      transitions=transitions, observed=observed, last_loss=last, min_loss=min_loss,
+                      loss_mean=loss_mean, loss_std=loss_std, grad_energy=energy, eps=tuple(self.eps.tolist()),
+                      epoch=self.epochs_done, burn_in=self.burn_in, single_eps=self._eps_scalar)
 
     # ----------------------------------------------------------------------------- persistence
     def _meta(self) -> dict:
@@ -277,7 +330,8 @@ def _check_consistent(t: dict) -> None:
     ist, fg = t["istats"], t["forgets"]
     if bool((ist < 0).any()) or bool((fg < 0).any()):
         raise ValueError("state_dict: negative counters: the state is corrupted")
-    if bool((ist[:, 2] > ist[:, 1]).any()) or bool((fg > ist[:, 2:3]).any()):
+    transitions = ist[:, I_TRANSITIONS]
+    if bool((transitions > ist[:, I_OBSERVED]).any()) or bool((fg > transitions[:, None]).any()):
         raise ValueError("state_dict: counters out of order (transitions > observed or forgets > transitions)")
     if int(t["epoch"].reshape(-1)[0]) < 0:
         raise ValueError("state_dict: negative epoch counter")

@@ -1,0 +1,134 @@
+"""The functional cross-entropy with per-sample recording: everything :class:`gdc_ext.CartoLoss`
+does, as one function.
+
+The language-model case ([R, V] logits with [R] class indices, or any class-index input whose
+class dimension can be moved last) runs in the fused kernel: one pass computes the loss and,
+when a gradient is needed, writes it into one logits-sized buffer (or over the logits with
+``inplace_grad=True``), so no log-probabilities are kept. Other inputs (class-probability
+targets, float64 logits) fall back to torch's computation (:mod:`gdc_ext._fallback`) with the
+same results.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gdc_ext import _fallback, ops
+from gdc_ext._reduction import mean_denominator, reduce_rows
+from gdc_ext._rows import as_rows, expand_sample_ids
+from gdc_ext.layout import ACC_COLS
+from gdc_ext.state import CartoState
+
+__all__ = ["cross_entropy", "expand_sample_ids"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optional[torch.Tensor] = None, *,
+                  state: Optional[CartoState] = None, weight: Optional[torch.Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  sample_weight: Optional[torch.Tensor] = None, inplace_grad: bool = False) -> torch.Tensor:
+    """``F.cross_entropy`` with fused kernels and per-sample recording.
+
+    Args:
+        input: logits as ``F.cross_entropy`` takes them: [V], [B, V] or [B, V, d1, ..., dk].
+        target: class indices ([], [B] or [B, d1, ..., dk], int64) or class probabilities
+            (the shape of ``input``; torch fallback, no recording).
+        sample_ids: integer ids in [0, N): either the shape of ``target`` (one id per token) or
+            [B] (one id per sequence, the flattened rows being B equal groups). Ids of rows whose
+            target is ``ignore_index`` are not used.
+        state: the :class:`~gdc_ext.CartoState` to record into (None: no recording).
+        weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.
+        sample_weight: [N] float per-sample loss weights indexed by sample id (None: none); they
+            multiply each token's training loss, while the 'mean' denominator stays that of
+            ``F.cross_entropy`` (so a weight < 1 really lowers that sample's share).
+        inplace_grad: write the gradient over ``input`` (zero extra memory; the logits are then
+            no longer usable after the forward pass, and backward runs once).
+
+    Recording happens when a state and sample ids are given and grad mode is enabled; what is
+    recorded is the plain token NLL (no class weight, smoothing or sample weight), as
+    docs/method.md defines.
+
+    Returns: the loss, like ``F.cross_entropy`` (0-d, or the shape of ``target`` for 'none'),
+    in the dtype of ``input``.
+    """
+    if state is not None and not isinstance(state, CartoState):
+        raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
+    weighted = sample_weight is not None and sample_ids is not None
+    if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
+        raise ValueError("sample_ids is required: per-sample loss weights (sample_weight) are set")
+    if weighted:
+        _check_sample_weight(sample_weight, state)
+    kw = dict(state=state, weight=weight, ignore_index=ignore_index, reduction=reduction,
+              label_smoothing=label_smoothing, sample_weight=sample_weight, recording=recording, weighted=weighted)
+    if _kernel_applies(input, target):
+        return _fused(input, target, sample_ids, inplace_grad=inplace_grad, **kw)
+    return _fallback.cross_entropy(input, target, sample_ids, **kw)
+
+
+def _check_sample_weight(sample_weight, state) -> None:
+    """Shape and dtype only: the values (finite, >= 0) are checked once by
+    CartoLoss.set_sample_weights, not on every call (that would synchronise with the device)."""
+    if not isinstance(sample_weight, torch.Tensor) or sample_weight.dim() != 1 \
+            or not sample_weight.dtype.is_floating_point:
+        raise ValueError(f"sample_weight must be a 1-D float tensor [N], got "
+                         f"{getattr(sample_weight, 'shape', type(sample_weight).__name__)}")
+    if state is not None and sample_weight.numel() != state.num_samples:
+        raise ValueError(f"sample_weight has {sample_weight.numel()} entries but the state has "
+                         f"N = {state.num_samples}")
+
+
+def _kernel_applies(input: torch.Tensor, target: torch.Tensor) -> bool:
+    return (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+            and input.dtype in _KERNEL_DTYPES and target.dtype == torch.int64
+            and input.dim() >= 1 and target.dim() == input.dim() - 1
+            and input.device == target.device and (input.device.type == "cpu" or _has_cuda_kernels()))
+
+
+def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction, label_smoothing, sample_weight,
+           recording, weighted, inplace_grad):
+    logits, tgt = as_rows(input, target)
+    logits = logits.contiguous()
+    tgt = tgt.contiguous()
+    R, V = logits.shape
+    dev = logits.device
+    ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
+    acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+    sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
+    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32)
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if not needs_grad:
+        loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc, ignore_index,
+                                                label_smoothing, False)
+        out = reduce_rows(loss_rows, reduction, denom)
+    else:
+        grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
+        out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
+                                 reduction, bool(inplace_grad), denom)
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    return out.to(input.dtype)
+
+
+def _empty(dev, dtype):
+    return torch.empty(0, dtype=dtype, device=dev)
+
+
+def _ones(dev):
+    return torch.ones(1, dtype=torch.float32, device=dev)
+
+
+_CUDA_KERNELS: Optional[bool] = None
+
+
+def _has_cuda_kernels() -> bool:
+    """Whether the CUDA kernels were built (so CUDA tensors take the fused path)."""
+    global _CUDA_KERNELS
+    if _CUDA_KERNELS is None:
+        _CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("gdc::cross_entropy_fwd", "CUDA")
+    return _CUDA_KERNELS
