@@ -75,12 +75,23 @@ __device__ __forceinline__ void store_vec(T* p, const float (&x)[Vec<T>::n]) {
 }
 
 // Adds n logits (already float) to a thread's running stats: one rescale per chunk, so one
-// exp per element. NaN logits are skipped by fmaxf but poison s through exp, as on the CPU.
+// exp per element. fmaxf drops NaN (fmaxf(-inf, NaN) = -inf), so NaN is tested on its own and
+// makes m and s NaN, as the CPU's chunk_stats does; row_stats_merge and every later stats_add
+// keep s NaN, so the row's loss is NaN whichever thread read the NaN first.
 template <int n>
 __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
   float cm = st.m;
+  bool has_nan = false;
 #pragma unroll
-  for (int i = 0; i < n; ++i) cm = fmaxf(cm, x[i]);
+  for (int i = 0; i < n; ++i) {
+    cm = fmaxf(cm, x[i]);
+    has_nan |= x[i] != x[i];
+  }
+  if (has_nan) {
+    st.m = NAN;
+    st.s = NAN;
+    return;
+  }
   if (cm == -INFINITY) return;  // every logit so far is -inf: contributes nothing
   const float f = __expf(st.m - cm);
   st.s *= f;
@@ -94,7 +105,9 @@ __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
   }
 }
 
-// Butterfly reduction: row_stats_merge is commutative, so every lane ends with the same bits.
+// Butterfly reduction: every lane ends with the merge of all 32 lanes' stats. Lanes merge in
+// different orders (and FMA contraction can round them differently), so their bits may differ
+// in the last place; only lane 0's result is used, which keeps a launch deterministic.
 __device__ __forceinline__ RowStats warp_merge(RowStats st) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
