@@ -31,6 +31,23 @@ void check_targets_in_range(const int64_t* tgt, int64_t ignore_index, int64_t R,
   }
 }
 
+// `name` lives on the logits' device: anything else would need a hidden copy (or fail later).
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, "gdc.cross_entropy: ", name, " is on ", t.device(),
+                    " but input (logits) is on ", device);
+}
+
+// target and sample_ids: one contiguous int64 index per row.
+void check_row_indices(const at::Tensor& t, const char* name, const char* what, int64_t R,
+                       const at::Device& device) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == R, "gdc.cross_entropy: ", name, " must be 1-D with one ", what,
+                    " per row (", R, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong, "gdc.cross_entropy: ", name, " must be int64, got ",
+                    t.scalar_type());
+  check_device(t, name, device);
+  TORCH_CHECK_VALUE(t.is_contiguous(), "gdc.cross_entropy: ", name, " must be contiguous");
+}
+
 }  // namespace
 
 CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at::Tensor& target,
@@ -38,40 +55,22 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
                        const at::Tensor& sample_weight, const at::Tensor& grad_scale, const at::Tensor& acc,
                        int64_t ignore_index, double label_smoothing) {
   // ---- shapes, dtypes and devices (no data read)
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == R,
-                    "gdc.cross_entropy: target must be 1-D with one class index per row (", R, "), got ",
-                    target.sizes());
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, "gdc.cross_entropy: target must be int64, got ",
-                    target.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == device, "gdc.cross_entropy: target is on ", target.device(),
-                    " but input (logits) is on ", device);
-  TORCH_CHECK_VALUE(target.is_contiguous(), "gdc.cross_entropy: target must be contiguous");
+  check_row_indices(target, "target", "class index", R, device);
   const bool has_cw = class_weight.has_value() && class_weight->defined();
   if (has_cw) {
     TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == V,
                       "gdc.cross_entropy: weight must be 1-D with one value per class (", V, "), got ",
                       class_weight->sizes());
-    TORCH_CHECK_VALUE(class_weight->device() == device, "gdc.cross_entropy: weight is on ", class_weight->device(),
-                      " but input (logits) is on ", device);
+    check_device(*class_weight, "weight", device);
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "gdc.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(grad_scale.numel() == 1, "gdc.cross_entropy: grad_scale must hold one value");
   // Another device would need a copy that blocks the host (and breaks CUDA-graph capture).
-  TORCH_CHECK_VALUE(grad_scale.device() == device, "gdc.cross_entropy: grad_scale is on ", grad_scale.device(),
-                    " but input (logits) is on ", device);
+  check_device(grad_scale, "grad_scale", device);
   const bool has_ids = sample_ids.numel() > 0, has_sw = sample_weight.numel() > 0, recording = acc.numel() > 0;
   int64_t N = -1;
-  if (has_ids) {
-    TORCH_CHECK_VALUE(sample_ids.dim() == 1 && sample_ids.size(0) == R,
-                      "gdc.cross_entropy: sample_ids must be 1-D with one id per row (", R, "), got ",
-                      sample_ids.sizes());
-    TORCH_CHECK_VALUE(sample_ids.scalar_type() == at::kLong, "gdc.cross_entropy: sample_ids must be int64, got ",
-                      sample_ids.scalar_type());
-    TORCH_CHECK_VALUE(sample_ids.device() == device, "gdc.cross_entropy: sample_ids is on ", sample_ids.device(),
-                      " but input (logits) is on ", device);
-    TORCH_CHECK_VALUE(sample_ids.is_contiguous(), "gdc.cross_entropy: sample_ids must be contiguous");
-  }
+  if (has_ids) check_row_indices(sample_ids, "sample_ids", "id", R, device);
   if (recording) {
     TORCH_CHECK_VALUE(has_ids || R == 0, "gdc.cross_entropy: recording into a state needs sample_ids");
     TORCH_CHECK_VALUE(acc.dim() == 2 && acc.size(1) == kNumACols && acc.scalar_type() == at::kDouble &&
@@ -86,8 +85,7 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
     TORCH_CHECK_VALUE(has_ids, "gdc.cross_entropy: sample_weight needs sample_ids");
     TORCH_CHECK_VALUE(sample_weight.dim() == 1, "gdc.cross_entropy: sample_weight must be 1-D [N], got ",
                       sample_weight.sizes());
-    TORCH_CHECK_VALUE(sample_weight.device() == device, "gdc.cross_entropy: sample_weight is on ",
-                      sample_weight.device(), " but input (logits) is on ", device);
+    check_device(sample_weight, "sample_weight", device);
     TORCH_CHECK_VALUE(N < 0 || N == sample_weight.size(0), "gdc.cross_entropy: sample_weight has ",
                       sample_weight.size(0), " entries but the CartoState has N = ", N);
     N = sample_weight.size(0);
