@@ -10,16 +10,19 @@ inline void check_epoch_inputs(const at::Tensor& acc, const at::Tensor& fstats, 
                                const at::Tensor& forgets, const at::Tensor& epoch, const at::Tensor& eps,
                                int64_t burn_in) {
   TORCH_CHECK_VALUE(acc.dim() == 2 && acc.size(1) == kNumACols && acc.scalar_type() == at::kDouble,
-                    "gdc.end_epoch: acc must be float64 [N, 3], got ", acc.sizes(), " ", acc.scalar_type());
+                    "gdc.end_epoch: acc must be float64 [N, ", static_cast<int>(kNumACols), "], got ", acc.sizes(), " ",
+                    acc.scalar_type());
   const int64_t N = acc.size(0);
-  TORCH_CHECK_VALUE(fstats.dim() == 2 && fstats.size(0) == N && (fstats.size(1) == 2 || fstats.size(1) == kNumFColsExtras) &&
+  TORCH_CHECK_VALUE(fstats.dim() == 2 && fstats.size(0) == N &&
+                        (fstats.size(1) == kNumFColsBasic || fstats.size(1) == kNumFColsExtras) &&
                         fstats.scalar_type() == at::kDouble,
-                    "gdc.end_epoch: fstats must be float64 [N, 2] or [N, 6] with N = ", N, ", got ", fstats.sizes(),
+                    "gdc.end_epoch: fstats must be float64 [N, ", kNumFColsBasic, "] or [N, ",
+                    static_cast<int>(kNumFColsExtras), "] with N = ", N, ", got ", fstats.sizes(),
                     " ", fstats.scalar_type());
   TORCH_CHECK_VALUE(istats.dim() == 2 && istats.size(0) == N && istats.size(1) == kNumICols &&
                         istats.scalar_type() == at::kInt,
-                    "gdc.end_epoch: istats must be int32 [N, 3] with N = ", N, ", got ", istats.sizes(), " ",
-                    istats.scalar_type());
+                    "gdc.end_epoch: istats must be int32 [N, ", static_cast<int>(kNumICols), "] with N = ", N,
+                    ", got ", istats.sizes(), " ", istats.scalar_type());
   TORCH_CHECK_VALUE(eps.dim() == 1 && eps.size(0) >= 1 && eps.scalar_type() == at::kDouble,
                     "gdc.end_epoch: eps must be float64 [K] with K >= 1, got ", eps.sizes(), " ", eps.scalar_type());
   TORCH_CHECK_VALUE(forgets.dim() == 2 && forgets.size(0) == N && forgets.size(1) == eps.size(0) &&

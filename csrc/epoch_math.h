@@ -1,5 +1,5 @@
 // Folding one epoch into a sample's running statistics (shared by CPU and CUDA end_epoch).
-// See shared/method.md: difficulty over burn-in epochs, forget events between consecutive
+// See docs/method.md: difficulty over burn-in epochs, forget events between consecutive
 // observations, transitions, last/min loss, Welford mean/M2, accumulated gradient energy.
 #pragma once
 #include <cstdint>
@@ -10,6 +10,8 @@ namespace gdc {
 
 // Column layout of the state's float64 statistics fstats[N, F] (F = 2, or 6 with extras).
 enum FCol { kDiffSum = 0, kLast = 1, kMin = 2, kMean = 3, kM2 = 4, kEnergy = 5, kNumFColsExtras = 6 };
+// Without extras only the first two columns exist.
+constexpr int64_t kNumFColsBasic = kLast + 1;
 // Column layout of the int32 statistics istats[N, 3].
 enum ICol { kDiffCount = 0, kObserved = 1, kTransitions = 2, kNumICols = 3 };
 // Column layout of the epoch accumulator acc[N, 3].

@@ -13,7 +13,7 @@
 // leaves the CartoState unchanged. (Unlike the CPU, the logits of an in-place call are already
 // overwritten by then.)
 //
-// Recording into acc[N, 3] happens in a second kernel once every row's NLL is known:
+// Recording into acc[N, kNumACols] happens in a second kernel once every row's NLL is known:
 //  - default: one thread per row, atomicAdd of doubles (fast; summation order varies run to run);
 //  - torch.use_deterministic_algorithms(True): rows are stably sorted by sample id and one thread
 //    per sample adds its rows in row order, which is exactly the CPU's order, so acc is
@@ -24,14 +24,17 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
 
+#include "ce_call.h"
 #include "ce_math.h"
-#include "checks.h"
+#include "ce_params.h"
+#include "static_switch.h"
 
 namespace gdc {
 namespace {
@@ -72,12 +75,23 @@ __device__ __forceinline__ void store_vec(T* p, const float (&x)[Vec<T>::n]) {
 }
 
 // Adds n logits (already float) to a thread's running stats: one rescale per chunk, so one
-// exp per element. NaN logits are skipped by fmaxf but poison s through exp, as on the CPU.
+// exp per element. fmaxf drops NaN (fmaxf(-inf, NaN) = -inf), so NaN is tested on its own and
+// makes m and s NaN, as the CPU's chunk_stats does; row_stats_merge and every later stats_add
+// keep s NaN, so the row's loss is NaN whichever thread read the NaN first.
 template <int n>
 __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
   float cm = st.m;
+  bool has_nan = false;
 #pragma unroll
-  for (int i = 0; i < n; ++i) cm = fmaxf(cm, x[i]);
+  for (int i = 0; i < n; ++i) {
+    cm = fmaxf(cm, x[i]);
+    has_nan |= x[i] != x[i];
+  }
+  if (has_nan) {
+    st.m = NAN;
+    st.s = NAN;
+    return;
+  }
   if (cm == -INFINITY) return;  // every logit so far is -inf: contributes nothing
   const float f = __expf(st.m - cm);
   st.s *= f;
@@ -91,7 +105,9 @@ __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
   }
 }
 
-// Butterfly reduction: row_stats_merge is commutative, so every lane ends with the same bits.
+// Butterfly reduction: every lane ends with the merge of all 32 lanes' stats. Lanes merge in
+// different orders (and FMA contraction can round them differently), so their bits may differ
+// in the last place; only lane 0's result is used, which keeps a launch deterministic.
 __device__ __forceinline__ RowStats warp_merge(RowStats st) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
@@ -135,27 +151,17 @@ __device__ __forceinline__ void fill_row(T* g, int64_t V, float v) {
   for (int64_t j = head + nvec * n + threadIdx.x; j < V; j += blockDim.x) g[j] = static_cast<T>(v);
 }
 
-struct CeParams {
-  int64_t R, V, N, ignore_index;  // N < 0: ids are not range-checked (no state, no sample weights)
-  float smoothing;
-  const int64_t* target;
-  const float* cw;          // class weights [V] or null
-  const float* wsum;        // device scalar: sum of class weights (null: V)
-  const int64_t* ids;       // [R] or null
-  const float* sw;          // per-sample loss weights [N] or null
-  const float* grad_scale;  // device scalar
-  float* loss;
-  float* nll;
-  float* energy;
-  int* bad;                 // set when the batch must not be recorded
-  bool grad_vec;            // logits and grad rows share their 16-byte alignment
-};
-
-template <typename T>
-__global__ void ce_rows_kernel(const T* logits, T* grad, CeParams P) {
+// One block per row (grid-stride over rows). The flags are constant per launch, so the hot loops
+// carry no per-element branch on them: kHasCw (class weights), kSmooth (label smoothing > 0, the
+// only case that needs sum_c w[c] z[c]), kRecord (flag rows that must not be recorded).
+// grad_vec: logits and grad rows share their 16-byte alignment (vector stores for the gradient).
+template <typename T, bool kHasCw, bool kSmooth, bool kRecord>
+__global__ void ce_rows_kernel(CeParams P, bool grad_vec) {
   constexpr int n = Vec<T>::n;
+  const T* logits = static_cast<const T*>(P.logits);
+  T* grad = static_cast<T*>(P.grad);
   const int64_t V = P.V;
-  const bool want_wz = P.smoothing > 0.f;
+  auto weight = [&](int64_t j) { return kHasCw ? P.cw[j] : 1.f; };
   for (int64_t r = blockIdx.x; r < P.R; r += gridDim.x) {
     const T* z = logits + r * V;
     T* g = grad ? grad + r * V : nullptr;
@@ -172,7 +178,7 @@ __global__ void ce_rows_kernel(const T* logits, T* grad, CeParams P) {
         P.loss[r] = fill;
         P.nll[r] = fill;
         P.energy[r] = 0.f;
-        if (bad) atomicOr(P.bad, 1);
+        if (kRecord && bad) atomicOr(P.bad, 1);
       }
       if (g) fill_row(g, V, fill);
       continue;
@@ -187,34 +193,34 @@ __global__ void ce_rows_kernel(const T* logits, T* grad, CeParams P) {
     for (int64_t j = threadIdx.x; j < head; j += blockDim.x) {
       const float x[1] = {static_cast<float>(z[j])};
       stats_add<1>(st, x);
-      if (want_wz) st.wz += (P.cw ? P.cw[j] : 1.f) * x[0];
+      if (kSmooth) st.wz += weight(j) * x[0];
     }
     for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
       const int64_t j0 = head + k * n;
       float x[n];
       load_vec(z + j0, x);
       stats_add<n>(st, x);
-      if (want_wz) {
+      if (kSmooth) {
 #pragma unroll
-        for (int i = 0; i < n; ++i) st.wz += (P.cw ? P.cw[j0 + i] : 1.f) * x[i];
+        for (int i = 0; i < n; ++i) st.wz += weight(j0 + i) * x[i];
       }
     }
     for (int64_t j = tail + threadIdx.x; j < V; j += blockDim.x) {
       const float x[1] = {static_cast<float>(z[j])};
       stats_add<1>(st, x);
-      if (want_wz) st.wz += (P.cw ? P.cw[j] : 1.f) * x[0];
+      if (kSmooth) st.wz += weight(j) * x[0];
     }
     st = block_merge(st);
 
-    const float wy = P.cw ? P.cw[y] : 1.f;
-    const float wsum = P.wsum ? *P.wsum : static_cast<float>(V);
+    const float wy = weight(y);
+    const float wsum = kHasCw ? *P.wsum : static_cast<float>(V);
     const RowResult res = row_finish(st, zy, wy, wsum, V, P.smoothing);
     const float swr = (P.ids && P.sw) ? P.sw[P.ids[r]] : 1.f;
     if (threadIdx.x == 0) {
       P.loss[r] = swr * res.loss;
       P.nll[r] = res.nll;
       P.energy[r] = res.energy < 0.f ? 0.f : res.energy;
-      if (!isfinite(res.nll)) atomicOr(P.bad, 1);
+      if (kRecord && !isfinite(res.nll)) atomicOr(P.bad, 1);
     }
     if (!g) continue;
 
@@ -222,12 +228,12 @@ __global__ void ce_rows_kernel(const T* logits, T* grad, CeParams P) {
     const float c = swr * P.grad_scale[0];
     const float cyc = c * res.cy;
     auto grad_of = [&](int64_t j, float x) {
-      float v = c * (__expf(x - res.lse) * res.a - res.b * (P.cw ? P.cw[j] : 1.f));
+      float v = c * (__expf(x - res.lse) * res.a - res.b * weight(j));
       if (j == y) v -= cyc;
       return v;
     };
-    const int64_t ghead = P.grad_vec ? head : V;
-    const int64_t gvec = P.grad_vec ? nvec : 0;
+    const int64_t ghead = grad_vec ? head : V;
+    const int64_t gvec = grad_vec ? nvec : 0;
     for (int64_t j = threadIdx.x; j < ghead; j += blockDim.x) g[j] = static_cast<T>(grad_of(j, static_cast<float>(z[j])));
     for (int64_t k = threadIdx.x; k < gvec; k += blockDim.x) {
       const int64_t j0 = ghead + k * n;
@@ -243,40 +249,38 @@ __global__ void ce_rows_kernel(const T* logits, T* grad, CeParams P) {
 }
 
 // Fast recording: one thread per row, double atomics. Skips everything if the batch is bad.
-__global__ void record_atomic_kernel(const float* nll, const float* energy, const int64_t* target,
-                                     const int64_t* ids, int64_t R, int64_t ignore_index, const int* bad,
-                                     double* acc) {
-  if (*bad) return;
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < R;
+__global__ void record_atomic_kernel(CeParams P) {
+  if (*P.bad) return;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < P.R;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (target[r] == ignore_index) continue;
-    double* a = acc + ids[r] * 3;
-    atomicAdd(a + 0, static_cast<double>(nll[r]));
-    atomicAdd(a + 1, 1.0);
-    atomicAdd(a + 2, static_cast<double>(energy[r]));
+    if (P.target[r] == P.ignore_index) continue;
+    double* a = P.acc + P.ids[r] * kNumACols;
+    atomicAdd(a + kLossSum, static_cast<double>(P.nll[r]));
+    atomicAdd(a + kCount, 1.0);
+    atomicAdd(a + kEnergySum, static_cast<double>(P.energy[r]));
   }
 }
 
 // Deterministic recording: keys are the stably sorted sample ids (ignored rows last), order the
 // original row of each key. The first thread of each run of equal keys adds the run in row order.
-__global__ void record_sorted_kernel(const float* nll, const float* energy, const int64_t* keys,
-                                     const int64_t* order, int64_t R, const int* bad, double* acc) {
-  if (*bad) return;
+__global__ void record_sorted_kernel(CeParams P, const int64_t* keys, const int64_t* order) {
+  if (*P.bad) return;
+  const int64_t R = P.R;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < R;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = keys[i];
     if (k == kIgnoredKey || (i > 0 && keys[i - 1] == k)) continue;
-    double* a = acc + k * 3;
-    double s0 = a[0], s1 = a[1], s2 = a[2];
+    double* a = P.acc + k * kNumACols;
+    double s0 = a[kLossSum], s1 = a[kCount], s2 = a[kEnergySum];
     for (int64_t j = i; j < R && keys[j] == k; ++j) {
       const int64_t r = order[j];
-      s0 += static_cast<double>(nll[r]);
+      s0 += static_cast<double>(P.nll[r]);
       s1 += 1.0;
-      s2 += static_cast<double>(energy[r]);
+      s2 += static_cast<double>(P.energy[r]);
     }
-    a[0] = s0;
-    a[1] = s1;
-    a[2] = s2;
+    a[kLossSum] = s0;
+    a[kCount] = s1;
+    a[kEnergySum] = s2;
   }
 }
 
@@ -290,91 +294,6 @@ int threads_for(int64_t V, int64_t elems_per_vec) {
 int grid_for(int64_t work, int threads) {
   const int64_t blocks = (work + threads - 1) / threads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocks)));
-}
-
-std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& logits, at::Tensor* grad_out, const at::Tensor& target,
-                                       const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
-                                       const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc,
-                                       int64_t ignore_index, double label_smoothing) {
-  // Shapes, dtypes and devices are checked on the host (no data read); data checks are on device.
-  const CheckedInputs ci = check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale,
-                                           acc, ignore_index, label_smoothing);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t R = ci.R, V = ci.V;
-  auto fopts = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({R}, fopts);
-  at::Tensor nll = at::empty({R}, fopts);
-  at::Tensor energy = at::empty({R}, fopts);
-  if (R == 0) return {loss, nll};
-
-  at::Tensor cw, wsum;
-  if (class_weight.has_value() && class_weight->defined()) {
-    cw = class_weight->to(at::kFloat).contiguous();
-    wsum = at::sum(cw);  // stays on the device: no .item()
-  }
-  // grad_scale's device is not checked by check_ce_inputs: bring it over (a no-op when already there).
-  at::Tensor gs = grad_scale.to(logits.device(), at::kFloat).contiguous();
-  at::Tensor sw = ci.has_sw ? sample_weight.to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor bad = at::zeros({1}, logits.options().dtype(at::kInt));
-
-  const bool has_grad = grad_out != nullptr;
-  CeParams P{R, V, ci.N, ignore_index, static_cast<float>(label_smoothing), target.data_ptr<int64_t>(),
-             cw.defined() ? cw.data_ptr<float>() : nullptr, wsum.defined() ? wsum.data_ptr<float>() : nullptr,
-             ci.has_ids ? sample_ids.data_ptr<int64_t>() : nullptr, sw.defined() ? sw.data_ptr<float>() : nullptr,
-             gs.data_ptr<float>(), loss.data_ptr<float>(), nll.data_ptr<float>(), energy.data_ptr<float>(),
-             bad.data_ptr<int>(), false};
-  if (has_grad) {
-    const auto d = reinterpret_cast<uintptr_t>(logits.data_ptr()) - reinterpret_cast<uintptr_t>(grad_out->data_ptr());
-    P.grad_vec = (d % 16) == 0;
-  }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gdc_ce_cuda", [&] {
-    const int threads = threads_for(V, Vec<scalar_t>::n);
-    const int blocks = static_cast<int>(std::min<int64_t>(R, kMaxBlocks));
-    ce_rows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        logits.data_ptr<scalar_t>(), has_grad ? grad_out->data_ptr<scalar_t>() : nullptr, P);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-
-  if (ci.recording) {
-    double* a = acc.data_ptr<double>();
-    if (at::globalContext().deterministicAlgorithms()) {
-      // at::sort (stable) runs on the stream without host synchronisation.
-      at::Tensor keys = at::where(target.eq(ignore_index), at::Scalar(kIgnoredKey), sample_ids);
-      auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      const at::Tensor& skeys = std::get<0>(sorted);
-      const at::Tensor& order = std::get<1>(sorted);
-      record_sorted_kernel<<<grid_for(R, 256), 256, 0, stream>>>(
-          P.nll, P.energy, skeys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), R, P.bad, a);
-    } else {
-      record_atomic_kernel<<<grid_for(R, 256), 256, 0, stream>>>(P.nll, P.energy, P.target, P.ids, R,
-                                                                  ignore_index, P.bad, a);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return {loss, nll};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                           const c10::optional<at::Tensor>& class_weight,
-                                                           const at::Tensor& sample_ids, const at::Tensor& sample_weight,
-                                                           const at::Tensor& grad_scale, at::Tensor& acc,
-                                                           int64_t ignore_index, double label_smoothing,
-                                                           bool compute_grad) {
-  at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : at::empty({0}, logits.options());
-  auto out = run(logits, compute_grad ? &grad : nullptr, target, class_weight, sample_ids, sample_weight, grad_scale,
-                 acc, ignore_index, label_smoothing);
-  return {std::get<0>(out), std::get<1>(out), grad};
-}
-
-std::tuple<at::Tensor, at::Tensor> ce_fwd_inplace_cuda(at::Tensor& logits, const at::Tensor& target,
-                                                       const c10::optional<at::Tensor>& class_weight,
-                                                       const at::Tensor& sample_ids, const at::Tensor& sample_weight,
-                                                       const at::Tensor& grad_scale, at::Tensor& acc,
-                                                       int64_t ignore_index, double label_smoothing) {
-  TORCH_CHECK_VALUE(logits.is_contiguous(), "gdc.cross_entropy_inplace: input (logits) must be contiguous");
-  return run(logits, &logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, ignore_index,
-             label_smoothing);
 }
 
 // grad *= s: s is read on the device; when the scalar is exactly 1 every thread returns at
@@ -418,16 +337,10 @@ __global__ void scale_rows_kernel(T* grad, int64_t R, int64_t V, const double* s
 
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
   if (grad.numel() == 0) return;
+  check_scale_grad_inputs(grad, grad_output);
   const bool per_row = grad_output.numel() != 1;
-  if (per_row) {
-    TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad.dim() >= 1 && grad_output.size(0) == grad.size(0),
-                      "gdc.scale_grad: grad_output must be a scalar or have one value per row (",
-                      grad.dim() >= 1 ? grad.size(0) : 1, ")");
-  }
-  TORCH_CHECK_VALUE(is_float_dtype(grad.scalar_type()), "gdc.scale_grad: grad must be a float tensor, got ",
-                    grad.scalar_type());
   const c10::cuda::CUDAGuard guard(grad.device());
-  at::Tensor s = grad_output.to(grad.device(), at::kDouble).contiguous();
+  at::Tensor s = grad_output.to(at::kDouble).contiguous();  // on grad's device (checked): no host copy
   if (!grad.is_contiguous()) {
     // Not produced by our kernels; stays on the device but without the early exit.
     grad.mul_(per_row ? s.to(grad.scalar_type()).reshape({-1, 1}) : s.reshape({}));
@@ -448,11 +361,52 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
   });
 }
 
+struct Cuda {
+  using Guard = c10::cuda::CUDAGuard;
+  static void rows(const CeParams& P) { ce_rows_cuda(P, at::cuda::getCurrentCUDAStream()); }
+  static void record(const CeParams& P) { ce_record_cuda(P, at::cuda::getCurrentCUDAStream()); }
+};
+
 }  // namespace
 
+void ce_rows_cuda(const CeParams& P, CUstream_st* stream) {
+  if (P.R == 0) return;
+  const auto d = reinterpret_cast<uintptr_t>(P.logits) - reinterpret_cast<uintptr_t>(P.grad);
+  const bool grad_vec = P.grad != nullptr && (d % 16) == 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, P.dtype, "gdc_ce_cuda", [&] {
+    const int threads = threads_for(P.V, Vec<scalar_t>::n);
+    const int blocks = static_cast<int>(std::min<int64_t>(P.R, kMaxBlocks));
+    BOOL_SWITCH(P.cw != nullptr, kHasCw, [&] {
+      BOOL_SWITCH(P.smoothing > 0.f, kSmooth, [&] {
+        BOOL_SWITCH(P.acc != nullptr, kRecord, [&] {
+          ce_rows_kernel<scalar_t, kHasCw, kSmooth, kRecord><<<blocks, threads, 0, stream>>>(P, grad_vec);
+        });
+      });
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void ce_record_cuda(const CeParams& P, CUstream_st* stream) {
+  if (P.R == 0) return;
+  if (at::globalContext().deterministicAlgorithms()) {
+    // at::sort (stable) runs on the stream without host synchronisation.
+    const auto lopts = at::TensorOptions().dtype(at::kLong).device(at::kCUDA, c10::cuda::current_device());
+    const at::Tensor target = at::from_blob(const_cast<int64_t*>(P.target), {P.R}, lopts);
+    const at::Tensor ids = at::from_blob(const_cast<int64_t*>(P.ids), {P.R}, lopts);
+    at::Tensor keys = at::where(target.eq(P.ignore_index), at::Scalar(kIgnoredKey), ids);
+    auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    record_sorted_kernel<<<grid_for(P.R, 256), 256, 0, stream>>>(P, std::get<0>(sorted).data_ptr<int64_t>(),
+                                                                std::get<1>(sorted).data_ptr<int64_t>());
+  } else {
+    record_atomic_kernel<<<grid_for(P.R, 256), 256, 0, stream>>>(P);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 TORCH_LIBRARY_IMPL(gdc, CUDA, m) {
-  m.impl("cross_entropy_fwd", &ce_fwd_cuda);
-  m.impl("cross_entropy_fwd_inplace", &ce_fwd_inplace_cuda);
+  m.impl("cross_entropy_fwd", &ce_fwd<Cuda>);
+  m.impl("cross_entropy_fwd_inplace", &ce_fwd_inplace<Cuda>);
   m.impl("scale_grad_", &scale_grad_cuda);
 }
 
