@@ -76,7 +76,8 @@ def _read_reference(path: str, num_samples: int):
                             raise ValueError(f"line {n} is not a float: {line.strip()[:40]!r}") from None
             values = np.array(values, dtype=np.float64)
     except Exception as e:  # numpy, torch and text parsing raise their own error types
-        raise _UsageError(f"--reference: cannot read {path!r} (.npy, .pt, or one float per line): {e}") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # one line: torch's are long
+        raise _UsageError(f"--reference: cannot read {path!r} (.npy, .pt, or one float per line): {why}") from None
     try:
         return check_reference(values, num_samples)
     except ValueError as e:
