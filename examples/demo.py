@@ -6,7 +6,9 @@
 2. Write the data map (docs/data_map.png by default) and the state (for `gdc report`).
 3. From that checkpoint, continue training twice for the same number of epochs: plainly, and with
    the interventions (CartoSampler: ambiguous-hard up-sampled by gamma, noisy-outliers removed;
-   hotspots down-weighted by alpha in the loss; optionally the top --prune fraction by m removed).
+   hotspots down-weighted by alpha in the loss; optionally the top --prune fraction by the score removed).
+   The score on the memorized axis and for pruning is --by (default gdc_ext.DEFAULT_SCORE; "memorization"
+   is the paper's m_i).
 4. Print validation perplexity and canary (secret) loss at labelling time and after each branch.
 
 Corpus: most sequences follow a fixed low-entropy Markov chain (learnable); some are uniform
@@ -23,7 +25,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from gdc_ext import QUADRANT_NAMES, Cartographer, prune
+from gdc_ext import DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, prune, score_values
 from paper.models import LSTMLM
 from paper.train import train_epoch
 
@@ -77,9 +79,9 @@ def evaluate(model, val, canaries):
     return out
 
 
-def summary_table(scores, codes, group) -> str:
-    lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean m':>9}  " + "".join(f"{g:>8}" for g in GROUPS)]
-    m = scores.memorization_at()
+def summary_table(scores, codes, group, by: str = "memorization") -> str:
+    lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean ' + by:>14}  " + "".join(f"{g:>8}" for g in GROUPS)]
+    m = score_values(scores, by)
     for q in (0, 1, 2, 3, -1):
         sel = codes == q
         n = int(sel.sum())
@@ -88,7 +90,7 @@ def summary_table(scores, codes, group) -> str:
         md = float(scores.difficulty[sel].mean()) if n else float("nan")
         mm = float(m[sel].mean()) if n else float("nan")
         per = "".join(f"{int((group[sel] == g).sum()):>8}" for g in range(3))
-        lines.append(f"{QUADRANT_NAMES[q]:<20}{n:>6}{md:>9.3f}{mm:>9.3f}  {per}")
+        lines.append(f"{QUADRANT_NAMES[q]:<20}{n:>6}{md:>9.3f}{mm:>14.3f}  {per}")
     return "\n".join(lines)
 
 
@@ -111,7 +113,9 @@ def main(argv=None) -> dict:
     p.add_argument("--gamma", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.1, help="loss weight of hotspots")
     p.add_argument("--keep-outliers", action="store_true")
-    p.add_argument("--prune", type=float, default=0.05, help="also drop this top fraction by m (0: none)")
+    p.add_argument("--by", choices=[b for b in SCORES if b != "excess"], default=DEFAULT_SCORE,
+                   help=f"score of the memorized axis and of pruning (default {DEFAULT_SCORE}; memorization: the paper's m)")
+    p.add_argument("--prune", type=float, default=0.05, help="also drop this top fraction by the score (0: none)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--dim", type=int, default=64)
@@ -138,12 +142,12 @@ def main(argv=None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     carto = Cartographer(num_samples=N, burn_in=args.burn_in, eps=args.eps, alpha_d=args.alpha_d,
                          alpha_m=args.alpha_m, gamma=args.gamma, alpha=args.alpha, keep_outliers=args.keep_outliers,
-                         seed=args.seed, label_after=args.label_after)
+                         seed=args.seed, label_after=args.label_after, memorization=args.by)
     print(f"corpus: {N} training sequences ({', '.join(f'{int((group == g).sum())} {n}' for g, n in enumerate(GROUPS))}), "
           f"{args.val} validation; {args.seq_len} tokens each")
     print(f"Algorithm 1: burn-in T_e = {args.burn_in}, labels after epoch {args.label_after}, eps = {args.eps} nats, "
           f"alpha_d = {args.alpha_d}, alpha_m = {args.alpha_m}, gamma = {args.gamma}, alpha = {args.alpha}, "
-          f"keep_outliers = {args.keep_outliers}, prune = {args.prune}\n")
+          f"keep_outliers = {args.keep_outliers}, prune = {args.prune}, score (--by) = {args.by}\n")
 
     # ---- phase 1: record (burn-in and the epochs up to labelling)
     g = torch.Generator().manual_seed(args.seed)
@@ -156,22 +160,26 @@ def main(argv=None) -> dict:
     scores = carto.state.scores()
     q = carto.quadrants
     codes = q.codes
-    print(f"\nthresholds: tau_d = {q.tau_d:.3f} nats, tau_m = {q.tau_m:.3f} (forget rate over {args.label_after - 1} "
-          f"transitions); state {carto.state.nbytes() / 1024:.1f} KiB\n")
-    print(summary_table(scores, codes, group))
+    print(f"\nthresholds: tau_d = {q.tau_d:.3f} nats, tau_m = {q.tau_m:.3f} ({args.by} after {args.label_after} "
+          f"epochs); state {carto.state.nbytes() / 1024:.1f} KiB\n")
+    print(summary_table(scores, codes, group, args.by))
     n_hot = int((codes == 2).sum())
     hot_canary = int((codes[canary_ids] == 2).sum())
+    high = (codes == 2) | (codes == 3)  # score above tau_m, whatever the difficulty
     m = scores.memorization_at()
+    sc = score_values(scores, args.by)
     forgot = int((scores.forgets_at()[canary_ids] > 0).sum())
-    print(f"\ncanaries: {hot_canary}/{len(canary_ids)} landed in hotspot-memorized "
-          f"({hot_canary / max(len(canary_ids), 1):.0%} vs {n_hot / N:.0%} of all samples: chance); "
+    print(f"\ncanaries: {hot_canary}/{len(canary_ids)} landed in hotspot-memorized, "
+          f"{int(high[canary_ids].sum())}/{len(canary_ids)} above tau_m ({args.by}; "
+          f"{float(high.float().mean()):.0%} of all samples are); "
           f"{forgot}/{len(canary_ids)} had a forget event; mean m canary {float(m[canary_ids].mean()):.3f} "
-          f"vs others {float(m[group != 2].mean()):.3f}")
-    kept = prune(scores, args.prune, by="memorization") if args.prune > 0 else torch.arange(N)
+          f"vs others {float(m[group != 2].mean()):.3f}; mean {args.by} canary {float(sc[canary_ids].mean()):.3f} "
+          f"vs others {float(sc[group != 2].nanmean()):.3f}")
+    kept = prune(scores, args.prune, by=args.by) if args.prune > 0 else torch.arange(N)
     removed = torch.ones(N, dtype=torch.bool)
     removed[kept] = False
     if args.prune > 0:
-        print(f"prune top {args.prune:.0%} by m: removes {int(removed.sum())} samples, "
+        print(f"prune top {args.prune:.0%} by {args.by}: removes {int(removed.sum())} samples, "
               f"{int(removed[canary_ids].sum())}/{len(canary_ids)} of them canaries "
               f"(random at the same budget would remove ~{args.prune * len(canary_ids):.1f})")
 
@@ -182,7 +190,7 @@ def main(argv=None) -> dict:
         from gdc_ext.plot import data_map
 
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        data_map(scores, quadrants=q, highlight=canary_ids, highlight_label="canaries", path=args.out,
+        data_map(scores, quadrants=q, by=args.by, highlight=canary_ids, highlight_label="canaries", path=args.out,
                  title=f"Data map of the demo corpus after {args.label_after} epochs (burn-in {args.burn_in}, "
                        f"eps = {args.eps})\ntau_d = {q.tau_d:.3f}, tau_m = {q.tau_m:.3f}; circles: injected canaries")
         print(f"data map written to {args.out}")

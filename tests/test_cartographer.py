@@ -24,7 +24,7 @@ def test_algorithm_1_phases_and_fixed_labels():
     N = 8
     # difficulty from epoch 1 alone, labels after epoch 3 (forget events over 2 transitions)
     carto = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, gamma=3.0, alpha=0.25,
-                         keep_outliers=False, seed=7, label_after=3)
+                         keep_outliers=False, seed=7, label_after=3, memorization="memorization")
     # 0-3 learnt every epoch (easy); 4-5 learnt, forgotten, relearnt (memorized); 6 never learnt
     # (hard); 7 hard in epoch 1 and forgotten later (noisy outlier).
     script = [
@@ -54,6 +54,61 @@ def test_algorithm_1_phases_and_fixed_labels():
     assert carto.quadrants.codes.tolist() == q.codes.tolist()
     assert s.epoch == 4 and collections.Counter(s) == collections.Counter(first)  # integer multiplicities
     assert int(carto.state.scores().observed[7]) == 3  # removed outlier not seen in epoch 4
+
+
+def test_default_score_labels_rote_learnt_samples():
+    """The default memorized axis is DEFAULT_SCORE; with the learning gain, samples that are hard
+    during burn-in and learnt at the end (rote learning, no forget event) are the ones selected."""
+    N = 8
+    carto = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, label_after=3)
+    assert carto.memorization == gdc_ext.DEFAULT_SCORE == "gain" and carto.config()["memorization"] == "gain"
+    # 0-3 easy throughout; 4-5 hard, hard, then learnt (rote); 6 never learnt; 7 learnt then lost
+    script = [[True] * 4 + [False, False, False, True],
+              [True] * 4 + [False, False, False, True],
+              [True] * 4 + [True, True, False, False]]
+    for e in range(3):
+        _epoch(carto, range(N), script[e])
+        carto.end_epoch()
+    # gain high and d high for 4-5: quadrant 3 (removed by the sampler), 6 hard without gain
+    assert carto.quadrants.codes.tolist() == [0, 0, 0, 0, 3, 3, 1, 0]
+    assert carto.multiplicities().tolist() == [1, 1, 1, 1, 0, 0, 2, 1]
+    assert carto.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
+    assert torch.equal(carto.prune(0.25), gdc_ext.prune(carto.state.scores(), 0.25, by="gain"))
+    # the paper's m_i finds no forget event in samples 4-5 (their loss only falls)
+    assert carto.state.scores().memorization_at()[[4, 5]].tolist() == [0.0, 0.0]
+
+
+def test_excess_choice_and_state_dict_round_trip():
+    N = 6
+    ref = torch.linspace(1.0, 3.0, N, dtype=torch.float64)
+    kw = dict(num_samples=N, burn_in=2, eps=1.0, alpha_d=0.5, alpha_m=0.5, seed=1, memorization="excess",
+              reference=ref.numpy())
+    a = Cartographer(**kw)
+    for e in range(2):
+        _epoch(a, range(N), [(i + e) % 3 == 0 for i in range(N)])
+        a.end_epoch()
+    s = a.state.scores()
+    expect = gdc_ext.quadrants(s.difficulty, s.excess(ref), 0.5, 0.5)
+    assert a.quadrants.codes.tolist() == expect.codes.tolist()
+    assert torch.equal(a.prune(0.5), gdc_ext.prune(s, 0.5, by="excess", reference=ref))
+    sd = a.state_dict()
+    assert sd["config"]["memorization"] == "excess" and torch.equal(sd["reference"], ref)
+    b = Cartographer(**{**kw, "reference": ref})  # a tensor, the same values
+    b.load_state_dict(sd)
+    assert b.quadrants.codes.tolist() == a.quadrants.codes.tolist() and torch.equal(b.reference, a.reference)
+    assert torch.equal(b.prune(0.5), a.prune(0.5)) and list(b.sampler()) == list(a.sampler())
+    for other, match in ((dict(reference=ref + 1), "reference"), (dict(memorization="gain", reference=None),
+                                                                  "memorization")):
+        c = Cartographer(**{**kw, **other})
+        with pytest.raises(ValueError, match=match):
+            c.load_state_dict(sd)
+        assert not c.intervening
+    # a state_dict saved before the choice existed (no "memorization", no "reference") used m_i
+    old = Cartographer(num_samples=N, burn_in=2, eps=1.0, memorization="memorization").state_dict()
+    del old["config"]["memorization"], old["reference"]
+    Cartographer(num_samples=N, burn_in=2, eps=1.0, memorization="memorization").load_state_dict(old)
+    with pytest.raises(ValueError, match="memorization"):
+        Cartographer(num_samples=N, burn_in=2, eps=1.0, memorization="gain").load_state_dict(old)
 
 
 def test_state_dict_resume():
@@ -86,7 +141,9 @@ def test_state_dict_resume():
     (dict(gamma=1.0), "gamma"), (dict(alpha=1.0), "alpha"), (dict(alpha_d=2.0), "alpha_d"),
     (dict(alpha_m=-0.1), "alpha_m"), (dict(burn_in=1), "label_after"), (dict(label_after=1), "label_after"),
     (dict(eps_index=1), "eps_index"), (dict(seed=1.5), "seed"), (dict(num_samples=0), "num_samples"),
-    (dict(eps=-1.0), "eps"),
+    (dict(eps=-1.0), "eps"), (dict(memorization="entropy"), "memorization must be one of"),
+    (dict(memorization="excess"), "needs reference"), (dict(memorization="excess", reference=[1.0] * 3), "reference"),
+    (dict(reference=[1.0, 2.0, float("nan"), 1.0]), "reference"),
 ])
 def test_bad_arguments(kw, match):
     args = dict(num_samples=4, burn_in=2, eps=1.0)

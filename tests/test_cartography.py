@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import gdc_ext
 from gdc_ext import reference
-from gdc_ext.cartography import PRUNE_BY
+from gdc_ext.cartography import DEFAULT_SCORE, PRUNE_BY, SCORES
 from gdc_ext.state import Scores
 
 
@@ -34,12 +34,13 @@ def test_quadrants_match_reference(case):
     assert q.counts()["unscored"] == int(np.isnan(d).sum())
 
 
-def _scores(d, m):
+def _scores(d, m, last=None):
     d = torch.as_tensor(d, dtype=torch.float64)
     m = torch.as_tensor(m, dtype=torch.float64)
+    last = d if last is None else torch.as_tensor(last, dtype=torch.float64)
     n = len(d)
     z = torch.zeros(n, dtype=torch.int32)
-    return Scores(difficulty=d, memorization_by_eps=m, forgets_by_eps=z, transitions=z, observed=z, last_loss=d,
+    return Scores(difficulty=d, memorization_by_eps=m, forgets_by_eps=z, transitions=z, observed=z, last_loss=last,
                   min_loss=None, loss_mean=None, loss_std=None, grad_energy=None, eps=(1.0,), epoch=3, burn_in=2)
 
 
@@ -65,42 +66,106 @@ def test_multiplicities_and_loss_weights():
         gdc_ext.quadrants([1.0], [0.0], alpha_d=1.5)
 
 
+def _spec_score(by, d, m, last, ref):
+    """The selection scores of docs/method.md, written from the definitions (random aside)."""
+    return {"memorization": np.where(np.isnan(d), np.nan, m), "gain": d - last, "excess": ref - last,
+            "loss": d}[by]
+
+
 @given(st.integers(1, 60), st.floats(0, 1), st.integers(0, 2**31 - 1))
 def test_prune_budget_and_order(n, fraction, seed):
     rng = np.random.default_rng(seed)
+    # few distinct values everywhere: many ties in every score, and some unscored samples
     d = rng.choice([0.5, 1.0, 2.0, np.nan], size=n)
     m = rng.choice([0.0, 0.0, 0.5, 1.0], size=n)
-    s = _scores(d, m)
+    last = np.where(np.isnan(d) & (rng.random(n) < 0.5), np.nan, rng.choice([0.0, 0.5, 1.0], size=n))
+    ref = rng.choice([1.0, 2.0], size=n)
+    s = _scores(d, m, last)
     scored = np.flatnonzero(~np.isnan(d))
-    k = int(round(fraction * len(scored)))
-    kept = {}
-    for by in ("memorization", "loss", "random"):
-        ids = gdc_ext.prune(s, fraction, by=by, seed=seed)
+    k = int(round(fraction * n))
+    for by in SCORES:
+        ids = gdc_ext.prune(s, fraction, by=by, seed=seed, reference=ref)
         assert ids.dtype == torch.int64 and ids.tolist() == sorted(set(ids.tolist()))
-        assert len(ids) == n - k  # same budget for the method and its baselines
-        assert set(np.flatnonzero(np.isnan(d))) <= set(ids.tolist())  # unscored always kept
-        kept[by] = set(ids.tolist())
-    removed = [i for i in reference.prune_order(m, d) if not np.isnan(d[i])][:k]
-    assert kept["memorization"] == set(range(n)) - set(removed)
-    # the random baseline removes the first k of a seeded permutation of the scored ids
-    assert kept["random"] == set(range(n)) - set(np.random.default_rng(seed).permutation(scored)[:k].tolist())
-    # the selection order: the reference's order over the scored samples, then the unscored by id
+        assert len(ids) == n - k  # exactly the budget, the same for every score and the baselines
+        again = gdc_ext.prune(s, fraction, by=by, seed=seed, reference=torch.from_numpy(ref))
+        assert torch.equal(ids, again)  # deterministic, array or tensor reference alike
+        removed = set(range(n)) - set(ids.tolist())
+        if by == "random":  # the first k of a seeded permutation of the scored ids, then unscored by id
+            perm = np.random.default_rng(seed).permutation(scored).tolist()
+            expect = (perm + np.flatnonzero(np.isnan(d)).tolist())[:k]
+        else:  # the plain-sort specification: highest score, ties by higher d then id, NaN last
+            expect = reference.select(_spec_score(by, d, m, last, ref), fraction, d).tolist()
+        assert removed == set(expect), by
+        values = gdc_ext.score_values(s, by, seed=seed, reference=ref).numpy()
+        if by != "random":
+            np.testing.assert_array_equal(values, _spec_score(by, d, m, last, ref))
+        # unscored samples go last: one is removed only when every scored one is
+        unscored_removed = removed - set(np.flatnonzero(~np.isnan(values)).tolist())
+        assert not unscored_removed or set(np.flatnonzero(~np.isnan(values)).tolist()) <= removed
+    # the paper's rule is unchanged: the order of reference.prune_order over the scored samples
     order = gdc_ext.selection_order(gdc_ext.score_values(s, "memorization"), s.difficulty).tolist()
     unscored = np.flatnonzero(np.isnan(d)).tolist()
     assert order == [i for i in reference.prune_order(m, d) if not np.isnan(d[i])] + unscored
-    removed_loss = set(range(n)) - kept["loss"]
-    if k:  # the loss baseline removes the highest difficulties
-        assert min(d[list(removed_loss)]) >= max(d[list(kept["loss"] & set(scored))], default=-np.inf)
+
+
+def test_prune_many_ties_hand_case():
+    # every score ties; the budget (2 of 6) is filled by higher difficulty, then lower id
+    d = [1.0, 3.0, 3.0, 2.0, np.nan, 3.0]
+    s = _scores(d, [0.5] * 6, last=[0.0, 2.0, 2.0, 1.0, 0.0, 2.0])
+    for by in ("memorization", "gain", "excess", "loss"):
+        assert gdc_ext.prune(s, 2 / 6, by=by, reference=[3.0, 5.0, 5.0, 4.0, 3.0, 5.0]).tolist() == [0, 3, 4, 5], by
+    # gain = d - last = [1, 1, 1, 1, nan, 1]: the unscored sample goes last, even at fraction 1 - 1/6
+    assert gdc_ext.prune(s, 5 / 6, by="gain").tolist() == [4]
+    assert gdc_ext.prune(s, 1.0, by="gain").tolist() == []
+    assert gdc_ext.prune(s, 0.0, by="gain").tolist() == list(range(6))
 
 
 def test_prune_ties_broken_by_difficulty_and_bad_input():
     s = _scores([1.0, 3.0, 2.0, 0.5], [0.5, 0.5, 0.5, 0.0])
     assert gdc_ext.prune(s, 0.25).tolist() == [0, 2, 3]  # ties at m = 0.5: the hardest goes first
     assert gdc_ext.prune(s, 0.5).tolist() == [0, 3]
-    with pytest.raises(ValueError, match="fraction"):
-        gdc_ext.prune(s, 1.5)
-    with pytest.raises(ValueError, match="by"):
+    for bad in (1.5, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="fraction"):
+            gdc_ext.prune(s, bad)
+    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'loss', 'random'"):
         gdc_ext.prune(s, 0.1, by="entropy")
+    with pytest.raises(ValueError, match="by must be one of"):
+        gdc_ext.prune(s, 0.1, by=None)
+    with pytest.raises(ValueError, match="excess.*needs reference"):
+        gdc_ext.prune(s, 0.1, by="excess")
+
+
+@pytest.mark.parametrize("ref, match", [
+    ([1.0, 2.0, 3.0], r"\[N = 4\].*got 3 values"),
+    ([1.0, float("nan"), 2.0, 3.0], "NaN/inf.*first at id 1"),
+    (np.array([1.0, 2.0, np.inf, 3.0]), "NaN/inf.*first at id 2"),
+    (np.ones((4, 1)), r"got shape \(4, 1\)"),
+    (torch.ones(2, 2), r"got shape \(2, 2\)"),
+    (["a", "b", "c", "d"], "dtype <U1"),
+    (np.array([True, False, True, False]), "dtype bool"),
+    (torch.tensor([True, False, True, False]), "torch.bool"),
+    ([[1.0], [2.0, 3.0], [4.0], [5.0]], "reference must be"),
+    (3.0, r"got shape \(\)"),
+])
+def test_bad_reference_names_reference(ref, match):
+    s = _scores([1.0, 2.0, 3.0, 4.0], [0.0] * 4)
+    for call in (lambda: s.excess(ref), lambda: gdc_ext.prune(s, 0.5, by="excess", reference=ref),
+                 lambda: gdc_ext.score_values(s, "gain", reference=ref),  # checked whenever given
+                 lambda: s.quadrants(by="excess", reference=ref)):
+        with pytest.raises(ValueError, match="reference") as e:
+            call()
+        assert e.match(match)
+
+
+def test_gain_and_excess_values():
+    nan = float("nan")
+    s = _scores([2.0, nan, 1.0, 3.0], [0.0] * 4, last=[0.5, 0.25, nan, 3.5])
+    np.testing.assert_array_equal(s.gain.numpy(), [1.5, nan, nan, -0.5])
+    ex = s.excess(np.array([1.0, 1.0, 1.0, 4.0]))
+    assert ex.dtype == torch.float64 and ex.shape == (4,)
+    np.testing.assert_array_equal(ex.numpy(), [0.5, 0.75, nan, 0.5])  # NaN only where never observed
+    np.testing.assert_array_equal(s.excess(torch.tensor([1, 1, 1, 4])).numpy(), ex.numpy())  # ints are numbers
+    assert s.gain.dtype == torch.float64
 
 
 def test_selection_order_and_score_values():
@@ -120,9 +185,43 @@ def test_selection_order_and_score_values():
     assert s.difficulty[0] == 1.0
     r = gdc_ext.score_values(s, "random", seed=3)
     assert torch.isnan(r[1]) and sorted(r[[0, 2]].tolist()) == [1.0, 2.0]
-    assert set(PRUNE_BY) == {"memorization", "loss", "random"}
-    with pytest.raises(ValueError, match="by must be one of 'memorization', 'loss', 'random'"):
+    assert SCORES == tuple(PRUNE_BY) == ("memorization", "gain", "excess", "loss", "random")
+    assert DEFAULT_SCORE in SCORES and DEFAULT_SCORE != "excess"  # a default cannot need a reference
+    assert gdc_ext.DEFAULT_SCORE == DEFAULT_SCORE and gdc_ext.SCORES == SCORES
+    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'loss', 'random'"):
         gdc_ext.score_values(s, "entropy")
+
+
+def test_quadrants_by_any_score_and_the_sampler_chain():
+    rng = np.random.default_rng(0)
+    n = 30
+    d = np.where(rng.random(n) < 0.1, np.nan, rng.random(n) * 4)
+    last = np.where(np.isnan(d), np.nan, rng.random(n) * 2)
+    s = _scores(d, rng.choice([0.0, 0.5, 1.0], size=n), last)
+    ref = rng.random(n) * 5
+    for by in SCORES:
+        q = s.quadrants(0.5, 0.75, by=by, reference=ref, seed=3)
+        m = gdc_ext.score_values(s, by, reference=ref, seed=3)
+        codes, (tau_d, tau_m) = reference.quadrants(d, m.numpy(), 0.5, 0.75)  # the functional spec on any axis
+        np.testing.assert_array_equal(q.codes.numpy(), codes)
+        assert (q.tau_d, q.tau_m) == (tau_d, tau_m)
+        assert torch.equal(gdc_ext.quadrants(s.difficulty, m, 0.5, 0.75).codes, q.codes)
+        assert torch.equal(s.quadrants(0.5, 0.75, memorization=by, reference=ref, seed=3).codes, q.codes)
+        # quadrants -> multiplicities -> sampler: removed outliers never drawn, hard ones gamma times
+        sampler = gdc_ext.CartoSampler(q, gamma=3.0, seed=1)
+        counts = sampler.counts()
+        c = q.codes.numpy()
+        assert (counts.numpy()[c == 3] == 0).all() and (counts.numpy()[c == 1] == 3).all()
+        assert sorted(iter(sampler)) == sorted(np.repeat(np.arange(n), counts.numpy()).tolist())
+    assert torch.equal(s.quadrants().codes, s.quadrants(by="memorization").codes)  # the paper's default
+    np.testing.assert_array_equal(s.quadrants(by="gain").codes.numpy(),
+                                  reference.quadrants(d, d - last)[0])
+    with pytest.raises(ValueError, match="not both"):
+        s.quadrants(by="gain", memorization="loss")
+    with pytest.raises(ValueError, match="needs reference"):
+        s.quadrants(by="excess")
+    with pytest.raises(ValueError, match="by must be one of"):
+        s.quadrants(memorization="entropy")
 
 
 def test_prune_picks_the_threshold_by_eps_or_index():

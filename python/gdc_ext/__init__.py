@@ -17,9 +17,12 @@ __all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_samp
 
 from gdc_ext.cartography import (QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune,  # noqa: E402
                                   quadrants, score_values, selection_order)
-
 __all__ += ["QUADRANT_NAMES", "Quadrants", "loss_weights", "multiplicities", "prune", "quadrants", "score_values",
             "selection_order"]
+
+from gdc_ext.cartography import DEFAULT_SCORE, SCORES  # noqa: E402  (the by= vocabulary and its default)
+
+__all__ += ["DEFAULT_SCORE", "SCORES"]
 
 from gdc_ext.sampler import CartoSampler  # noqa: E402
 from gdc_ext.cartographer import Cartographer  # noqa: E402

@@ -17,6 +17,13 @@ not chase it). The labels give the per-sample loss weights (``alpha`` on hotspot
 :attr:`loss`) and the :class:`~gdc_ext.CartoSampler` (``gamma`` on ambiguous-hard samples,
 noisy-outliers removed unless ``keep_outliers``). Memorization at labelling time counts forget
 events over the epochs recorded so far, so ``label_after`` must be at least 2.
+
+The memorized axis of the quadrants (and :meth:`Cartographer.prune`) uses the score named by
+``memorization``, one of :data:`gdc_ext.cartography.SCORES`; the default is
+:data:`gdc_ext.cartography.DEFAULT_SCORE`, the score the reproduction found to detect memorized
+samples ("memorization" is the paper's m_i). With "gain", rote-learnt samples (hard during
+burn-in, easy at the end) have a high difficulty and a high gain, so they fall in quadrant 3
+(removed from the sampler unless ``keep_outliers``).
 """
 from __future__ import annotations
 
@@ -24,15 +31,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from gdc_ext.cartography import QUADRANT_NAMES, Quadrants, loss_weights, multiplicities
+from gdc_ext.cartography import (DEFAULT_SCORE, PRUNE_BY, QUADRANT_NAMES, Quadrants, loss_weights, multiplicities,
+                                 prune)
 from gdc_ext.loss import CartoLoss
 from gdc_ext.sampler import CartoSampler
-from gdc_ext.state import CartoState
+from gdc_ext.state import CartoState, check_reference
 
 __all__ = ["Cartographer"]
 
 _CONFIG = ("num_samples", "burn_in", "eps", "alpha_d", "alpha_m", "gamma", "alpha", "keep_outliers", "seed",
-           "label_after", "eps_index")
+           "label_after", "eps_index", "memorization")
 
 
 class Cartographer:
@@ -48,7 +56,11 @@ class Cartographer:
         keep_outliers: keep noisy-outliers instead of removing them from the sampler.
         seed: the sampler's seed (epoch e draws with ``seed + e``).
         label_after: epoch at whose end the labels are computed (default ``burn_in``; >= burn_in, >= 2).
-        eps_index: which eps labels, when several are tracked.
+        eps_index: which eps labels, when several are tracked (used by "memorization").
+        memorization: the score on the memorized axis and for :meth:`prune`, one of
+            :data:`gdc_ext.cartography.SCORES` (default :data:`~gdc_ext.cartography.DEFAULT_SCORE`).
+        reference: [N] per-sample reference losses in nats per token (tensor or array, finite),
+            required by ``memorization="excess"``; saved in :meth:`state_dict`.
         device, extras: passed to :class:`~gdc_ext.CartoState`.
         **loss_kwargs: passed to :class:`~gdc_ext.CartoLoss` (``ignore_index``, ``reduction``, ...).
     """
@@ -56,7 +68,8 @@ class Cartographer:
     def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]], alpha_d: float = 0.75,
                  alpha_m: float = 0.75, gamma: float = 2.0, alpha: float = 0.5, keep_outliers: bool = False,
                  seed: int = 0, label_after: Optional[int] = None, eps_index: int = 0,
-                 device: Union[str, torch.device] = "cpu", extras: bool = True, **loss_kwargs):
+                 device: Union[str, torch.device] = "cpu", extras: bool = True, *,
+                 memorization: str = DEFAULT_SCORE, reference=None, **loss_kwargs):
         self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras)
         for name, a in (("alpha_d", alpha_d), ("alpha_m", alpha_m)):
             if not 0.0 <= float(a) <= 1.0:
@@ -73,6 +86,15 @@ class Cartographer:
             raise ValueError(f"eps_index must be in [0, {self.state.num_eps}), got {eps_index!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(memorization, str) or memorization not in PRUNE_BY:
+            raise ValueError(f"memorization must be one of {', '.join(repr(k) for k in PRUNE_BY)}, "
+                             f"got {memorization!r}")
+        if memorization == "excess" and reference is None:
+            raise ValueError("memorization='excess' needs reference=: a 1-D [N] array of per-sample reference "
+                             "losses in nats per token")
+        self.memorization = memorization
+        # [N] float64 on the CPU (scores are read on the CPU), or None
+        self.reference = None if reference is None else check_reference(reference, self.state.num_samples)
         self.alpha_d, self.alpha_m = float(alpha_d), float(alpha_m)
         self.gamma, self.alpha = float(gamma), float(alpha)
         self.keep_outliers, self.seed = bool(keep_outliers), seed
@@ -95,7 +117,7 @@ class Cartographer:
         return {"num_samples": self.num_samples, "burn_in": self.state.burn_in, "eps": self.state.eps.tolist(),
                 "alpha_d": self.alpha_d, "alpha_m": self.alpha_m, "gamma": self.gamma, "alpha": self.alpha,
                 "keep_outliers": self.keep_outliers, "seed": self.seed, "label_after": self.label_after,
-                "eps_index": self.eps_index}
+                "eps_index": self.eps_index, "memorization": self.memorization}
 
     def end_epoch(self) -> bool:
         """Folds the epoch into the scores (all-reduced across ranks when distributed). Returns True
@@ -112,8 +134,17 @@ class Cartographer:
         return started
 
     def _label(self) -> None:
-        self.quadrants = self.state.scores().quadrants(self.alpha_d, self.alpha_m, eps_index=self.eps_index)
+        self.quadrants = self.state.scores().quadrants(self.alpha_d, self.alpha_m, eps_index=self.eps_index,
+                                                       by=self.memorization, reference=self.reference,
+                                                       seed=self.seed)
         self._apply_weights()
+
+    def prune(self, fraction: float) -> torch.Tensor:
+        """Ids kept [N - round(fraction * N)] int64 after removing the top ``fraction`` of samples by
+        this Cartographer's ``memorization`` score on the current scores (see
+        :func:`gdc_ext.prune`; "random" is seeded by ``seed``)."""
+        return prune(self.state.scores(), fraction, by=self.memorization, seed=self.seed,
+                     eps_index=self.eps_index, reference=self.reference)
 
     def _apply_weights(self) -> None:
         self.loss.set_sample_weights(loss_weights(self.quadrants, self.alpha).to(self.state.device))
@@ -150,21 +181,32 @@ class Cartographer:
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to resume: the CartoState, the configuration and the fixed labels."""
+        """Everything needed to resume: the CartoState, the configuration (with the ``memorization``
+        score), the ``reference`` [N] (or None) and the fixed labels."""
         q = self.quadrants
         return {"state": self.state.state_dict(), "config": self.config(),
+                "reference": None if self.reference is None else self.reference.clone(),
                 "codes": None if q is None else q.codes.clone(),
                 "tau_d": None if q is None else q.tau_d, "tau_m": None if q is None else q.tau_m}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restores a :meth:`state_dict` of a Cartographer with the same configuration."""
+        """Restores a :meth:`state_dict` of a Cartographer with the same configuration (and the same
+        reference, if any); all checks run before anything is replaced."""
         if not isinstance(sd, dict) or not {"state", "config", "codes"} <= sd.keys():
             raise ValueError("state_dict: expected a dict from Cartographer.state_dict()")
         mine = self.config()
+        saved = {"memorization": "memorization", **sd["config"]}  # saved before the choice existed: m_i
         for key in _CONFIG:
-            if sd["config"].get(key) != mine[key]:
-                raise ValueError(f"state_dict: mismatched Cartographer: {key} is {sd['config'].get(key)!r} in the "
+            if saved.get(key) != mine[key]:
+                raise ValueError(f"state_dict: mismatched Cartographer: {key} is {saved.get(key)!r} in the "
                                  f"saved one but {mine[key]!r} here")
+        saved_ref = sd.get("reference")
+        if (saved_ref is None) != (self.reference is None) or (
+                saved_ref is not None and not torch.equal(torch.as_tensor(saved_ref, dtype=torch.float64),
+                                                          self.reference)):
+            raise ValueError("state_dict: mismatched Cartographer: reference differs between the saved one ("
+                             f"{'none' if saved_ref is None else 'given'}) and this one "
+                             f"({'none' if self.reference is None else 'given'})")
         codes = sd["codes"]
         if codes is not None:
             codes = torch.as_tensor(codes)

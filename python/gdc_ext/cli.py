@@ -1,11 +1,17 @@
 """`gdc`: the command line over a saved CartoState (``CartoState.save(path)``).
 
-    gdc report STATE [--alpha-d A] [--alpha-m A] [--eps-index K] [--top-k K] [--json]
-    gdc plot   STATE -o map.png [--alpha-d A] [--alpha-m A] [--eps-index K] [--jitter J]
-    gdc select STATE (--quadrant Q | --prune FRACTION [--by memorization|loss|random|...] [--seed S]) [-o ids.txt]
+    gdc report STATE [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top-k K] [--json]
+    gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
+    gdc select STATE (--quadrant Q | --prune FRACTION) [--by SCORE] [--reference FILE] [--seed S] [-o ids.txt]
 
-A missing, corrupted or foreign state file, or a bad argument, prints one line on stderr and
-exits with status 2 (no traceback).
+SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, loss, random): the score
+of the memorized axis (report, plot, --quadrant) and of pruning. The default is
+gdc_ext.cartography.DEFAULT_SCORE, or "excess" when --reference is given. FILE holds one
+reference loss per sample (nats per token): a .npy array, a .pt tensor, or text with one float
+per line.
+
+A missing, corrupted or foreign state or reference file, or a bad argument, prints one line on
+stderr and exits with status 2 (no traceback).
 """
 from __future__ import annotations
 
@@ -44,18 +50,69 @@ def _eps(scores, eps_index: int) -> float:
         raise _UsageError(f"--eps-index: {e}") from None
 
 
+def _read_reference(path: str, num_samples: int):
+    """The --reference file as a checked [N] float64 tensor (usage errors name the file)."""
+    import os
+
+    import torch
+
+    from gdc_ext.state import check_reference
+
+    if not os.path.isfile(path):
+        raise _UsageError(f"--reference: no file at {path!r}")
+    try:
+        if path.endswith(".npy"):
+            values = np.load(path, allow_pickle=False)
+        elif path.endswith(".pt"):
+            values = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            values = []
+            with open(path) as fh:
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            values.append(float(line))
+                        except ValueError:
+                            raise ValueError(f"line {n} is not a float: {line.strip()[:40]!r}") from None
+            values = np.array(values, dtype=np.float64)
+    except Exception as e:  # numpy, torch and text parsing raise their own error types
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # one line: torch's are long
+        raise _UsageError(f"--reference: cannot read {path!r} (.npy, .pt, or one float per line): {why}") from None
+    try:
+        return check_reference(values, num_samples)
+    except ValueError as e:
+        raise _UsageError(f"--reference {path!r}: {e}") from None
+
+
+def _choice(args, scores):
+    """(by, reference) from --by and --reference: --by defaults to DEFAULT_SCORE, or to "excess"
+    when a reference is given; "excess" without a reference is a usage error."""
+    from gdc_ext.cartography import DEFAULT_SCORE
+
+    reference = None if args.reference is None else _read_reference(args.reference, len(scores.difficulty))
+    by = args.by if args.by is not None else ("excess" if reference is not None else DEFAULT_SCORE)
+    if by == "excess" and reference is None:
+        raise _UsageError("--by excess needs --reference FILE (one reference loss per sample, nats per token)")
+    return by, reference
+
+
 def _report(args) -> int:
-    from gdc_ext.cartography import QUADRANT_NAMES, score_values, selection_order
+    from gdc_ext.cartography import QUADRANT_NAMES, SCORE_LABELS, score_values, selection_order
 
     scores = _load(args.state).scores()
     eps = _eps(scores, args.eps_index)
+    by, reference = _choice(args, scores)
+    score = score_values(scores, by, seed=args.seed, eps=eps, reference=reference).numpy()
     m = scores.memorization_at(eps).numpy()
+    gain = scores.gain.numpy()
     forgets = scores.forgets_at(eps).numpy()
     d = scores.difficulty.numpy()
-    q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps)
+    last = scores.last_loss.numpy()
+    q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps, by=by, reference=reference, seed=args.seed)
     codes = q.codes.numpy()
-    order = selection_order(score_values(scores, "memorization", eps=eps), scores.difficulty).numpy()
-    hot = [int(i) for i in order if codes[i] == 2][:args.top_k]
+    order = [int(i) for i in selection_order(score, scores.difficulty).numpy() if not np.isnan(score[i])]
+    top = order[:args.top_k]
+    hot = [i for i in order if codes[i] == 2][:args.top_k]
     rows = []
     for code in (0, 1, 2, 3, -1):
         sel = codes == code
@@ -63,28 +120,37 @@ def _report(args) -> int:
         rows.append({"code": code, "quadrant": QUADRANT_NAMES[code], "n": n,
                      "share": n / len(codes),
                      "mean_d": float(np.mean(d[sel])) if n and code != -1 else None,
-                     "mean_m": float(np.mean(m[sel])) if n and code != -1 else None})
+                     "mean_m": float(np.mean(score[sel])) if n and code != -1 else None})
+
+    def row(i):
+        return {"id": i, "score": float(score[i]), "memorization": float(m[i]), "difficulty": float(d[i]),
+                "last_loss": float(last[i]), "gain": float(gain[i]), "forgets": int(forgets[i]),
+                "transitions": int(scores.transitions[i])}
+
     out = {"num_samples": len(codes), "epochs": scores.epoch, "burn_in": scores.burn_in,
-           "eps": eps, "eps_index": args.eps_index, "alpha_d": args.alpha_d,
+           "eps": eps, "eps_index": args.eps_index, "by": by, "score": SCORE_LABELS[by],
+           "reference": args.reference, "alpha_d": args.alpha_d,
            "alpha_m": args.alpha_m, "tau_d": q.tau_d, "tau_m": q.tau_m, "quadrants": rows,
-           "top_hotspots": [{"id": i, "memorization": float(m[i]), "difficulty": float(d[i]),
-                             "forgets": int(forgets[i]),
-                             "transitions": int(scores.transitions[i])} for i in hot]}
+           "top_candidates": [row(i) for i in top], "top_hotspots": [row(i) for i in hot]}
     if args.json:
         print(json.dumps(_finite(out), indent=2, allow_nan=False))
         return 0
     print(f"state: {args.state}")
     print(f"N = {out['num_samples']}, epochs = {out['epochs']}, burn-in = {out['burn_in']}, eps = {out['eps']:g} nats")
-    print(f"tau_d = {q.tau_d:.4f} (alpha_d = {args.alpha_d}), tau_m = {q.tau_m:.4f} (alpha_m = {args.alpha_m})\n")
-    print(f"{'code':>4}  {'quadrant':<18}{'n':>8}{'share':>8}{'mean d':>9}{'mean m':>9}")
+    print(f"score (--by {by}): {SCORE_LABELS[by]}" + (f", reference {args.reference}" if args.reference else ""))
+    print(f"tau_d = {q.tau_d:.4f} (alpha_d = {args.alpha_d}), tau_m = {q.tau_m:.4f} (alpha_m = {args.alpha_m}, "
+          f"on the score)\n")
+    print(f"{'code':>4}  {'quadrant':<18}{'n':>8}{'share':>8}{'mean d':>9}{'mean score':>12}")
     for r in rows:
         md = "" if r["mean_d"] is None else f"{r['mean_d']:.3f}"
         mm = "" if r["mean_m"] is None else f"{r['mean_m']:.3f}"
-        print(f"{r['code']:>4}  {r['quadrant']:<18}{r['n']:>8}{r['share']:>8.1%}{md:>9}{mm:>9}")
-    print(f"\ntop {len(hot)} hotspot-memorized ids (highest m, ties by higher d):")
-    for h in out["top_hotspots"]:
-        print(f"  {h['id']:>8}  m = {h['memorization']:.3f} ({h['forgets']}/{h['transitions']})  "
-              f"d = {h['difficulty']:.3f}")
+        print(f"{r['code']:>4}  {r['quadrant']:<18}{r['n']:>8}{r['share']:>8.1%}{md:>9}{mm:>12}")
+    print(f"\ntop {len(top)} candidates by {by} (highest first, ties by higher d, then id):")
+    print(f"  {'id':>8}  {'score':>9}  {'d':>7}  {'last':>7}  {'gain':>7}  {'m (forgets/transitions)':<24}  quadrant")
+    for h in out["top_candidates"]:
+        mem = f"{h['memorization']:.3f} ({h['forgets']}/{h['transitions']})"
+        print(f"  {h['id']:>8}  {h['score']:>9.3f}  {h['difficulty']:>7.3f}  {h['last_loss']:>7.3f}  "
+              f"{h['gain']:>7.3f}  {mem:<24}  {QUADRANT_NAMES[int(codes[h['id']])]}")
     return 0
 
 
@@ -107,9 +173,10 @@ def _plot(args) -> int:
 
     scores = _load(args.state).scores()
     eps = _eps(scores, args.eps_index)
+    by, reference = _choice(args, scores)
     try:
         data_map(scores, alpha_d=args.alpha_d, alpha_m=args.alpha_m, eps=eps, jitter=args.jitter,
-                 path=args.output, title=args.title)
+                 path=args.output, title=args.title, by=by, reference=reference, seed=args.seed)
     except (ValueError, OSError) as e:
         raise _UsageError(str(e)) from None
     print(f"wrote {args.output}")
@@ -121,20 +188,21 @@ def _select(args) -> int:
 
     scores = _load(args.state).scores()
     eps = _eps(scores, args.eps_index)
+    by, reference = _choice(args, scores)
     if args.quadrant is not None:
-        q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps)
+        q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps, by=by, reference=reference, seed=args.seed)
         ids = np.flatnonzero(q.codes.numpy() == args.quadrant)
-        what = f"quadrant {args.quadrant}"
+        what = f"quadrant {args.quadrant} (memorized axis: {by})"
     else:
         try:
-            kept = prune(scores, args.prune, by=args.by, seed=args.seed, eps=eps).numpy()
+            kept = prune(scores, args.prune, by=by, seed=args.seed, eps=eps, reference=reference).numpy()
         except ValueError as e:
             raise _UsageError(str(e)) from None
         if args.removed:
             ids = np.setdiff1d(np.arange(len(scores.difficulty)), kept)
-            what = f"removed by pruning {args.prune:g} by {args.by}"
+            what = f"removed by pruning {args.prune:g} by {by}"
         else:
-            ids, what = kept, f"kept after pruning {args.prune:g} by {args.by}"
+            ids, what = kept, f"kept after pruning {args.prune:g} by {by}"
     text = "".join(f"{int(i)}\n" for i in ids)
     if args.output in (None, "-"):
         sys.stdout.write(text)
@@ -156,7 +224,7 @@ def _fraction(s: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gdc_ext.cartography import PRUNE_BY
+    from gdc_ext.cartography import DEFAULT_SCORE, SCORES
 
     p = argparse.ArgumentParser(prog="gdc", description="Generative Data Cartography over a saved CartoState.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,19 +232,27 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("state", help="state file written by CartoState.save()")
         sp.add_argument("--alpha-d", type=_fraction, default=0.75, help="difficulty percentile rate (default 0.75)")
-        sp.add_argument("--alpha-m", type=_fraction, default=0.75, help="memorization percentile rate (default 0.75)")
-        sp.add_argument("--eps-index", type=int, default=0, help="which tracked eps to use (default 0)")
+        sp.add_argument("--alpha-m", type=_fraction, default=0.75,
+                        help="percentile rate of the memorized-axis score (default 0.75)")
+        sp.add_argument("--eps-index", type=int, default=0, help="which tracked eps m uses (default 0)")
+        sp.add_argument("--by", choices=list(SCORES), default=None,
+                        help=f"score of the memorized axis and of pruning (default {DEFAULT_SCORE}, or excess "
+                             f"with --reference; memorization is the paper's m)")
+        sp.add_argument("--reference", metavar="FILE", default=None,
+                        help="per-sample reference losses for --by excess (nats per token): .npy, .pt, or one "
+                             "float per line")
+        sp.add_argument("--seed", type=int, default=0, help="seed of --by random")
 
-    r = sub.add_parser("report", help="quadrant counts, thresholds and top hotspot ids")
+    r = sub.add_parser("report", help="quadrant counts, thresholds and the top candidates by the score")
     common(r)
-    r.add_argument("--top-k", type=int, default=10, help="hotspot ids to list (default 10)")
+    r.add_argument("--top-k", type=int, default=10, help="candidate ids to list (default 10)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=_report)
 
     pl = sub.add_parser("plot", help="write the data map (PNG)")
     common(pl)
     pl.add_argument("-o", "--output", required=True, help="image path, e.g. map.png")
-    pl.add_argument("--jitter", type=float, default=0.01, help="vertical jitter as a fraction of the m range")
+    pl.add_argument("--jitter", type=float, default=0.01, help="vertical jitter as a fraction of the score's range")
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=_plot)
 
@@ -184,10 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--quadrant", type=int, choices=[-1, 0, 1, 2, 3], help="ids in this quadrant")
-    g.add_argument("--prune", type=_fraction, metavar="FRACTION", help="ids kept after pruning this fraction")
-    s.add_argument("--by", choices=list(PRUNE_BY), default="memorization",
-                   help="pruning score (default memorization; loss and random are the baselines)")
-    s.add_argument("--seed", type=int, default=0, help="seed of --by random")
+    g.add_argument("--prune", type=_fraction, metavar="FRACTION",
+                   help="ids kept after removing round(FRACTION * N) samples, highest score first")
     s.add_argument("--removed", action="store_true", help="with --prune: write the removed ids instead")
     s.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
     s.set_defaults(func=_select)

@@ -8,7 +8,8 @@ from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "quadrants", "prune_order"]
+__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "gain", "excess", "quadrants",
+           "prune_order", "selection_order", "select"]
 
 
 def token_nll(logits: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -58,7 +59,7 @@ def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[f
 
     Returns a dict of arrays: difficulty [N], memorization and forgets ([N] for a float eps,
     [N, K] for a sequence of K, as CartoState.scores() gives them), transitions [N], observed [N],
-    last_loss [N], min_loss [N], loss_mean [N], loss_std [N].
+    last_loss [N], min_loss [N], loss_mean [N], loss_std [N], gain [N] (see :func:`gain`).
     """
     L = np.asarray(L, dtype=np.float64)
     scalar_eps = np.ndim(eps) == 0
@@ -87,9 +88,39 @@ def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[f
             out["min_loss"][i] = values.min()
             out["loss_mean"][i] = values.mean()
             out["loss_std"][i] = values.std()
+    out["gain"] = gain(L, burn_in)
     if scalar_eps:
         out["memorization"], out["forgets"] = out["memorization"][:, 0], out["forgets"][:, 0]
     return out
+
+
+def _last_observed(L: np.ndarray) -> np.ndarray:
+    """last_i = L[t, i] at the last epoch t in which sample i was observed; NaN if never."""
+    L = np.asarray(L, dtype=np.float64)
+    last = np.full(L.shape[1], np.nan)
+    for i in range(L.shape[1]):
+        for t in range(L.shape[0]):
+            if not np.isnan(L[t, i]):
+                last[i] = L[t, i]
+    return last
+
+
+def gain(L: np.ndarray, burn_in: int) -> np.ndarray:
+    """Learning gain [N]: gain_i = d_i - last_i (d_i the mean of L[t, i] over observed burn-in
+    epochs t <= burn_in); NaN where d_i is NaN (unscored)."""
+    L = np.asarray(L, dtype=np.float64)
+    d = np.full(L.shape[1], np.nan)
+    for i in range(L.shape[1]):
+        burn = [L[t, i] for t in range(min(burn_in, L.shape[0])) if not np.isnan(L[t, i])]
+        if burn:
+            d[i] = np.mean(burn)
+    return d - _last_observed(L)
+
+
+def excess(L: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Reference-calibrated excess [N]: excess_i = ref_i - last_i (nats per token); NaN where
+    sample i was never observed."""
+    return np.asarray(reference, dtype=np.float64) - _last_observed(L)
 
 
 def quadrants(difficulty: np.ndarray, memorization: np.ndarray, alpha_d: float = 0.75, alpha_m: float = 0.75):
@@ -114,3 +145,23 @@ def prune_order(memorization: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
     m = np.asarray(memorization, dtype=np.float64)
     d = np.nan_to_num(np.asarray(difficulty, dtype=np.float64), nan=-np.inf)
     return np.lexsort((np.arange(len(m)), -d, -m))
+
+
+def selection_order(score: np.ndarray, tiebreak=None) -> np.ndarray:
+    """Sample indices by any score: highest score first, ties by higher tiebreak (NaN lowest),
+    then lower id; NaN scores (unscored) last, by id. A plain sort with a key, on purpose."""
+    s = np.asarray(score, dtype=np.float64)
+    t = np.zeros(len(s)) if tiebreak is None else np.asarray(tiebreak, dtype=np.float64)
+
+    def key(i):
+        if np.isnan(s[i]):
+            return (1, 0.0, 0.0, i)
+        return (0, -s[i], np.inf if np.isnan(t[i]) else -t[i], i)
+
+    return np.array(sorted(range(len(s)), key=key), dtype=np.int64)
+
+
+def select(score: np.ndarray, fraction: float, tiebreak=None) -> np.ndarray:
+    """The selected (pruned) ids: the first round(fraction * N) of :func:`selection_order`."""
+    order = selection_order(score, tiebreak)
+    return order[:int(round(fraction * len(order)))]

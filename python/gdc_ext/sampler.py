@@ -22,7 +22,8 @@ class CartoSampler(Sampler[int]):
 
     Args:
         quadrants_or_weights: a :class:`~gdc_ext.Quadrants` (or an integer tensor of quadrant
-            codes [N]), turned into multiplicities by :func:`gdc_ext.multiplicities` with
+            codes [N]; from any memorized-axis score, e.g. ``scores.quadrants(by="gain")``),
+            turned into multiplicities by :func:`gdc_ext.multiplicities` with
             ``gamma`` and ``keep_outliers``; or a float tensor [N] of multiplicities (>= 0) used
             as they are (``gamma`` and ``keep_outliers`` are then ignored).
         gamma: up-sampling factor of ambiguous-hard samples (> 1).

@@ -18,10 +18,42 @@ from gdc_ext import ops
 from gdc_ext.layout import (ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
                             I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
 
-__all__ = ["CartoState", "Scores", "FORMAT_VERSION"]
+__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "check_reference"]
 
 FORMAT_VERSION = 1
 _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
+
+
+def check_reference(reference, num_samples: int) -> torch.Tensor:
+    """A per-sample reference loss (nats per token) as a CPU float64 tensor [N], checked.
+
+    reference: [N] real numbers (a tensor, NumPy array or sequence), all finite. Raises a
+    ValueError naming ``reference`` and what was expected for None, a non-numeric or
+    non-1-D input, a wrong length or a NaN/inf value.
+    """
+    what = f"a 1-D [N = {num_samples}] array of finite per-sample reference losses (nats per token)"
+    if reference is None:
+        raise ValueError(f"reference is required here: expected {what}")
+    if isinstance(reference, torch.Tensor):
+        if reference.dtype == torch.bool or reference.dtype.is_complex:
+            raise ValueError(f"reference must be {what}, got a {reference.dtype} tensor")
+        a = reference.detach().cpu().to(torch.float64).numpy()
+    else:
+        try:
+            a = np.asarray(reference)
+        except (ValueError, TypeError) as e:  # ragged nested sequences
+            raise ValueError(f"reference must be {what}, got {type(reference).__name__} ({e})") from None
+        if a.dtype.kind not in "iuf":  # not bool, complex, strings or objects
+            raise ValueError(f"reference must be {what}, got dtype {a.dtype}")
+        a = a.astype(np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"reference must be {what}, got shape {tuple(a.shape)}")
+    if a.shape[0] != num_samples:
+        raise ValueError(f"reference must be {what}, got {a.shape[0]} values")
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise ValueError(f"reference must be {what}, got {bad.size} NaN/inf value(s) (first at id {int(bad[0])})")
+    return torch.from_numpy(a.copy())
 
 
 @dataclass
@@ -106,6 +138,24 @@ class Scores:
         return ~torch.isnan(self.difficulty)
 
     @property
+    def gain(self) -> torch.Tensor:
+        """[N] float64 learning gain ``difficulty - last_loss``: hard during burn-in, easy at the
+        last observation, as a rote-learnt sample looks (docs/method.md, "Scores beyond the
+        paper"). NaN where unscored (no burn-in difficulty)."""
+        return self.difficulty.double() - self.last_loss.double()
+
+    def excess(self, reference) -> torch.Tensor:
+        """[N] float64 reference-calibrated excess ``reference - last_loss``: how much lower the
+        model's last loss is than a reference that predicts the sample without memorizing it.
+
+        reference: [N] per-sample reference loss in nats per token (tensor or array, finite),
+            e.g. a unigram model's mean token NLL of the sample. ValueError otherwise.
+        NaN where the sample was never observed (no last loss).
+        """
+        ref = check_reference(reference, self.difficulty.shape[0])
+        return ref - self.last_loss.double()
+
+    @property
     def confidence(self) -> Optional[torch.Tensor]:
         """Cartography's confidence analogue: exp(-mean loss), the geometric-mean token probability."""
         return None if self.loss_mean is None else torch.exp(-self.loss_mean)
@@ -116,12 +166,23 @@ class Scores:
         return self.loss_std
 
     def quadrants(self, alpha_d: float = 0.75, alpha_m: float = 0.75, eps_index: Optional[int] = None, *,
-                  eps: Optional[float] = None):
-        """Quadrant codes from these scores; see :func:`gdc_ext.cartography.quadrants`. The
-        threshold: ``eps`` (a tracked value) or ``eps_index`` (its position); default the first."""
-        from gdc_ext.cartography import quadrants, resolve_eps
+                  eps: Optional[float] = None, by: Optional[str] = None, memorization: Optional[str] = None,
+                  reference=None, seed: int = 0):
+        """Quadrant codes from these scores; see :func:`gdc_ext.cartography.quadrants`.
 
-        m = self.memorization_at(resolve_eps(self, eps=eps, eps_index=eps_index))
+        by (or its alias ``memorization``): the score on the memorized axis, one of
+            :data:`gdc_ext.cartography.SCORES` (default "memorization", the paper's m_i); see
+            :func:`gdc_ext.cartography.score_values`. ``reference`` [N] is needed by "excess",
+            ``seed`` is used by "random".
+        eps / eps_index: the threshold of m_i (a tracked value / its position; default the first).
+        """
+        from gdc_ext.cartography import quadrants, score_values
+
+        if by is not None and memorization is not None and by != memorization:
+            raise ValueError(f"give by or memorization (the same choice), not both: got by={by!r}, "
+                             f"memorization={memorization!r}")
+        name = by if by is not None else (memorization if memorization is not None else "memorization")
+        m = score_values(self, name, seed=seed, eps=eps, eps_index=eps_index, reference=reference)
         return quadrants(self.difficulty, m, alpha_d=alpha_d, alpha_m=alpha_m)
 
 
