@@ -42,7 +42,10 @@ default 2.0) every epoch has the same length; with a fractional one the length v
 Bernoulli remainders and the Trainer may cut an epoch's last batches. A resumed ``train()`` call
 samples as the interrupted call did.
 
-:class:`CartoCallback` calls ``end_epoch()`` at the end of every Trainer epoch.
+:class:`CartoCallback` calls ``end_epoch()`` at the end of every Trainer epoch. The Trainer also
+ends the epoch when training stops early (``max_steps``, ``control.should_training_stop``), so a
+cut-short last epoch is folded as it stands; a checkpoint written mid-epoch holds the epoch's
+accumulator instead, and resuming from it continues that epoch exactly.
 
 transformers is imported here only, never by ``import gdc_ext``.
 """
@@ -394,7 +397,8 @@ class CartoTrainer(Trainer):
         flat_logits = shift_logits.reshape(-1, shift_logits.shape[-1])
         flat_labels = shift_labels.reshape(-1)
         # evaluation batches carry ids of another split (or none): no recording, no weights
-        plain = train_ids is None and (fn.sample_weight is not None or fn.state is None)
+        # (CartoLoss insists on ids once loss weights are set; without ids there is nothing to weight)
+        plain = train_ids is None and fn.sample_weight is not None
         reduction = "sum" if num_items_in_batch is not None else "mean"
         if plain:
             loss = torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, weight=fn.weight,
