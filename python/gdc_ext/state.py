@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -262,7 +263,86 @@ class CartoState:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size(self.process_group) > 1:
                 torch.distributed.all_reduce(self.acc, group=self.process_group)
+        # An epoch that recorded nothing is almost always a wiring mistake (no sample ids, the loss
+        # in eval mode, ...). The check reads the accumulator, which is free on the CPU; on a GPU it
+        # would cost a host synchronisation every epoch, so there it is skipped.
+        if self.acc.device.type == "cpu" and not bool((self.acc[:, 1] > 0).any()):
+            warnings.warn(f"CartoState.end_epoch: nothing was recorded in epoch {self.epochs_done + 1}: no loss "
+                          f"was recorded with sample ids since the last end_epoch(), so no sample is observed in "
+                          f"it (were sample_ids passed to the loss, or record() called?)", UserWarning,
+                          stacklevel=2)
         ops.end_epoch_(self.acc, self.fstats, self.istats, self.forgets, self.epoch, self.eps, self.burn_in)
+
+    def record(self, losses: torch.Tensor, sample_ids: torch.Tensor,
+               counts: Optional[Union[torch.Tensor, float]] = None) -> None:
+        """Accumulates per-row or per-sample losses of any model into this epoch's accumulator.
+
+        For losses that CartoLoss does not compute: a diffusion model's per-sample MSE, a VAE's
+        ELBO, Liger's or CCE's ``reduction="none"`` token losses, ... The semantics are those of
+        the fused kernel's recording: the epoch's loss of sample i is the sum of its recorded
+        losses weighted by their counts over the sum of the counts, i.e. with ``counts=None`` the
+        mean of the rows recorded for it in the epoch, and :meth:`end_epoch` folds it as usual.
+
+        Args:
+            losses: float tensor of any shape S, one loss per row (a token, a sample, ...).
+            sample_ids: integer tensor of shape S (one id per row), or 1-D [S[0]] (one id per
+                leading row, shared by the trailing dimensions: per-sequence ids of [B, L] losses).
+            counts: how many tokens each loss averages over (a per-sample mean loss over n tokens
+                counts as n rows of that loss); a tensor of shape S or [S[0]] (a bool mask counts
+                True as 1), or a number. None:
+                each row counts once. A count of 0 skips its row (its id and loss are not read),
+                so a padding mask can be passed as ``counts``.
+
+        Recording is explicit: it happens whatever the grad mode and model mode, and never
+        touches autograd (the losses are detached). Inputs are moved to the state's device. The
+        gradient-energy column is left unchanged: it is not defined for an arbitrary loss, so
+        ``Scores.grad_energy`` counts only what CartoLoss recorded.
+
+        Invalid input: on the CPU it is validated eagerly and raises ValueError naming the
+        argument (ids out of [0, N), a non-finite loss, a negative or non-finite count, shapes
+        that do not match), leaving the state unchanged. On CUDA nothing is validated on the host,
+        since that would synchronise: a batch with any invalid row is skipped as a whole on the
+        device (mask-and-skip, as the fused CUDA kernel does), so the state is again unchanged.
+        """
+        acc = self.acc
+        dev = acc.device
+        if not isinstance(losses, torch.Tensor):
+            raise ValueError(f"losses must be a float tensor, got {type(losses).__name__}")
+        if not losses.dtype.is_floating_point:
+            raise ValueError(f"losses must be a floating-point tensor, got {losses.dtype}")
+        loss = losses.detach().to(dev, torch.float64).reshape(-1)
+        ids = _rows_like("sample_ids", sample_ids, losses, dev, integer=True)
+        if counts is None:
+            cnt = torch.ones_like(loss)
+        elif isinstance(counts, (int, float)) and not isinstance(counts, bool):
+            cnt = torch.full_like(loss, float(counts))
+        else:
+            cnt = _rows_like("counts", counts, losses, dev, integer=False).to(torch.float64)
+        N = self.num_samples
+        used = cnt > 0
+        if dev.type == "cpu":
+            bad = (~torch.isfinite(cnt)) | (cnt < 0)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                raise ValueError(f"counts[{r}] = {float(cnt[r])}: expected a finite count >= 0")
+            bad = used & ((ids < 0) | (ids >= N))
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                raise ValueError(f"sample_ids[{r}] = {int(ids[r])} is out of range: expected a sample id in [0, {N})")
+            bad = used & ~torch.isfinite(loss)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                raise ValueError(f"losses[{r}] = {float(loss[r])} is not finite: NaN or inf losses cannot be "
+                                 f"recorded; the CartoState was left unchanged")
+            ok = used
+        else:
+            # no host synchronisation: the batch's validity is a device scalar that masks every row
+            in_range = (ids >= 0) & (ids < N)
+            row_bad = (~torch.isfinite(cnt)) | (cnt < 0) | (used & ~(in_range & torch.isfinite(loss)))
+            ok = used & ~row_bad.any()
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        upd = torch.stack([torch.where(ok, loss * cnt, zero), torch.where(ok, cnt, zero), zero.expand_as(loss)], 1)
+        acc.index_add_(0, torch.where(ok, ids, torch.zeros_like(ids)), upd)
 
     def reset_epoch(self) -> None:
         """Drops what was recorded since the last end_epoch() (an aborted epoch, say)."""
@@ -396,3 +476,24 @@ def _check_consistent(t: dict) -> None:
         raise ValueError("state_dict: counters out of order (transitions > observed or forgets > transitions)")
     if int(t["epoch"].reshape(-1)[0]) < 0:
         raise ValueError("state_dict: negative epoch counter")
+
+
+def _rows_like(name: str, value, losses: torch.Tensor, dev: torch.device, integer: bool) -> torch.Tensor:
+    """``value`` as a flat tensor with one entry per element of ``losses``: either of the shape of
+    ``losses``, or 1-D [losses.shape[0]] broadcast over its trailing dimensions."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a tensor, got {type(value).__name__}") from None
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+    if not integer and value.dtype.is_complex:  # a bool mask is fine: True counts once
+        raise ValueError(f"{name} must be a real-valued tensor, got {value.dtype}")
+    value = value.detach().to(dev, torch.int64 if integer else torch.float64)
+    if value.shape == losses.shape:
+        return value.reshape(-1)
+    if value.dim() == 1 and losses.dim() >= 1 and value.shape[0] == losses.shape[0]:
+        return value.reshape((-1,) + (1,) * (losses.dim() - 1)).expand(losses.shape).reshape(-1)
+    raise ValueError(f"{name} must have the shape of losses {tuple(losses.shape)} or be 1-D with one entry per "
+                     f"leading row ({losses.shape[0] if losses.dim() else 'n/a'}), got shape {tuple(value.shape)}")

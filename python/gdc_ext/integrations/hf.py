@@ -5,66 +5,179 @@
                            data_collator=CartoCollator(DataCollatorForLanguageModeling(tok, mlm=False)),
                            cartographer=carto)                                # or state=CartoState(...)
     trainer.train()                      # burn-in: records; end_epoch() after every epoch
+    trainer.train(resume_from_checkpoint=True)   # after an interruption: the scores resume too
 
-- Every training item holds its sample id (an int) under ``"sample_ids"``; :class:`CartoCollator`
-  takes it out before the wrapped collator runs and puts the [B] tensor back in the batch;
-  :meth:`CartoTrainer.compute_loss` removes it before ``model(**inputs)``, so it never reaches the
-  model's forward. The Trainer's column removal keeps it (it is added to the signature columns).
-- ``compute_loss`` shifts the labels as GPT-2 does (position t predicts label t+1, -100 ignored) and
-  calls the CartoLoss with one id per sequence; it records only in training (grad mode on) and
-  applies the per-sample loss weights only to training batches.
-- :class:`CartoCallback` calls ``end_epoch()`` at the end of every Trainer epoch.
-- Sampling intervention: when the Cartographer has labelled (``carto.intervening``) at the time
-  ``train()`` builds its dataloader, the training sampler is ``carto.sampler()``. The Trainer fixes
-  the number of steps per epoch from the first epoch's length, so run Algorithm 1 in two
-  ``train()`` calls: ``num_train_epochs = burn_in``, then the remaining epochs. With an integer
-  ``gamma`` (the default 2.0) every epoch has the same length; with a fractional one the length
-  varies by the Bernoulli remainders and the Trainer may cut an epoch's last batches.
+Sample ids:
+- Every training item holds its ids under ``"sample_ids"``: an int (one sample per sequence) or a
+  list with one id per token (packed rows holding several documents). :class:`CartoCollator`
+  takes them out before the wrapped collator runs and puts them back in the batch unchanged: [B]
+  int64 for per-sequence ids, [B, L] int64 for per-token ids, padded with :data:`IGNORED_ID` (-1)
+  wherever the wrapped collator padded (found from the ``attention_mask`` when it has one, else
+  from the tokenizer's ``padding_side``, else on the right). A padded position must carry the label
+  -100 (every LM collator does this), since a non-ignored label with id -1 is rejected.
+- Items without ``"sample_ids"`` are fine wherever nothing is recorded (evaluation, prediction);
+  training on them while a state is set records nothing, and ``compute_loss`` warns once.
+- :meth:`CartoTrainer.compute_loss` removes the ids before ``model(**inputs)``, so they never reach
+  the model's forward. The Trainer's column removal keeps them (added to the signature columns).
+
+Loss: ``compute_loss`` shifts as GPT-2 does (the logits at position t predict the label at t+1,
+-100 ignored) and shifts per-token ids the same way, so the loss row predicting token t+1 is
+recorded for the sample of token t+1 (the label's). When the Trainer passes ``num_items_in_batch``
+(the non-ignored shifted labels of the whole accumulated batch), the loss is the token sum divided
+by it, exactly the stock Trainer's normalisation, so gradient accumulation with uneven token counts
+gives the stock Trainer's gradients. Recording happens only for training batches (model in training
+mode, grad enabled); per-sample loss weights apply only there too.
+
+Checkpoints: every checkpoint folder gets :data:`STATE_FILE` (the CartoState with its epoch
+accumulator, written atomically by :meth:`CartoState.save`) and :data:`META_FILE` (the
+Cartographer's configuration and fixed labels, and whether the interrupted ``train()`` call sampled
+with the CartoSampler; written atomically). ``train(resume_from_checkpoint=...)`` restores them
+before the dataloader is built, so the scores after resuming equal an uninterrupted run's.
+
+Sampling intervention: when the Cartographer has labelled (``carto.intervening``) at the time
+``train()`` builds its dataloader, the training sampler is ``carto.sampler()``. The Trainer fixes the
+number of steps per epoch from the first epoch's length, so run Algorithm 1 in two ``train()``
+calls: ``num_train_epochs = burn_in``, then the remaining epochs. With an integer ``gamma`` (the
+default 2.0) every epoch has the same length; with a fractional one the length varies by the
+Bernoulli remainders and the Trainer may cut an epoch's last batches. A resumed ``train()`` call
+samples as the interrupted call did.
+
+:class:`CartoCallback` calls ``end_epoch()`` at the end of every Trainer epoch. The Trainer also
+ends the epoch when training stops early (``max_steps``, ``control.should_training_stop``), so a
+cut-short last epoch is folded as it stands; a checkpoint written mid-epoch holds the epoch's
+accumulator instead, and resuming from it continues that epoch exactly.
 
 transformers is imported here only, never by ``import gdc_ext``.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from gdc_ext.cartographer import Cartographer
 from gdc_ext.loss import CartoLoss
 from gdc_ext.state import CartoState
 
-__all__ = ["SAMPLE_IDS", "CartoCollator", "CartoCallback", "CartoTrainer"]
+__all__ = ["SAMPLE_IDS", "IGNORED_ID", "STATE_FILE", "META_FILE", "CartoCollator", "CartoCallback", "CartoTrainer"]
 
 SAMPLE_IDS = "sample_ids"
+IGNORED_ID = -1  # per-token id of padding positions (their label is -100, so it is never read)
+STATE_FILE = "gdc_carto_state.safetensors"
+META_FILE = "gdc_carto.json"
+_META_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------- collator
+def _id_kind(value, i: int) -> str:
+    """'seq' for one int id, 'tok' for a sequence of per-token ids."""
+    if isinstance(value, bool):
+        raise ValueError(f"CartoCollator: feature {i}: {SAMPLE_IDS!r} must be an int or a list of ints, got a bool")
+    if isinstance(value, int) or (hasattr(value, "ndim") and value.ndim == 0):
+        return "seq"
+    if isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and value.ndim == 1):
+        return "tok"
+    raise ValueError(f"CartoCollator: feature {i}: {SAMPLE_IDS!r} must be an int (per sequence) or a 1-D list "
+                     f"of ints (per token), got {type(value).__name__}")
+
+
+def _as_ids(value, i: int) -> torch.Tensor:
+    t = torch.as_tensor(value)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"CartoCollator: feature {i}: {SAMPLE_IDS!r} must hold integers, got {t.dtype}")
+    return t.to(torch.int64).reshape(-1)
 
 
 class CartoCollator:
-    """Wraps a data collator: pops each feature's ``"sample_ids"`` (an int), collates the rest with
-    ``collator``, and adds ``batch["sample_ids"]`` as an int64 tensor [B]."""
+    """Wraps a data collator and passes the items' ``"sample_ids"`` through it unchanged.
 
-    def __init__(self, collator: Callable):
+    Per-sequence ids (an int per item) come back as ``batch["sample_ids"]`` int64 [B]; per-token
+    ids (a list per item, one id per token of its ``input_ids``) as int64 [B, L], the shape of the
+    collated ``input_ids``, with :data:`IGNORED_ID` where the wrapped collator padded. Items
+    without ids give a batch without ``"sample_ids"`` (evaluation, prediction); a batch mixing items
+    with and without ids, or per-sequence with per-token ids, raises ValueError.
+
+    Args:
+        collator: the wrapped collator (list of feature dicts -> batch dict).
+        padding_side: where the wrapped collator pads when the batch has no ``attention_mask``:
+            "right" or "left"; None reads ``collator.tokenizer.padding_side`` (default "right").
+    """
+
+    def __init__(self, collator: Callable, padding_side: Optional[str] = None):
+        if not callable(collator):
+            raise ValueError(f"collator must be callable, got {type(collator).__name__}")
+        if padding_side not in (None, "right", "left"):
+            raise ValueError(f"padding_side must be 'right', 'left' or None, got {padding_side!r}")
         self.collator = collator
+        self.padding_side = padding_side
+
+    def _side(self) -> str:
+        if self.padding_side is not None:
+            return self.padding_side
+        tok = getattr(self.collator, "tokenizer", None) or getattr(self.collator, "processing_class", None)
+        return getattr(tok, "padding_side", "right") or "right"
 
     def __call__(self, features):
-        ids, rest = [], []
-        for i, f in enumerate(features):
-            if SAMPLE_IDS not in f:
-                raise ValueError(f"CartoCollator: feature {i} has no {SAMPLE_IDS!r} entry (the sample id, an int)")
+        raw, rest = [], []
+        for f in features:
             f = dict(f)
-            ids.append(int(torch.as_tensor(f.pop(SAMPLE_IDS)).reshape(-1)[0]))
+            raw.append(f.pop(SAMPLE_IDS, None))
             rest.append(f)
         batch = self.collator(rest)
-        batch[SAMPLE_IDS] = torch.tensor(ids, dtype=torch.int64)
+        have = [r is not None for r in raw]
+        if not any(have):
+            return batch
+        if not all(have):
+            raise ValueError(f"CartoCollator: features {[i for i, h in enumerate(have) if not h]} have no "
+                             f"{SAMPLE_IDS!r} entry but others do: give every item of a batch its ids, or none")
+        kinds = {_id_kind(r, i) for i, r in enumerate(raw)}
+        if len(kinds) > 1:
+            raise ValueError(f"CartoCollator: {SAMPLE_IDS!r} mixes per-sequence ids (ints) and per-token ids "
+                             f"(lists) in one batch")
+        ids = [_as_ids(r, i) for i, r in enumerate(raw)]
+        if kinds == {"seq"}:
+            batch[SAMPLE_IDS] = torch.cat(ids)
+        else:
+            batch[SAMPLE_IDS] = self._pad_token_ids(ids, batch)
         return batch
 
+    def _pad_token_ids(self, ids, batch) -> torch.Tensor:
+        ref = batch.get("input_ids", batch.get("labels"))
+        if not isinstance(ref, torch.Tensor) or ref.dim() != 2 or ref.shape[0] != len(ids):
+            raise ValueError(f"CartoCollator: per-token {SAMPLE_IDS!r} need a collated 'input_ids' (or 'labels') "
+                             f"tensor [B, L] to align with, got {type(ref).__name__}")
+        B, L = ref.shape
+        out = torch.full((B, L), IGNORED_ID, dtype=torch.int64)
+        mask = batch.get("attention_mask")
+        use_mask = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (B, L)
+        side = self._side()
+        for i, t in enumerate(ids):
+            n = t.numel()
+            if n > L:
+                raise ValueError(f"CartoCollator: feature {i} has {n} per-token {SAMPLE_IDS!r} but the collated "
+                                 f"sequence has {L} tokens (one id per token of input_ids is expected)")
+            if use_mask and int(mask[i].sum()) == n:
+                out[i, mask[i].bool()] = t  # wherever the tokens landed, whatever the padding side
+            elif side == "left":
+                out[i, L - n:] = t
+            else:
+                out[i, :n] = t
+        return out
 
+
+# --------------------------------------------------------------------------------------- callback
 class CartoCallback(TrainerCallback):
     """Calls ``end_epoch()`` of a Cartographer or CartoState when the Trainer ends an epoch."""
 
-    def __init__(self, target):
+    def __init__(self, target: Union[Cartographer, CartoState]):
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: expected a Cartographer or CartoState, got {type(target).__name__}")
         self.target = target
@@ -77,32 +190,123 @@ class CartoCallback(TrainerCallback):
         return control
 
 
+# --------------------------------------------------------------------------------------- checkpoints
+def _write_json_atomic(path: str, obj: dict) -> None:
+    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=".gdc-meta-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional[Cartographer] = None,
+                          sampler_active: bool = False) -> None:
+    """Writes :data:`STATE_FILE` and :data:`META_FILE` into ``folder`` (created if needed)."""
+    os.makedirs(folder, exist_ok=True)
+    state.save(os.path.join(folder, STATE_FILE))
+    carto = None
+    if cartographer is not None:
+        q = cartographer.quadrants
+        carto = {"config": cartographer.config(),
+                 "codes": None if q is None else q.codes.tolist(),
+                 "tau_d": None if q is None else q.tau_d, "tau_m": None if q is None else q.tau_m}
+    _write_json_atomic(os.path.join(folder, META_FILE),
+                       {"format": "gdc_ext.hf", "version": _META_VERSION, "epochs_done": state.epochs_done,
+                        "sampler_active": bool(sampler_active), "cartographer": carto})
+
+
+def load_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional[Cartographer] = None) -> dict:
+    """Restores what :func:`save_carto_checkpoint` wrote into ``state`` (and ``cartographer``, whose
+    state must be ``state``). Returns the metadata dict. Raises FileNotFoundError when the folder has
+    no CartoState, ValueError for a mismatched or inconsistent one (nothing is changed then)."""
+    spath, mpath = os.path.join(folder, STATE_FILE), os.path.join(folder, META_FILE)
+    if not os.path.isfile(spath) or not os.path.isfile(mpath):
+        raise FileNotFoundError(f"checkpoint {folder!r} has no CartoState ({STATE_FILE} and {META_FILE})")
+    with open(mpath) as fh:
+        try:
+            meta = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint {folder!r}: {META_FILE} is corrupted ({e})") from None
+    if meta.get("format") != "gdc_ext.hf" or meta.get("version") != _META_VERSION:
+        raise ValueError(f"checkpoint {folder!r}: {META_FILE} is not a gdc_ext checkpoint of version {_META_VERSION}")
+    loaded = CartoState.load(spath, device=state.device)
+    if loaded.epochs_done != meta.get("epochs_done"):
+        raise ValueError(f"checkpoint {folder!r}: {STATE_FILE} holds {loaded.epochs_done} epochs but {META_FILE} "
+                         f"says {meta.get('epochs_done')}: the two files are of different checkpoints")
+    sd = loaded.state_dict()
+    if cartographer is None:
+        state.load_state_dict(sd)
+        return meta
+    carto = meta.get("cartographer")
+    if carto is None:
+        raise ValueError(f"checkpoint {folder!r} was written without a Cartographer: its labels and configuration "
+                         f"are missing")
+    codes = carto["codes"]
+    cartographer.load_state_dict({"state": sd, "config": carto["config"],
+                                  "codes": None if codes is None else torch.tensor(codes, dtype=torch.int8),
+                                  "tau_d": carto["tau_d"], "tau_m": carto["tau_m"]})
+    return meta
+
+
+# --------------------------------------------------------------------------------------- trainer
+@contextlib.contextmanager
+def _reduction(loss: CartoLoss, reduction: str):
+    saved = loss.reduction
+    loss.reduction = reduction
+    try:
+        yield loss
+    finally:
+        loss.reduction = saved
+
+
 class CartoTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is a CartoLoss (causal LM: shifted labels).
 
     Args (beyond Trainer's): exactly one of ``cartographer`` (Algorithm 1: recording, labels, loss
-    weights, sampler) or ``state`` (recording only, or ``loss=`` a CartoLoss of your own).
+    weights, sampler), ``state`` (recording only) or ``loss`` (a CartoLoss of your own, recording
+    into its ``state`` if it has one).
     """
-
-    # compute_loss returns a per-micro-batch mean: let the Trainer divide by accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, cartographer: Optional[Cartographer] = None, state: Optional[CartoState] = None,
                  loss: Optional[CartoLoss] = None, **kwargs):
         if sum(x is not None for x in (cartographer, state, loss)) != 1:
             raise ValueError("CartoTrainer: give exactly one of cartographer=, state= or loss=")
+        if cartographer is not None and not isinstance(cartographer, Cartographer):
+            raise ValueError(f"cartographer must be a gdc_ext.Cartographer, got {type(cartographer).__name__}")
+        if state is not None and not isinstance(state, CartoState):
+            raise ValueError(f"state must be a gdc_ext.CartoState, got {type(state).__name__}")
         if loss is not None and not isinstance(loss, CartoLoss):
             raise ValueError(f"loss must be a gdc_ext.CartoLoss, got {type(loss).__name__}")
         self.cartographer = cartographer
         self.carto_loss = cartographer.loss if cartographer is not None else (loss or CartoLoss(state=state))
         target = cartographer if cartographer is not None else self.carto_loss.state
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # older transformers read this instead of loss_is_scaled_for_ga
+        # The Trainer counts the non-ignored shifted labels of each accumulated batch
+        # (num_items_in_batch) only for models that take loss kwargs; compute_loss divides the token
+        # sum by that count, so the loss counts as scaled for gradient accumulation exactly when the
+        # count is given (loss_is_scaled_for_ga = None lets the Trainer decide per step).
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = None
+        self._loss_shifts_labels = True  # compute_loss always shifts: count labels[..., 1:]
+        self._warned_no_ids = False
+        self._sampler_active = False      # whether this train() call's dataloader uses carto.sampler()
+        self._resume_sampler: Optional[bool] = None
         if target is not None:
             self.add_callback(CartoCallback(target))
         if cartographer is not None and abs(cartographer.gamma - round(cartographer.gamma)) > 0:
             warnings.warn("CartoTrainer: a fractional gamma makes epoch lengths vary; the Trainer fixes steps per "
                           "epoch from the first epoch and may cut an epoch's last batches", stacklevel=2)
+
+    @property
+    def carto_state(self) -> Optional[CartoState]:
+        return self.carto_loss.state
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -110,10 +314,59 @@ class CartoTrainer(Trainer):
             self._signature_columns.append(SAMPLE_IDS)
 
     def _get_train_sampler(self, *args, **kwargs):
-        if self.cartographer is not None and self.cartographer.intervening:
+        use = self._resume_sampler if self._resume_sampler is not None else (
+            self.cartographer is not None and self.cartographer.intervening)
+        self._sampler_active = bool(use)
+        if use:
+            if self.cartographer is None or not self.cartographer.intervening:
+                raise ValueError("CartoTrainer: the checkpoint was sampling with the CartoSampler but no labels "
+                                 "were restored")
             return self.cartographer.sampler()
         return super()._get_train_sampler(*args, **kwargs)
 
+    # ------------------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
+        """``Trainer.train``; with ``resume_from_checkpoint`` the CartoState (and the Cartographer's
+        labels) are restored from the checkpoint before training continues. A checkpoint without
+        them (written by a stock Trainer) warns and keeps the current state."""
+        self._resume_sampler = None
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir)
+            if folder is not None:  # None: the Trainer raises its own error below
+                self._restore_carto(os.fspath(folder))
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._resume_sampler = None
+
+    def _restore_carto(self, folder: str) -> None:
+        state = self.carto_state
+        if state is None:
+            return
+        try:
+            meta = load_carto_checkpoint(folder, state, self.cartographer)
+        except FileNotFoundError:
+            warnings.warn(f"CartoTrainer: checkpoint {folder!r} holds no CartoState ({STATE_FILE}); the scores keep "
+                          f"the current state ({state.epochs_done} epochs) and miss the epochs before the checkpoint",
+                          stacklevel=3)
+            return
+        self._resume_sampler = bool(meta.get("sampler_active", False))
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, CartoCallback) and self.cartographer is not None and self.cartographer.intervening:
+                cb.started_at = self.cartographer.label_after
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the Trainer's own files: trainer_state.json, which completes a
+        # checkpoint, comes last. Every rank holds the same (all-reduced) state: rank 0 writes.
+        state = self.carto_state
+        if state is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_carto_checkpoint(folder, state, self.cartographer, self._sampler_active)
+        super()._save_checkpoint(model, trial)
+
+    # ------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         inputs = dict(inputs)
         ids = inputs.pop(SAMPLE_IDS, None)
@@ -123,14 +376,44 @@ class CartoTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        # position t predicts the label at t+1; that row belongs to the sample of token t+1
         shift_logits = logits[:, :-1, :]
         shift_labels = labels[:, 1:].to(logits.device)
-        # evaluation batches carry ids of another split (or none): no recording, no weights
-        train_ids = ids.to(logits.device) if (ids is not None and model.training and torch.is_grad_enabled()) else None
+        training = model.training and torch.is_grad_enabled()
         fn = self.carto_loss
-        if train_ids is None and fn.sample_weight is not None:
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]).float(),
-                                                     shift_labels.reshape(-1), ignore_index=fn.ignore_index)
+        if training and ids is None and fn.state is not None and not self._warned_no_ids:
+            self._warned_no_ids = True
+            warnings.warn(f"CartoTrainer: a training batch has no {SAMPLE_IDS!r}, so the CartoState records nothing "
+                          f"for it (give every training item its sample ids; this warning is shown once)",
+                          UserWarning, stacklevel=2)
+        train_ids = None
+        if training and ids is not None:
+            train_ids = ids.to(logits.device)
+            if train_ids.dim() == 2:  # per-token ids [B, L]: shifted like the labels
+                if tuple(train_ids.shape) != tuple(labels.shape):
+                    raise ValueError(f"CartoTrainer: per-token {SAMPLE_IDS!r} have shape {tuple(train_ids.shape)} "
+                                     f"but labels {tuple(labels.shape)}")
+                train_ids = train_ids[:, 1:].reshape(-1)
+        flat_logits = shift_logits.reshape(-1, shift_logits.shape[-1])
+        flat_labels = shift_labels.reshape(-1)
+        # evaluation batches carry ids of another split (or none): no recording, no weights
+        # (CartoLoss insists on ids once loss weights are set; without ids there is nothing to weight)
+        plain = train_ids is None and fn.sample_weight is not None
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        if plain:
+            loss = torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, weight=fn.weight,
+                                                     ignore_index=fn.ignore_index, reduction=reduction,
+                                                     label_smoothing=fn.label_smoothing)
         else:
-            loss = fn(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), train_ids)
+            with _reduction(fn, reduction):
+                loss = fn(flat_logits, flat_labels, train_ids)
+        if num_items_in_batch is not None:
+            # the stock Trainer's normalisation: token sum over the accumulated batch's label count
+            loss = loss / num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) \
+                else loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every rank's tokens while DDP averages gradients
+                # (as Trainer.compute_loss does)
+                scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
