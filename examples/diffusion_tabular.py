@@ -88,7 +88,7 @@ def run(args) -> dict:
     state = gdc_ext.CartoState(N, burn_in=args.burn_in, eps=args.eps)
     g = torch.Generator().manual_seed(args.seed + 1)
     t0 = time.time()
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         for ids in torch.randperm(N, generator=g).split(args.batch_size):
             x0 = x[ids].repeat(args.draws, 1)                # several noise draws per sample
             # stratified steps: draw k of every sample falls in the k-th of `draws` equal ranges of

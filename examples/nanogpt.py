@@ -140,7 +140,7 @@ def run(args) -> dict:
     loss_fn = gdc_ext.CartoLoss(state=state)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         x, y, ids = pack(docs, stoi, torch.randperm(N, generator=g), args.block)
         for b in torch.randperm(len(x), generator=g).split(args.batch_size):
             logits = model(x[b])
