@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from gdc_ext import _fallback, ops
+from gdc_ext._checks import check_arguments
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext.layout import ACC_COLS
@@ -23,7 +24,6 @@ from gdc_ext.state import CartoState
 __all__ = ["cross_entropy", "expand_sample_ids"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optional[torch.Tensor] = None, *,
@@ -54,14 +54,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     Returns: the loss, like ``F.cross_entropy`` (0-d, or the shape of ``target`` for 'none'),
     in the dtype of ``input``.
     """
+    check_arguments(input, target, weight, reduction, label_smoothing)
     if state is not None and not isinstance(state, CartoState):
-        raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ops.ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
     recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
     weighted = sample_weight is not None and sample_ids is not None
     if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
-        raise ValueError("sample_ids is required: per-sample loss weights (sample_weight) are set")
+        raise ops.ArgumentError("sample_ids is required: per-sample loss weights (sample_weight) are set")
     if weighted:
         _check_sample_weight(sample_weight, state)
     kw = dict(state=state, weight=weight, ignore_index=ignore_index, reduction=reduction,
@@ -76,10 +75,10 @@ def _check_sample_weight(sample_weight, state) -> None:
     CartoLoss.set_sample_weights, not on every call (that would synchronise with the device)."""
     if not isinstance(sample_weight, torch.Tensor) or sample_weight.dim() != 1 \
             or not sample_weight.dtype.is_floating_point:
-        raise ValueError(f"sample_weight must be a 1-D float tensor [N], got "
+        raise ops.ArgumentError(f"sample_weight must be a 1-D float tensor [N], got "
                          f"{getattr(sample_weight, 'shape', type(sample_weight).__name__)}")
     if state is not None and sample_weight.numel() != state.num_samples:
-        raise ValueError(f"sample_weight has {sample_weight.numel()} entries but the state has "
+        raise ops.ArgumentError(f"sample_weight has {sample_weight.numel()} entries but the state has "
                          f"N = {state.num_samples}")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from gdc_ext import functional
 from gdc_ext.functional import expand_sample_ids
+from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
 
 __all__ = ["CartoLoss", "expand_sample_ids"]
@@ -43,7 +44,7 @@ class CartoLoss(nn.CrossEntropyLoss):
                  state: Optional[CartoState] = None, inplace_grad: bool = False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         if state is not None and not isinstance(state, CartoState):
-            raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+            raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
         self.state = state
         self.inplace_grad = bool(inplace_grad)
         self.sample_weight: Optional[torch.Tensor] = None
@@ -55,13 +56,13 @@ class CartoLoss(nn.CrossEntropyLoss):
             return
         weights = torch.as_tensor(weights)
         if weights.dim() != 1 or not weights.dtype.is_floating_point:
-            raise ValueError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
+            raise ArgumentError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
                              f"{weights.dtype}")
         if self.state is not None and weights.numel() != self.state.num_samples:
-            raise ValueError(f"sample weights have {weights.numel()} entries but the state has "
+            raise ArgumentError(f"sample weights have {weights.numel()} entries but the state has "
                              f"N = {self.state.num_samples}")
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("sample weights must be finite and >= 0")
+            raise ArgumentError("sample weights must be finite and >= 0")
         self.sample_weight = weights.detach().to(torch.float32).contiguous()
 
     def extra_repr(self) -> str:
