@@ -52,7 +52,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     docs/method.md defines.
 
     Returns: the loss, like ``F.cross_entropy`` (0-d, or the shape of ``target`` for 'none'),
-    in the dtype of ``input``.
+    in ``F.cross_entropy``'s dtype: float32 under autocast (CPU or CUDA, as autocast's float32
+    policy for cross_entropy gives), the dtype of ``input`` otherwise. The gradient has the
+    dtype of ``input``.
     """
     check_arguments(input, target, weight, reduction, label_smoothing)
     if state is not None and not isinstance(state, CartoState):
@@ -111,7 +113,21 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
                                  reduction, bool(inplace_grad), denom)
     if reduction == "none":
         out = out.reshape(target.shape)
-    return out.to(input.dtype)
+    return out.to(result_dtype(input))
+
+
+# autocast's float32 policy casts these to float32 before cross_entropy (float64 is left alone)
+_AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def result_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.cross_entropy`` returns for ``input``: float32 under autocast on the input's
+    device (cross_entropy is a float32 op in autocast's policy, on the CPU and on CUDA), the
+    input's dtype otherwise (so bf16 logits outside autocast give a bf16 loss, as in torch). The
+    kernel computes in float32 either way; gradients keep the logits' dtype."""
+    if input.dtype in _AUTOCAST_TO_FP32 and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype
 
 
 def _empty(dev, dtype):
