@@ -45,7 +45,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
             multiply each token's training loss, while the 'mean' denominator stays that of
             ``F.cross_entropy`` (so a weight < 1 really lowers that sample's share).
         inplace_grad: write the gradient over ``input`` (zero extra memory; the logits are then
-            no longer usable after the forward pass, and backward runs once).
+            no longer usable after the forward pass, and backward runs once). Eager mode only:
+            under torch.compile the gradient takes its own buffer (one-time warning), since a
+            compiled graph cannot overwrite logits the model also returns.
 
     Recording happens when a state and sample ids are given and grad mode is enabled; what is
     recorded is the plain token NLL (no class weight, smoothing or sample weight), as
@@ -110,7 +112,7 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
     else:
         grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
         out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
-                                 reduction, bool(inplace_grad), denom)
+                                 reduction, _inplace_allowed(inplace_grad, logits), denom)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out.to(result_dtype(input))
@@ -128,6 +130,23 @@ def result_dtype(input: torch.Tensor) -> torch.dtype:
     if input.dtype in _AUTOCAST_TO_FP32 and torch.is_autocast_enabled(input.device.type):
         return torch.float32
     return input.dtype
+
+
+def _inplace_allowed(inplace_grad: bool, logits: torch.Tensor) -> bool:
+    """``inplace_grad`` in eager mode; under torch.compile the gradient takes its own buffer.
+
+    A compiled graph cannot write the gradient over logits it also returns (a model returning
+    its logits fails inside the compiler: "Node ... was invalid, but is output"), and whether the
+    logits escape is not known while tracing; the in-place write also saves nothing once the
+    graph is functionalized. So compiled graphs use the buffer mode (same loss, gradients and
+    recording), with a one-time warning given while tracing (see ops.note_compiled_inplace_grad).
+    """
+    if not inplace_grad:
+        return False
+    if not torch.compiler.is_compiling():
+        return True
+    ops.note_compiled_inplace_grad(logits)
+    return False
 
 
 def _empty(dev, dtype):

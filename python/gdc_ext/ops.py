@@ -5,6 +5,7 @@ ids, reduction) lives in :mod:`gdc_ext.functional`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -196,6 +197,29 @@ def end_epoch_(acc: torch.Tensor, fstats: torch.Tensor, istats: torch.Tensor, fo
     """Folds the epoch accumulators into the per-sample statistics (see csrc/epoch_math.h and
     docs/method.md); shapes as in :func:`_end_epoch_fake`."""
     torch.ops.gdc.end_epoch_(acc, fstats, istats, forgets, epoch, eps, int(burn_in))
+
+
+# ------------------------------------------------------------------------ compiled inplace_grad
+_WARNED_COMPILED_INPLACE = False
+
+
+@torch.library.custom_op("gdc_ext::note_compiled_inplace_grad", mutates_args=())
+def note_compiled_inplace_grad(logits: torch.Tensor) -> None:
+    """Called instead of the in-place kernel when ``inplace_grad=True`` is traced by
+    torch.compile (which then uses the gradient buffer). Does nothing when run: its fake, run
+    while the graph is traced, gives the one-time warning. (dynamo cannot trace warnings.warn,
+    and a graph break would be an error under fullgraph=True; an op's fake runs as plain Python.)
+    """
+
+
+@note_compiled_inplace_grad.register_fake
+def _note_compiled_inplace_grad_fake(logits):
+    global _WARNED_COMPILED_INPLACE
+    if not _WARNED_COMPILED_INPLACE:
+        _WARNED_COMPILED_INPLACE = True
+        warnings.warn("gdc_ext: inplace_grad=True is not supported under torch.compile; the compiled graph "
+                      "computes the gradient in a separate logits-sized buffer instead (same loss, gradients "
+                      "and recording; the logits are left intact)", UserWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------- autograd
