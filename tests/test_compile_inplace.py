@@ -39,7 +39,7 @@ def _step(compiled: bool, inplace: bool, device: str):
 
 
 def test_compiled_inplace_model_returning_logits_matches_eager(device, monkeypatch):
-    monkeypatch.setattr(ops, "_WARNED_COMPILED_INPLACE", False, raising=False)
+    monkeypatch.setattr(ops, "_TRACE_WARNED", set(), raising=False)
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -65,7 +65,7 @@ def test_eager_inplace_still_writes_over_the_logits():
 
 
 def test_warning_is_given_once(monkeypatch):
-    monkeypatch.setattr(ops, "_WARNED_COMPILED_INPLACE", False, raising=False)
+    monkeypatch.setattr(ops, "_TRACE_WARNED", set(), raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -74,6 +74,7 @@ def test_warning_is_given_once(monkeypatch):
     assert sum("inplace_grad" in str(w.message) for w in caught) == 1
 
 
-def test_note_op_is_a_no_op_when_run():
-    x = torch.randn(3, 4)
-    assert ops.note_compiled_inplace_grad(x) is None
+def test_warning_op_is_a_no_op_when_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.warn_while_tracing(torch.randn(3, 4), "not given when run") is None

@@ -139,14 +139,19 @@ def _inplace_allowed(inplace_grad: bool, logits: torch.Tensor) -> bool:
     its logits fails inside the compiler: "Node ... was invalid, but is output"), and whether the
     logits escape is not known while tracing; the in-place write also saves nothing once the
     graph is functionalized. So compiled graphs use the buffer mode (same loss, gradients and
-    recording), with a one-time warning given while tracing (see ops.note_compiled_inplace_grad).
+    recording), with a one-time warning given while tracing (see ops.warn_while_tracing).
     """
     if not inplace_grad:
         return False
     if not torch.compiler.is_compiling():
         return True
-    ops.note_compiled_inplace_grad(logits)
+    ops.warn_while_tracing(logits, COMPILED_INPLACE_WARNING)
     return False
+
+
+COMPILED_INPLACE_WARNING = ("gdc_ext: inplace_grad=True is not supported under torch.compile; the compiled graph "
+                            "computes the gradient in a separate logits-sized buffer instead (same loss, "
+                            "gradients and recording; the logits are left intact)")
 
 
 def _empty(dev, dtype):

@@ -199,27 +199,23 @@ def end_epoch_(acc: torch.Tensor, fstats: torch.Tensor, istats: torch.Tensor, fo
     torch.ops.gdc.end_epoch_(acc, fstats, istats, forgets, epoch, eps, int(burn_in))
 
 
-# ------------------------------------------------------------------------ compiled inplace_grad
-_WARNED_COMPILED_INPLACE = False
+# ------------------------------------------------------------------------ warnings under compile
+_TRACE_WARNED: set = set()
 
 
-@torch.library.custom_op("gdc_ext::note_compiled_inplace_grad", mutates_args=())
-def note_compiled_inplace_grad(logits: torch.Tensor) -> None:
-    """Called instead of the in-place kernel when ``inplace_grad=True`` is traced by
-    torch.compile (which then uses the gradient buffer). Does nothing when run: its fake, run
-    while the graph is traced, gives the one-time warning. (dynamo cannot trace warnings.warn,
-    and a graph break would be an error under fullgraph=True; an op's fake runs as plain Python.)
-    """
+@torch.library.custom_op("gdc_ext::warn_while_tracing", mutates_args=())
+def warn_while_tracing(x: torch.Tensor, message: str) -> None:
+    """Gives ``message`` as a UserWarning, once per process, while torch.compile traces the call;
+    does nothing when run. dynamo cannot trace warnings.warn (a graph break, an error under
+    fullgraph=True), but an op's fake runs as plain Python while the graph is traced. ``x``: any
+    tensor of the traced code (an op needs one to be dispatched)."""
 
 
-@note_compiled_inplace_grad.register_fake
-def _note_compiled_inplace_grad_fake(logits):
-    global _WARNED_COMPILED_INPLACE
-    if not _WARNED_COMPILED_INPLACE:
-        _WARNED_COMPILED_INPLACE = True
-        warnings.warn("gdc_ext: inplace_grad=True is not supported under torch.compile; the compiled graph "
-                      "computes the gradient in a separate logits-sized buffer instead (same loss, gradients "
-                      "and recording; the logits are left intact)", UserWarning, stacklevel=2)
+@warn_while_tracing.register_fake
+def _warn_while_tracing_fake(x, message):
+    if message not in _TRACE_WARNED:
+        _TRACE_WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------- autograd
