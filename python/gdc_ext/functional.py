@@ -29,7 +29,8 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optional[torch.Tensor] = None, *,
                   state: Optional[CartoState] = None, weight: Optional[torch.Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  sample_weight: Optional[torch.Tensor] = None, inplace_grad: bool = False) -> torch.Tensor:
+                  sample_weight: Optional[torch.Tensor] = None, inplace_grad: bool = False,
+                  record: Optional[bool] = None) -> torch.Tensor:
     """``F.cross_entropy`` with fused kernels and per-sample recording.
 
     Args:
@@ -49,8 +50,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
             under torch.compile the gradient takes its own buffer (one-time warning), since a
             compiled graph cannot overwrite logits the model also returns.
 
-    Recording happens when a state and sample ids are given and grad mode is enabled; what is
-    recorded is the plain token NLL (no class weight, smoothing or sample weight), as
+        record: whether to record into ``state``. None (default): when a state and sample ids
+            are given and grad mode is enabled (a training step). True: always, also under
+            ``torch.no_grad()`` (scoring a held-out set into its own state); needs ``state`` and
+            ``sample_ids``. False: never. (:class:`~gdc_ext.CartoLoss` passes None in training
+            mode and False in eval mode.)
+
+    What is recorded is the plain token NLL (no class weight, smoothing or sample weight), as
     docs/method.md defines.
 
     Returns: the loss, like ``F.cross_entropy`` (0-d, or the shape of ``target`` for 'none'),
@@ -61,9 +67,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     check_arguments(input, target, weight, reduction, label_smoothing)
     if state is not None and not isinstance(state, CartoState):
         raise ops.ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
-    recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
+    wants = _wants_record(record, state, sample_ids)
+    recording = wants and sample_ids is not None
     weighted = sample_weight is not None and sample_ids is not None
-    if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
+    if wants and sample_ids is None and sample_weight is not None:
         raise ops.ArgumentError("sample_ids is required: per-sample loss weights (sample_weight) are set")
     if weighted:
         _check_sample_weight(sample_weight, state)
@@ -72,6 +79,20 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     if _kernel_applies(input, target):
         return _fused(input, target, sample_ids, inplace_grad=inplace_grad, **kw)
     return _fallback.cross_entropy(input, target, sample_ids, **kw)
+
+
+def _wants_record(record: Optional[bool], state: Optional[CartoState], sample_ids) -> bool:
+    """Whether this call is meant to record into ``state`` (the ``record`` argument resolved);
+    recording then also needs sample ids (None: the caller decides what a missing id means)."""
+    if record is None:
+        return state is not None and torch.is_grad_enabled()
+    if not isinstance(record, bool):
+        raise ops.ArgumentError(f"record must be True, False or None, got {record!r}")
+    if record and state is None:
+        raise ops.ArgumentError("record=True needs a state to record into (state=CartoState(...))")
+    if record and sample_ids is None:
+        raise ops.ArgumentError("record=True needs sample_ids (one id per row or per sequence)")
+    return record
 
 
 def _check_sample_weight(sample_weight, state) -> None:

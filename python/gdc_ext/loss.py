@@ -5,12 +5,13 @@ A thin module over :func:`gdc_ext.functional.cross_entropy`: it holds the config
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from gdc_ext import functional
+from gdc_ext import functional, ops
 from gdc_ext.functional import expand_sample_ids
 from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
@@ -29,9 +30,16 @@ class CartoLoss(nn.CrossEntropyLoss):
 
     ``forward(input, target, sample_ids=None)``: ``input``/``target`` as for
     ``nn.CrossEntropyLoss``; ``sample_ids`` either the shape of ``target`` (one id per token) or
-    [B] (one id per sequence, the flattened rows being B equal groups). Recording happens when a
-    state and sample ids are given and grad mode is enabled; what is recorded is the plain token
-    NLL (no class weight, smoothing or sample weight), as docs/method.md defines. See
+    [B] (one id per sequence, the flattened rows being B equal groups).
+
+    Recording is explicit: it happens in training mode (``loss_fn.train()``, the default; a
+    CartoLoss that is a submodule of the model follows ``model.train()`` / ``model.eval()``)
+    with grad enabled, when a state and sample ids are given. In eval mode or under
+    ``torch.no_grad()`` nothing is recorded, and sample ids may be left out. A state but no ids
+    in a training step warns once per loss object. To score a held-out set into a separate
+    state without training, call ``gdc_ext.functional.cross_entropy(..., state=heldout,
+    record=True)`` (works under ``torch.no_grad()``). What is recorded is the plain token NLL
+    (no class weight, smoothing or sample weight), as docs/method.md defines. See
     :func:`gdc_ext.functional.cross_entropy`, which does the work.
 
     Per-sample loss weights (the down-weighting intervention) are set with
@@ -49,6 +57,7 @@ class CartoLoss(nn.CrossEntropyLoss):
         self.state = state
         self.inplace_grad = bool(inplace_grad)
         self.sample_weight: Optional[torch.Tensor] = None
+        self._warned_no_ids = False
 
     def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
         """Per-sample loss weights [N] (float), indexed by sample id; None removes them."""
@@ -71,8 +80,24 @@ class CartoLoss(nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 sample_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The loss of ``nn.CrossEntropyLoss``; records when a state and ``sample_ids`` are given."""
+        """The loss of ``nn.CrossEntropyLoss``; records into the state in training mode with grad
+        enabled when ``sample_ids`` are given (a state but no ids while training warns once)."""
+        if self.training and self.state is not None and sample_ids is None and torch.is_grad_enabled():
+            self._warn_no_ids(input)
         return functional.cross_entropy(input, target, sample_ids, state=self.state, weight=self.weight,
                                         ignore_index=self.ignore_index, reduction=self.reduction,
                                         label_smoothing=self.label_smoothing, sample_weight=self.sample_weight,
-                                        inplace_grad=self.inplace_grad)
+                                        inplace_grad=self.inplace_grad, record=None if self.training else False)
+
+    def _warn_no_ids(self, input: torch.Tensor) -> None:
+        """Once per loss object (under torch.compile: once per process, while tracing)."""
+        if torch.compiler.is_compiling():
+            ops.warn_while_tracing(input, NO_IDS_WARNING)
+        elif not self._warned_no_ids:
+            self._warned_no_ids = True
+            warnings.warn(NO_IDS_WARNING, UserWarning, stacklevel=3)
+
+
+NO_IDS_WARNING = ("gdc_ext.CartoLoss has a CartoState but was called without sample_ids in training mode: nothing "
+                  "is recorded. Pass sample_ids (one per row or per sequence), or call loss_fn.eval() (or the "
+                  "model's .eval()) for passes that should not record.")
