@@ -37,8 +37,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
         input: logits as ``F.cross_entropy`` takes them: [V], [B, V] or [B, V, d1, ..., dk].
         target: class indices ([], [B] or [B, d1, ..., dk], int64) or class probabilities
             (the shape of ``input``; torch fallback, no recording).
-        sample_ids: integer ids in [0, N): either the shape of ``target`` (one id per token) or
-            [B] (one id per sequence, the flattened rows being B equal groups). Ids of rows whose
+        sample_ids: integer ids in [0, N): one id per token (as many ids as target rows, in any
+            shape: the shape of ``target``, or [B, L] with a flattened [B*L] target) or [B] (one
+            id per sequence, the flattened rows being B equal groups). Ids of rows whose
             target is ``ignore_index`` are not used.
         state: the :class:`~gdc_ext.CartoState` to record into (None: no recording).
         weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.

@@ -29,8 +29,9 @@ class CartoLoss(nn.CrossEntropyLoss):
             only: under torch.compile the gradient takes its own buffer (one-time warning).
 
     ``forward(input, target, sample_ids=None)``: ``input``/``target`` as for
-    ``nn.CrossEntropyLoss``; ``sample_ids`` either the shape of ``target`` (one id per token) or
-    [B] (one id per sequence, the flattened rows being B equal groups).
+    ``nn.CrossEntropyLoss``; ``sample_ids`` either one id per token (as many ids as target rows,
+    any shape: the shape of ``target``, or [B, L] with a flattened [B*L] target) or [B] (one id
+    per sequence, the flattened rows being B equal groups).
 
     Recording is explicit: it happens in training mode (``loss_fn.train()``, the default; a
     CartoLoss that is a submodule of the model follows ``model.train()`` / ``model.eval()``)
