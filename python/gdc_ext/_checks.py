@@ -6,7 +6,7 @@ argument keeps working). Shape and dtype checks only: nothing here reads tensor 
 synchronisation).
 
 What torch raises, argument by argument (torch 2.13, matched by the type tests in
-tests/test_loss_parity.py):
+tests/test_argument_errors.py):
 
 =====================================================  ============
 bad argument                                            torch raises
