@@ -166,6 +166,7 @@ def test_module_repr_and_public_api():
     # every public name is importable and is the documented object, not a copy
     documented = {"CartoLoss": ("gdc_ext.loss", "CartoLoss"), "CartoState": ("gdc_ext.state", "CartoState"),
                   "Scores": ("gdc_ext.state", "Scores"), "TargetIndexError": ("gdc_ext.ops", "TargetIndexError"),
+                  "ArgumentError": ("gdc_ext.ops", "ArgumentError"),
                   "expand_sample_ids": ("gdc_ext.functional", "expand_sample_ids"),
                   "prune": ("gdc_ext.cartography", "prune"), "quadrants": ("gdc_ext.cartography", "quadrants"),
                   "score_values": ("gdc_ext.cartography", "score_values"),

@@ -8,12 +8,12 @@ from gdc_ext import _C  # noqa: F401  (registers torch.ops.gdc)
 from gdc_ext import functional, ops
 from gdc_ext.functional import expand_sample_ids
 from gdc_ext.loss import CartoLoss
-from gdc_ext.ops import TargetIndexError
+from gdc_ext.ops import ArgumentError, TargetIndexError
 from gdc_ext.state import CartoState, Scores
 
 __version__ = "0.1.0"
-__all__ = ["CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_sample_ids", "functional", "ops",
-           "reference"]
+__all__ = ["ArgumentError", "CartoLoss", "CartoState", "Scores", "TargetIndexError", "expand_sample_ids",
+           "functional", "ops", "reference"]
 
 from gdc_ext.cartography import (QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune,  # noqa: E402
                                   quadrants, score_values, selection_order)

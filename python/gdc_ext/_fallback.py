@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext.layout import ACC_COLS, ACC_COUNT, ACC_ENERGY_SUM, ACC_LOSS_SUM
+from gdc_ext.ops import ArgumentError
 
 __all__ = ["cross_entropy", "record"]
 
@@ -24,11 +25,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     if not (recording or weighted):
         return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
-    if target.dtype.is_floating_point:
-        raise ValueError("target: recording or per-sample weights need class-index targets; "
-                         "class-probability targets carry no single token to score")
+    # torch first: its own checks of the input and target reject bad arguments with its error types
     per = F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction="none",
                           label_smoothing=label_smoothing)
+    if target.dtype.is_floating_point:
+        raise ArgumentError("target: recording or per-sample weights need class-index targets; "
+                            "class-probability targets carry no single token to score")
     logits, tgt = as_rows(input, target)
     ids = expand_sample_ids(sample_ids, target, tgt.shape[0])
     valid = tgt != ignore_index
@@ -36,7 +38,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     bad = valid & ((ids < 0) | (ids >= N))
     if bool(bad.any()):
         r = int(bad.nonzero()[0, 0])
-        raise ValueError(f"sample_ids[{r}] = {int(ids[r])} is out of range: expected a sample id in [0, {N})")
+        raise ArgumentError(f"sample_ids[{r}] = {int(ids[r])} is out of range: expected a sample id in [0, {N})")
     if recording:
         record(state, logits.detach(), tgt, ids, valid)
     flat = per.reshape(-1)
@@ -55,8 +57,8 @@ def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, va
     p = logp.exp()
     energy = (p * p).sum(1) - 2 * p.gather(1, t[:, None])[:, 0] + 1
     if not bool(torch.isfinite(nll[valid]).all()):
-        raise ValueError("input (logits) gives a non-finite loss: NaN or inf logits cannot be recorded; "
-                         "the CartoState was left unchanged")
+        raise ArgumentError("input (logits) gives a non-finite loss: NaN or inf logits cannot be recorded; "
+                            "the CartoState was left unchanged")
     acc = state.acc
     upd = torch.empty(nll.shape[0], ACC_COLS, dtype=torch.float64, device=nll.device)
     upd[:, ACC_LOSS_SUM] = nll.float().double()

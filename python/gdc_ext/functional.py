@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from gdc_ext import _fallback, ops
+from gdc_ext._checks import check_arguments
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext.layout import ACC_COLS
@@ -23,21 +24,22 @@ from gdc_ext.state import CartoState
 __all__ = ["cross_entropy", "expand_sample_ids"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optional[torch.Tensor] = None, *,
                   state: Optional[CartoState] = None, weight: Optional[torch.Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  sample_weight: Optional[torch.Tensor] = None, inplace_grad: bool = False) -> torch.Tensor:
+                  sample_weight: Optional[torch.Tensor] = None, inplace_grad: bool = False,
+                  record: Optional[bool] = None) -> torch.Tensor:
     """``F.cross_entropy`` with fused kernels and per-sample recording.
 
     Args:
         input: logits as ``F.cross_entropy`` takes them: [V], [B, V] or [B, V, d1, ..., dk].
         target: class indices ([], [B] or [B, d1, ..., dk], int64) or class probabilities
             (the shape of ``input``; torch fallback, no recording).
-        sample_ids: integer ids in [0, N): either the shape of ``target`` (one id per token) or
-            [B] (one id per sequence, the flattened rows being B equal groups). Ids of rows whose
+        sample_ids: integer ids in [0, N): one id per token (as many ids as target rows, in any
+            shape: the shape of ``target``, or [B, L] with a flattened [B*L] target) or [B] (one
+            id per sequence, the flattened rows being B equal groups). Ids of rows whose
             target is ``ignore_index`` are not used.
         state: the :class:`~gdc_ext.CartoState` to record into (None: no recording).
         weight, ignore_index, reduction, label_smoothing: as ``F.cross_entropy``.
@@ -45,23 +47,32 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
             multiply each token's training loss, while the 'mean' denominator stays that of
             ``F.cross_entropy`` (so a weight < 1 really lowers that sample's share).
         inplace_grad: write the gradient over ``input`` (zero extra memory; the logits are then
-            no longer usable after the forward pass, and backward runs once).
+            no longer usable after the forward pass, and backward runs once). Eager mode only:
+            under torch.compile the gradient takes its own buffer (one-time warning), since a
+            compiled graph cannot overwrite logits the model also returns.
 
-    Recording happens when a state and sample ids are given and grad mode is enabled; what is
-    recorded is the plain token NLL (no class weight, smoothing or sample weight), as
+        record: whether to record into ``state``. None (default): when a state and sample ids
+            are given and grad mode is enabled (a training step). True: always, also under
+            ``torch.no_grad()`` (scoring a held-out set into its own state); needs ``state`` and
+            ``sample_ids``. False: never. (:class:`~gdc_ext.CartoLoss` passes None in training
+            mode and False in eval mode.)
+
+    What is recorded is the plain token NLL (no class weight, smoothing or sample weight), as
     docs/method.md defines.
 
     Returns: the loss, like ``F.cross_entropy`` (0-d, or the shape of ``target`` for 'none'),
-    in the dtype of ``input``.
+    in ``F.cross_entropy``'s dtype: float32 under autocast (CPU or CUDA, as autocast's float32
+    policy for cross_entropy gives), the dtype of ``input`` otherwise. The gradient has the
+    dtype of ``input``.
     """
+    check_arguments(input, target, weight, reduction, label_smoothing)
     if state is not None and not isinstance(state, CartoState):
-        raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
+        raise ops.ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    wants = _wants_record(record, state, sample_ids)
+    recording = wants and sample_ids is not None
     weighted = sample_weight is not None and sample_ids is not None
-    if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
-        raise ValueError("sample_ids is required: per-sample loss weights (sample_weight) are set")
+    if wants and sample_ids is None and sample_weight is not None:
+        raise ops.ArgumentError("sample_ids is required: per-sample loss weights (sample_weight) are set")
     if weighted:
         _check_sample_weight(sample_weight, state)
     kw = dict(state=state, weight=weight, ignore_index=ignore_index, reduction=reduction,
@@ -71,15 +82,29 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     return _fallback.cross_entropy(input, target, sample_ids, **kw)
 
 
+def _wants_record(record: Optional[bool], state: Optional[CartoState], sample_ids) -> bool:
+    """Whether this call is meant to record into ``state`` (the ``record`` argument resolved);
+    recording then also needs sample ids (None: the caller decides what a missing id means)."""
+    if record is None:
+        return state is not None and torch.is_grad_enabled()
+    if not isinstance(record, bool):
+        raise ops.ArgumentError(f"record must be True, False or None, got {record!r}")
+    if record and state is None:
+        raise ops.ArgumentError("record=True needs a state to record into (state=CartoState(...))")
+    if record and sample_ids is None:
+        raise ops.ArgumentError("record=True needs sample_ids (one id per row or per sequence)")
+    return record
+
+
 def _check_sample_weight(sample_weight, state) -> None:
     """Shape and dtype only: the values (finite, >= 0) are checked once by
     CartoLoss.set_sample_weights, not on every call (that would synchronise with the device)."""
     if not isinstance(sample_weight, torch.Tensor) or sample_weight.dim() != 1 \
             or not sample_weight.dtype.is_floating_point:
-        raise ValueError(f"sample_weight must be a 1-D float tensor [N], got "
+        raise ops.ArgumentError(f"sample_weight must be a 1-D float tensor [N], got "
                          f"{getattr(sample_weight, 'shape', type(sample_weight).__name__)}")
     if state is not None and sample_weight.numel() != state.num_samples:
-        raise ValueError(f"sample_weight has {sample_weight.numel()} entries but the state has "
+        raise ops.ArgumentError(f"sample_weight has {sample_weight.numel()} entries but the state has "
                          f"N = {state.num_samples}")
 
 
@@ -109,10 +134,46 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
     else:
         grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
         out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
-                                 reduction, bool(inplace_grad), denom)
+                                 reduction, _inplace_allowed(inplace_grad, logits), denom)
     if reduction == "none":
         out = out.reshape(target.shape)
-    return out.to(input.dtype)
+    return out.to(result_dtype(input))
+
+
+# autocast's float32 policy casts these to float32 before cross_entropy (float64 is left alone)
+_AUTOCAST_TO_FP32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def result_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.cross_entropy`` returns for ``input``: float32 under autocast on the input's
+    device (cross_entropy is a float32 op in autocast's policy, on the CPU and on CUDA), the
+    input's dtype otherwise (so bf16 logits outside autocast give a bf16 loss, as in torch). The
+    kernel computes in float32 either way; gradients keep the logits' dtype."""
+    if input.dtype in _AUTOCAST_TO_FP32 and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype
+
+
+def _inplace_allowed(inplace_grad: bool, logits: torch.Tensor) -> bool:
+    """``inplace_grad`` in eager mode; under torch.compile the gradient takes its own buffer.
+
+    A compiled graph cannot write the gradient over logits it also returns (a model returning
+    its logits fails inside the compiler: "Node ... was invalid, but is output"), and whether the
+    logits escape is not known while tracing; the in-place write also saves nothing once the
+    graph is functionalized. So compiled graphs use the buffer mode (same loss, gradients and
+    recording), with a one-time warning given while tracing (see ops.warn_while_tracing).
+    """
+    if not inplace_grad:
+        return False
+    if not torch.compiler.is_compiling():
+        return True
+    ops.warn_while_tracing(logits, COMPILED_INPLACE_WARNING)
+    return False
+
+
+COMPILED_INPLACE_WARNING = ("gdc_ext: inplace_grad=True is not supported under torch.compile; the compiled graph "
+                            "computes the gradient in a separate logits-sized buffer instead (same loss, "
+                            "gradients and recording; the logits are left intact)")
 
 
 def _empty(dev, dtype):

@@ -5,13 +5,15 @@ A thin module over :func:`gdc_ext.functional.cross_entropy`: it holds the config
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from gdc_ext import functional
+from gdc_ext import functional, ops
 from gdc_ext.functional import expand_sample_ids
+from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
 
 __all__ = ["CartoLoss", "expand_sample_ids"]
@@ -23,13 +25,22 @@ class CartoLoss(nn.CrossEntropyLoss):
     Constructor: exactly ``nn.CrossEntropyLoss``'s arguments, plus keyword-only
         state: a :class:`CartoState` to record into (None: no recording).
         inplace_grad: write the gradient over the logits (zero extra memory; the logits tensor
-            is then no longer usable after the forward pass, and backward runs once).
+            is then no longer usable after the forward pass, and backward runs once). Eager mode
+            only: under torch.compile the gradient takes its own buffer (one-time warning).
 
     ``forward(input, target, sample_ids=None)``: ``input``/``target`` as for
-    ``nn.CrossEntropyLoss``; ``sample_ids`` either the shape of ``target`` (one id per token) or
-    [B] (one id per sequence, the flattened rows being B equal groups). Recording happens when a
-    state and sample ids are given and grad mode is enabled; what is recorded is the plain token
-    NLL (no class weight, smoothing or sample weight), as docs/method.md defines. See
+    ``nn.CrossEntropyLoss``; ``sample_ids`` either one id per token (as many ids as target rows,
+    any shape: the shape of ``target``, or [B, L] with a flattened [B*L] target) or [B] (one id
+    per sequence, the flattened rows being B equal groups).
+
+    Recording is explicit: it happens in training mode (``loss_fn.train()``, the default; a
+    CartoLoss that is a submodule of the model follows ``model.train()`` / ``model.eval()``)
+    with grad enabled, when a state and sample ids are given. In eval mode or under
+    ``torch.no_grad()`` nothing is recorded, and sample ids may be left out. A state but no ids
+    in a training step warns once per loss object. To score a held-out set into a separate
+    state without training, call ``gdc_ext.functional.cross_entropy(..., state=heldout,
+    record=True)`` (works under ``torch.no_grad()``). What is recorded is the plain token NLL
+    (no class weight, smoothing or sample weight), as docs/method.md defines. See
     :func:`gdc_ext.functional.cross_entropy`, which does the work.
 
     Per-sample loss weights (the down-weighting intervention) are set with
@@ -43,10 +54,11 @@ class CartoLoss(nn.CrossEntropyLoss):
                  state: Optional[CartoState] = None, inplace_grad: bool = False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         if state is not None and not isinstance(state, CartoState):
-            raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+            raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
         self.state = state
         self.inplace_grad = bool(inplace_grad)
         self.sample_weight: Optional[torch.Tensor] = None
+        self._warned_no_ids = False
 
     def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
         """Per-sample loss weights [N] (float), indexed by sample id; None removes them."""
@@ -55,13 +67,13 @@ class CartoLoss(nn.CrossEntropyLoss):
             return
         weights = torch.as_tensor(weights)
         if weights.dim() != 1 or not weights.dtype.is_floating_point:
-            raise ValueError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
+            raise ArgumentError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
                              f"{weights.dtype}")
         if self.state is not None and weights.numel() != self.state.num_samples:
-            raise ValueError(f"sample weights have {weights.numel()} entries but the state has "
+            raise ArgumentError(f"sample weights have {weights.numel()} entries but the state has "
                              f"N = {self.state.num_samples}")
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("sample weights must be finite and >= 0")
+            raise ArgumentError("sample weights must be finite and >= 0")
         self.sample_weight = weights.detach().to(torch.float32).contiguous()
 
     def extra_repr(self) -> str:
@@ -69,8 +81,24 @@ class CartoLoss(nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 sample_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The loss of ``nn.CrossEntropyLoss``; records when a state and ``sample_ids`` are given."""
+        """The loss of ``nn.CrossEntropyLoss``; records into the state in training mode with grad
+        enabled when ``sample_ids`` are given (a state but no ids while training warns once)."""
+        if self.training and self.state is not None and sample_ids is None and torch.is_grad_enabled():
+            self._warn_no_ids(input)
         return functional.cross_entropy(input, target, sample_ids, state=self.state, weight=self.weight,
                                         ignore_index=self.ignore_index, reduction=self.reduction,
                                         label_smoothing=self.label_smoothing, sample_weight=self.sample_weight,
-                                        inplace_grad=self.inplace_grad)
+                                        inplace_grad=self.inplace_grad, record=None if self.training else False)
+
+    def _warn_no_ids(self, input: torch.Tensor) -> None:
+        """Once per loss object (under torch.compile: once per process, while tracing)."""
+        if torch.compiler.is_compiling():
+            ops.warn_while_tracing(input, NO_IDS_WARNING)
+        elif not self._warned_no_ids:
+            self._warned_no_ids = True
+            warnings.warn(NO_IDS_WARNING, UserWarning, stacklevel=3)
+
+
+NO_IDS_WARNING = ("gdc_ext.CartoLoss has a CartoState but was called without sample_ids in training mode: nothing "
+                  "is recorded. Pass sample_ids (one per row or per sequence), or call loss_fn.eval() (or the "
+                  "model's .eval()) for passes that should not record.")

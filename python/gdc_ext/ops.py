@@ -5,6 +5,7 @@ ids, reduction) lives in :mod:`gdc_ext.functional`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -13,13 +14,26 @@ from gdc_ext import _C  # noqa: F401  (loads the kernels and their schemas)
 from gdc_ext._reduction import reduce_rows
 from gdc_ext.layout import ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, I_COLS
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "scale_grad_", "end_epoch_", "TargetIndexError"]
+__all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "scale_grad_", "end_epoch_", "ArgumentError",
+           "TargetIndexError"]
 
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class TargetIndexError(IndexError, ValueError):
     """A target class index is out of range. An IndexError like torch's, and a ValueError."""
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """An invalid argument to the loss (class weight of the wrong size, label_smoothing outside
+    [0, 1], target of the wrong shape or dtype, bad reduction, bad sample ids or state, ...).
+
+    Both a ValueError and a RuntimeError: ``nn.CrossEntropyLoss`` raises one or the other
+    depending on the argument (RuntimeError for the class weight, label_smoothing and most target
+    shapes; ValueError for batch-size mismatches and the reduction), and callers written against
+    either (or against gdc_ext's earlier ValueError) keep working. Raised in eager mode; inside a
+    compiled graph the kernels' shape checks raise the plain ValueError at trace time.
+    """
 
 
 # ---------------------------------------------------------------------------------------- fakes
@@ -123,13 +137,22 @@ def _end_epoch_fake(acc, fstats, istats, forgets, epoch, eps, burn_in):
 # ------------------------------------------------------------------------------------- wrappers
 def _call(op, *args):
     """Runs a cross-entropy op; in eager mode an out-of-range target surfaces as TargetIndexError
-    (an IndexError like torch's, and a ValueError). Compiled graphs raise the plain IndexError."""
+    (an IndexError like torch's, and a ValueError) and the kernels' argument checks
+    (TORCH_CHECK_VALUE) as ArgumentError (a ValueError and a RuntimeError). Compiled graphs raise
+    the plain IndexError / ValueError."""
     if torch.compiler.is_compiling():
         return op(*args)
     try:
         return op(*args)
     except IndexError as e:
-        raise TargetIndexError(str(e).split("\nException raised from")[0]) from None
+        raise TargetIndexError(_message(e)) from None
+    except ValueError as e:
+        raise ArgumentError(_message(e)) from None
+
+
+def _message(e: Exception) -> str:
+    """The kernel's message without the C++ backtrace torch appends."""
+    return str(e).split("\nException raised from")[0]
 
 
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
@@ -174,6 +197,25 @@ def end_epoch_(acc: torch.Tensor, fstats: torch.Tensor, istats: torch.Tensor, fo
     """Folds the epoch accumulators into the per-sample statistics (see csrc/epoch_math.h and
     docs/method.md); shapes as in :func:`_end_epoch_fake`."""
     torch.ops.gdc.end_epoch_(acc, fstats, istats, forgets, epoch, eps, int(burn_in))
+
+
+# ------------------------------------------------------------------------ warnings under compile
+_TRACE_WARNED: set = set()
+
+
+@torch.library.custom_op("gdc_ext::warn_while_tracing", mutates_args=())
+def warn_while_tracing(x: torch.Tensor, message: str) -> None:
+    """Gives ``message`` as a UserWarning, once per process, while torch.compile traces the call;
+    does nothing when run. dynamo cannot trace warnings.warn (a graph break, an error under
+    fullgraph=True), but an op's fake runs as plain Python while the graph is traced. ``x``: any
+    tensor of the traced code (an op needs one to be dispatched)."""
+
+
+@warn_while_tracing.register_fake
+def _warn_while_tracing_fake(x, message):
+    if message not in _TRACE_WARNED:
+        _TRACE_WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------- autograd

@@ -1,0 +1,93 @@
+"""The argument checks ``F.cross_entropy`` makes, done in Python before any kernel runs, so
+every path (fused kernel, torch fallback, with or without recording) rejects the same bad
+arguments torch rejects, with a message naming the argument and an :class:`ArgumentError`
+(both a ValueError and a RuntimeError, so a caller catching either type torch raises for that
+argument keeps working). Shape and dtype checks only: nothing here reads tensor values (no host
+synchronisation).
+
+What torch raises, argument by argument (torch 2.13, matched by the type tests in
+tests/test_argument_errors.py):
+
+=====================================================  ============
+bad argument                                            torch raises
+=====================================================  ============
+reduction not 'mean' / 'sum' / 'none'                   ValueError
+label_smoothing > 1                                     RuntimeError
+weight not 1-D with one value per class                 RuntimeError
+weight not floating point                               RuntimeError
+class-index target of the wrong batch size              ValueError
+class-index target of the wrong shape otherwise         RuntimeError
+  (but [B] for unbatched [V] input: ValueError)
+class-index target neither int64 nor uint8              RuntimeError
+=====================================================  ============
+
+``label_smoothing`` below 0 or NaN is refused too (torch accepts it and trains as if it were 0).
+Class-probability targets are left to torch's own checks (the fallback calls it first).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from gdc_ext.ops import ArgumentError
+
+__all__ = ["check_arguments", "REDUCTIONS"]
+
+REDUCTIONS = ("mean", "sum", "none")
+_INDEX_DTYPES = (torch.int64, torch.uint8)
+
+
+def check_arguments(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], reduction: str,
+                    label_smoothing: float) -> None:
+    """Raises :class:`ArgumentError` for the arguments ``F.cross_entropy`` rejects.
+
+    input: [V], [B, V] or [B, V, d1, ..., dk] logits; target: class indices ([], [B] or
+    [B, d1, ..., dk]) or class probabilities (the shape of ``input``); weight: [V] or None.
+    Inputs torch rejects for other reasons (0-d or integer logits) are left to torch.
+    """
+    if reduction not in REDUCTIONS:
+        raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or math.isnan(label_smoothing) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise ArgumentError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor) or input.dim() == 0:
+        return
+    V = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != V:
+            raise ArgumentError(f"weight must be a 1-D tensor with one value per class ({V}), got "
+                                f"{_shape(weight)}")
+        if not weight.dtype.is_floating_point:
+            raise ArgumentError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.device != input.device:
+            raise ArgumentError(f"weight is on {weight.device} but input is on {input.device}")
+    if target.dtype.is_floating_point:
+        return  # class probabilities: torch's checks (the fallback runs F.cross_entropy first)
+    _check_index_target(input, target)
+
+
+def _check_index_target(input: torch.Tensor, target: torch.Tensor) -> None:
+    """Class-index targets: torch's nll_loss_nd rules, in its order (batch size first)."""
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise ArgumentError(f"target must be 0-D (or [1]) for unbatched [V] input, got {tuple(target.shape)}")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ArgumentError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+    else:
+        tb = target.shape[0] if target.dim() else 0
+        if input.shape[0] != tb:
+            raise ArgumentError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({tb}).")
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ArgumentError(f"Expected target size {list(expected)}, got {list(target.shape)}: target must hold "
+                                f"one class index per row of input")
+    if target.dtype not in _INDEX_DTYPES:
+        raise ArgumentError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
+    if target.device != input.device:
+        raise ArgumentError(f"target is on {target.device} but input is on {input.device}")
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
