@@ -25,7 +25,8 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from gdc_ext import DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, prune, score_values
+from gdc_ext import DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, prune, score_values, unigram_reference, zlib_reference
+from paper.metrics import auc
 from paper.models import LSTMLM
 from paper.train import train_epoch
 
@@ -79,9 +80,9 @@ def evaluate(model, val, canaries):
     return out
 
 
-def summary_table(scores, codes, group, by: str = "memorization") -> str:
+def summary_table(scores, codes, group, by: str = "memorization", reference=None) -> str:
     lines = [f"{'quadrant':<20}{'n':>6}{'mean d':>9}{'mean ' + by:>14}  " + "".join(f"{g:>8}" for g in GROUPS)]
-    m = score_values(scores, by)
+    m = score_values(scores, by, reference=reference)
     for q in (0, 1, 2, 3, -1):
         sel = codes == q
         n = int(sel.sum())
@@ -91,6 +92,27 @@ def summary_table(scores, codes, group, by: str = "memorization") -> str:
         mm = float(m[sel].mean()) if n else float("nan")
         per = "".join(f"{int((group[sel] == g).sum()):>8}" for g in range(3))
         lines.append(f"{QUADRANT_NAMES[q]:<20}{n:>6}{md:>9.3f}{mm:>14.3f}  {per}")
+    return "\n".join(lines)
+
+
+def detection_table(scores, is_canary: torch.Tensor, references: dict, budget: float = 0.05) -> str:
+    """How well each score finds the canaries (the memorized samples): AUROC (canary vs not; 0.5 is
+    chance) and recall of the canaries in the top ``budget`` fraction (what pruning would remove)."""
+    N, n_can = len(is_canary), int(is_canary.sum())
+    rows = [("memorization", "the paper's m_i (forget rate)", {}),
+            ("loss", "difficulty d (mean burn-in loss)", {}),
+            ("gain", "d - last loss", {})]
+    rows += [("excess", f"{name} reference - last loss", {"reference": ref}) for name, ref in references.items()]
+    rows.append(("random", "random order", {}))
+    lines = [f"{'score':<14}{'what':<36}{'AUROC':>7}{f'recall@{budget:.0%}':>12}"]
+    for by, what, kw in rows:
+        v = score_values(scores, by, **kw).numpy()
+        v = np.where(np.isnan(v), -np.inf, v)  # unscored samples rank last, as in selection
+        kept = prune(scores, budget, by=by, **kw)
+        removed = torch.ones(N, dtype=torch.bool)
+        removed[kept] = False
+        rec = int((removed & is_canary).sum()) / max(n_can, 1)
+        lines.append(f"{by:<14}{what:<36}{auc(v[is_canary.numpy()], v[~is_canary.numpy()]):>7.3f}{rec:>12.0%}")
     return "\n".join(lines)
 
 
@@ -113,7 +135,7 @@ def main(argv=None) -> dict:
     p.add_argument("--gamma", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.1, help="loss weight of hotspots")
     p.add_argument("--keep-outliers", action="store_true")
-    p.add_argument("--by", choices=[b for b in SCORES if b != "excess"], default=DEFAULT_SCORE,
+    p.add_argument("--by", choices=list(SCORES), default=DEFAULT_SCORE,
                    help=f"score of the memorized axis and of pruning (default {DEFAULT_SCORE}; memorization: the paper's m)")
     p.add_argument("--prune", type=float, default=0.05, help="also drop this top fraction by the score (0: none)")
     p.add_argument("--batch", type=int, default=32)
@@ -138,11 +160,14 @@ def main(argv=None) -> dict:
                                      concentration=args.concentration)
     canary_ids = torch.nonzero(group == 2).flatten()
     N = args.samples
+    # Per-sample reference losses of the scored (target) tokens, for the "excess" score.
+    refs = {"unigram": unigram_reference(tokens[:, 1:], vocab_size=VOCAB), "zlib": zlib_reference(tokens[:, 1:])}
     model = LSTMLM(VOCAB, dim=args.dim, hidden=args.hidden)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     carto = Cartographer(num_samples=N, burn_in=args.burn_in, eps=args.eps, alpha_d=args.alpha_d,
                          alpha_m=args.alpha_m, gamma=args.gamma, alpha=args.alpha, keep_outliers=args.keep_outliers,
-                         seed=args.seed, label_after=args.label_after, memorization=args.by)
+                         seed=args.seed, label_after=args.label_after, memorization=args.by,
+                         reference=refs["unigram"] if args.by == "excess" else None)
     print(f"corpus: {N} training sequences ({', '.join(f'{int((group == g).sum())} {n}' for g, n in enumerate(GROUPS))}), "
           f"{args.val} validation; {args.seq_len} tokens each")
     print(f"Algorithm 1: burn-in T_e = {args.burn_in}, labels after epoch {args.label_after}, eps = {args.eps} nats, "
@@ -162,12 +187,12 @@ def main(argv=None) -> dict:
     codes = q.codes
     print(f"\nthresholds: tau_d = {q.tau_d:.3f} nats, tau_m = {q.tau_m:.3f} ({args.by} after {args.label_after} "
           f"epochs); state {carto.state.nbytes() / 1024:.1f} KiB\n")
-    print(summary_table(scores, codes, group, args.by))
+    print(summary_table(scores, codes, group, args.by, carto.reference))
     n_hot = int((codes == 2).sum())
     hot_canary = int((codes[canary_ids] == 2).sum())
     high = (codes == 2) | (codes == 3)  # score above tau_m, whatever the difficulty
     m = scores.memorization_at()
-    sc = score_values(scores, args.by)
+    sc = score_values(scores, args.by, reference=carto.reference)
     forgot = int((scores.forgets_at()[canary_ids] > 0).sum())
     print(f"\ncanaries: {hot_canary}/{len(canary_ids)} landed in hotspot-memorized, "
           f"{int(high[canary_ids].sum())}/{len(canary_ids)} above tau_m ({args.by}; "
@@ -175,7 +200,10 @@ def main(argv=None) -> dict:
           f"{forgot}/{len(canary_ids)} had a forget event; mean m canary {float(m[canary_ids].mean()):.3f} "
           f"vs others {float(m[group != 2].mean()):.3f}; mean {args.by} canary {float(sc[canary_ids].mean()):.3f} "
           f"vs others {float(sc[group != 2].nanmean()):.3f}")
-    kept = prune(scores, args.prune, by=args.by) if args.prune > 0 else torch.arange(N)
+    print(f"\ndetection of the canaries after {args.label_after} epochs (AUROC 0.5 = chance; {len(canary_ids)} canaries "
+          f"of {N} samples):")
+    print(detection_table(scores, group == 2, refs, budget=args.prune if args.prune > 0 else 0.05))
+    kept = carto.prune(args.prune) if args.prune > 0 else torch.arange(N)
     removed = torch.ones(N, dtype=torch.bool)
     removed[kept] = False
     if args.prune > 0:
@@ -190,7 +218,8 @@ def main(argv=None) -> dict:
         from gdc_ext.plot import data_map
 
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        data_map(scores, quadrants=q, by=args.by, highlight=canary_ids, highlight_label="canaries", path=args.out,
+        data_map(scores, quadrants=q, by=args.by, reference=carto.reference,
+                 highlight=canary_ids, highlight_label="canaries", path=args.out,
                  title=f"Data map of the demo corpus after {args.label_after} epochs (burn-in {args.burn_in}, "
                        f"eps = {args.eps})\ntau_d = {q.tau_d:.3f}, tau_m = {q.tau_m:.3f}; circles: injected canaries")
         print(f"data map written to {args.out}")

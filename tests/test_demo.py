@@ -14,3 +14,15 @@ def test_demo_smoke(tmp_path, capsys):
     for k in ("before", "plain", "after"):
         assert math.isfinite(r[k]["val_ppl"]) and r[k]["val_ppl"] > 1.0
     assert r["n_canary"] == 6
+    # detection of the canaries, every score side by side, AUROC in [0, 1]
+    table = out[out.index("detection of the canaries"):].splitlines()[2:8]
+    assert [line.split()[0] for line in table] == ["memorization", "loss", "gain", "excess", "excess", "random"]
+    for line in table:
+        auroc = float(line.split()[-2])
+        assert 0.0 <= auroc <= 1.0
+
+
+def test_demo_excess_uses_the_unigram_reference(tmp_path, capsys):
+    demo.main(["--samples", "80", "--val", "10", "--seq-len", "10", "--burn-in", "1", "--label-after", "2",
+               "--epochs", "3", "--hidden", "16", "--dim", "8", "--out", "", "--state", "", "--by", "excess"])
+    assert "prune top 5% by excess" in capsys.readouterr().out
