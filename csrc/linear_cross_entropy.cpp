@@ -98,7 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     grad_bias = !has_bias ? at::empty({0}, input.options())
                           : R == 0 ? at::zeros({V}, input.options()) : at::empty({V}, input.options());
   } else {
-    grad_input = grad_weight = grad_bias = at::empty({0}, input.options());
+    // Three distinct empty tensors: outputs must not alias (the schema says so).
+    grad_input = at::empty({0}, input.options());
+    grad_weight = at::empty({0}, input.options());
+    grad_bias = at::empty({0}, input.options());
   }
   if (R == 0) return {call.loss, call.nll, grad_input, grad_weight, grad_bias};
 
