@@ -23,8 +23,9 @@ def _problem(B=3, L=7, H=16, V=50, dtype=torch.float32, bias=True, ignore=True, 
         t[0, min(2, L - 1)] = -100
         t[B - 1, L - 1] = -100
     ids = torch.randint(0, N, (B,), generator=g)
-    cast = (lambda z: None if z is None else z.to(dtype).to(device))
-    return cast(x), cast(W), cast(b), t.to(device), ids.to(device)
+    x, W = x.to(dtype).to(device), W.to(dtype).to(device)
+    b = None if b is None else b.to(dtype).to(device)
+    return x, W, b, t.to(device), ids.to(device)
 
 
 def _reference(x, W, b, t, ids, *, weight, reduction, label_smoothing, sample_weight, ignore_index=-100):
