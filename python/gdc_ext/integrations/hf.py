@@ -81,14 +81,16 @@ class CartoTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is a CartoLoss (causal LM: shifted labels).
 
     Args (beyond Trainer's): exactly one of ``cartographer`` (Algorithm 1: recording, labels, loss
-    weights, sampler) or ``state`` (recording only, or ``loss=`` a CartoLoss of your own).
+    weights, sampler) or ``state`` (recording only, or ``loss=`` a CartoLoss of your own);
+    ``fused_linear=True`` computes the loss with the fused linear + cross-entropy, never building
+    the logits (causal LMs; see :mod:`gdc_ext.integrations.hf_fused`, which checks the model here).
     """
 
     # compute_loss returns a per-micro-batch mean: let the Trainer divide by accumulation steps.
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, cartographer: Optional[Cartographer] = None, state: Optional[CartoState] = None,
-                 loss: Optional[CartoLoss] = None, **kwargs):
+                 loss: Optional[CartoLoss] = None, fused_linear: bool = False, **kwargs):
         if sum(x is not None for x in (cartographer, state, loss)) != 1:
             raise ValueError("CartoTrainer: give exactly one of cartographer=, state= or loss=")
         if loss is not None and not isinstance(loss, CartoLoss):
@@ -98,6 +100,11 @@ class CartoTrainer(Trainer):
         target = cartographer if cartographer is not None else self.carto_loss.state
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # older transformers read this instead of loss_is_scaled_for_ga
+        self.fused_linear = bool(fused_linear)
+        if self.fused_linear:
+            from gdc_ext.integrations.hf_fused import check_fused_trainer
+
+            check_fused_trainer(self)  # refuses a model it cannot handle before training
         if target is not None:
             self.add_callback(CartoCallback(target))
         if cartographer is not None and abs(cartographer.gamma - round(cartographer.gamma)) > 0:
@@ -115,6 +122,10 @@ class CartoTrainer(Trainer):
         return super()._get_train_sampler(*args, **kwargs)
 
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
+        if self.fused_linear:
+            from gdc_ext.integrations.hf_fused import fused_compute_loss
+
+            return fused_compute_loss(self, model, inputs, return_outputs)
         inputs = dict(inputs)
         ids = inputs.pop(SAMPLE_IDS, None)
         if "labels" not in inputs:
