@@ -17,8 +17,9 @@ struct CeRowKernels {
   void (*record)(const CeParams&);
 };
 
-// Rows per chunk: `requested` if > 0 (capped at R), else the chunk-size rule (see the .cpp).
-int64_t linear_ce_chunk_rows(int64_t R, int64_t V, int64_t H, int64_t elem_size, int64_t requested);
+// Rows per chunk: `requested` if > 0 (capped at R), else the chunk-size rule (see the .cpp;
+// it differs between the CPU and CUDA).
+int64_t linear_ce_chunk_rows(int64_t R, int64_t V, int64_t H, int64_t elem_size, bool cuda, int64_t requested);
 
 // gdc::linear_cross_entropy_fwd (schema in csrc/ops.cpp): returns loss_rows [R] float32,
 // nll_rows [R] float32, and, if compute_grad, the gradients of sum(loss_rows * grad_scale) with

@@ -153,11 +153,12 @@ def test_unbatched_and_2d_inputs_and_no_grad():
 
 
 def test_chunk_rule():
-    """The automatic chunk keeps the logits chunk within max(64 MiB, input bytes / 8)."""
+    """Automatic chunking (CPU: the logits chunk within max(64 MiB, min(V H, R V / 4) elements),
+    here 80 of the 100 rows) gives the results of one chunk."""
     from gdc_ext import ops  # noqa: F401  (the op is registered)
 
     x = torch.randn(100, 8)
-    W = torch.randn(200_000, 8)  # 64 MiB / (200000 * 4 B) = 83 rows -> 80
+    W = torch.randn(200_000, 8)  # 64 MiB / (200000 * 4 B) = 83 rows -> 80: two chunks
     t = torch.randint(0, 200_000, (100,))
     e = torch.empty(0, dtype=torch.long)
     acc = torch.empty(0, ACC_COLS, dtype=torch.float64)

@@ -54,8 +54,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             ``F.linear_cross_entropy``).
         state: the :class:`~gdc_ext.CartoState` to record into (None: no recording).
         sample_weight: [N] float per-sample loss weights indexed by sample id (None: none).
-        chunk_size: rows per chunk (None: chosen from the shapes so that a chunk's logits take
-            at most max(64 MiB, input bytes / 8)).
+        chunk_size: rows per chunk (None: chosen from the shapes; a chunk's logits take at most
+            max(64 MiB, min(V H, R V / 4) elements) on the CPU, where the matmuls need large
+            chunks, and max(64 MiB, input bytes / 8) on CUDA, where memory is the scarce
+            resource; see csrc/linear_cross_entropy.cpp).
 
     Returns: the loss (0-d, or the shape of ``target`` for 'none') in the dtype of ``input``.
 

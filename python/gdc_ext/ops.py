@@ -267,8 +267,9 @@ def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Op
         weight: [V, H] output projection (input's dtype and device); bias: [V] or None.
         target, class_weight, sample_ids, sample_weight, grad_scale, acc, ignore_index,
             label_smoothing: as :func:`cross_entropy_fwd` (acc is updated once, after all chunks).
-        chunk_size: rows per chunk; 0 chooses it from the shapes (logits chunk <= max(64 MiB,
-            input bytes / 8)).
+        chunk_size: rows per chunk; 0 chooses it from the shapes (the logits chunk takes at most
+            CPU: max(64 MiB, min(weight bytes, logits bytes / 4)); CUDA: max(64 MiB, input bytes
+            / 8); see csrc/linear_cross_entropy.cpp).
         compute_grad: also return the gradients of sum(loss_rows * grad_scale).
     Returns:
         loss_rows [R] float32, nll_rows [R] float32, grad_input [R, H], grad_weight [V, H] and
