@@ -152,6 +152,19 @@ def test_unbatched_and_2d_inputs_and_no_grad():
     torch.testing.assert_close(Wl.grad, Wr.grad)
 
 
+def test_autocast_like_linear_then_cross_entropy():
+    x, W, b, t, _ = _problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _grads(lambda a, w, c: linear_cross_entropy(a, w, t, linear_bias=c, chunk_size=5), x, W, b)
+        ref, ref_grads = _grads(lambda a, w, c: F.cross_entropy(F.linear(a, w, c).reshape(-1, w.shape[0]),
+                                                                t.reshape(-1)), x, W, b)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype == torch.float32
+        _close(got, want, torch.bfloat16)
+
+
 def test_chunk_rule():
     """Automatic chunking (CPU: the logits chunk within max(64 MiB, min(V H, R V / 4) elements),
     here 80 of the 100 rows) gives the results of one chunk."""

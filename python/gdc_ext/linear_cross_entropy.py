@@ -59,7 +59,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             chunks, and max(64 MiB, input bytes / 8) on CUDA, where memory is the scarce
             resource; see csrc/linear_cross_entropy.cpp).
 
-    Returns: the loss (0-d, or the shape of ``target`` for 'none') in the dtype of ``input``.
+    Returns: the loss (0-d, or the shape of ``target`` for 'none') in the dtype of ``input``
+    (under autocast: the matmul runs in the autocast dtype and the loss is float32, as for
+    ``F.linear`` + ``F.cross_entropy``).
 
     For reduction='none' the backward pass runs the chunk loop once more (a per-row upstream
     gradient cannot be folded into a precomputed weight gradient). Backward runs once per
@@ -80,6 +82,14 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     if weighted:
         _check_sample_weight(sample_weight, state)
 
+    out_dtype = input.dtype
+    if torch.is_autocast_enabled(input.device.type):
+        # As under autocast F.linear computes the logits in the autocast dtype and F.cross_entropy
+        # returns float32: cast the matmul operands (differentiably) and return float32.
+        ac = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(ac), linear_weight.to(ac)
+        linear_bias = None if linear_bias is None else linear_bias.to(ac)
+        out_dtype = torch.float32
     H = input.shape[-1]
     x = input.reshape(-1, H)
     tgt = target.reshape(-1).contiguous()
@@ -102,7 +112,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                                        ignore_index, label_smoothing, reduction, chunk, denom)
     if reduction == "none":
         out = out.reshape(target.shape)
-    return out.to(input.dtype)
+    return out.to(out_dtype)
 
 
 def _check_shapes(input, linear_weight, target, linear_bias) -> None:
