@@ -21,6 +21,14 @@ TORCH_LIBRARY(gdc, m) {
   // Folds the epoch accumulators into the per-sample statistics and zeroes them; epoch += 1.
   m.def("end_epoch_(Tensor(a!) acc, Tensor(b!) fstats, Tensor(c!) istats, Tensor(d!) forgets, "
         "Tensor(e!) epoch, Tensor eps, int burn_in) -> ()");
+  // Fused linear + cross-entropy over input [R, H] and weight [V, H] (+ bias [V]) without the
+  // [R, V] logits: chunks of chunk_size rows (0: automatic, see csrc/linear_cross_entropy.cpp).
+  // Returns loss_rows [R], nll_rows [R] (float32, as cross_entropy_fwd) and, if compute_grad,
+  // the gradients of sum(loss_rows * grad_scale) w.r.t. input [R, H], weight [V, H] and bias [V]
+  // (else, and for an absent bias, empty). Records into acc as cross_entropy_fwd does.
+  m.def("linear_cross_entropy_fwd(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+        "Tensor sample_ids, Tensor sample_weight, Tensor grad_scale, Tensor(a!) acc, int ignore_index, "
+        "float label_smoothing, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // Importing gdc_ext._C loads this library, which registers the ops above.

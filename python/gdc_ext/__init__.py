@@ -45,3 +45,7 @@ def __getattr__(name: str):
 
         return importlib.import_module("gdc_ext.reference")
     raise AttributeError(f"module 'gdc_ext' has no attribute {name!r}")
+
+from gdc_ext.linear_cross_entropy import CartoLinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
+
+__all__ += ["CartoLinearCrossEntropyLoss", "linear_cross_entropy"]

@@ -253,3 +253,137 @@ class _FusedCE(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         scale_grad_(grad, grad_out.to(torch.float32).contiguous())
         return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------ fused linear + cross-entropy
+__all__ += ["linear_cross_entropy_fwd"]
+
+
+@torch.library.register_fake("gdc::linear_cross_entropy_fwd")
+def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
+                  ignore_index, label_smoothing, chunk_size, compute_grad):
+    """The contract of gdc::linear_cross_entropy_fwd (csrc/linear_cross_entropy.cpp): input [R, H],
+    weight [V, H] and bias [V] of one float dtype, then the cross-entropy contract on [R, V]."""
+    torch._check_value(input.dim() == 2,
+                       lambda: f"gdc.linear_cross_entropy: input must be 2-D [rows, hidden], got {input.shape}")
+    torch._check_value(input.dtype in _LOGITS_DTYPES,
+                       lambda: f"gdc.linear_cross_entropy: input must be float32, bfloat16, float16 or float64, "
+                               f"got {input.dtype}")
+    R, H = input.shape
+    torch._check_value(weight.dim() == 2 and weight.shape[1] == H,
+                       lambda: f"gdc.linear_cross_entropy: linear_weight must be 2-D [classes, hidden] with hidden = "
+                               f"{H} (the input's last dimension), got {weight.shape}")
+    torch._check_value(weight.dtype == input.dtype,
+                       lambda: f"gdc.linear_cross_entropy: linear_weight is {weight.dtype} but input is {input.dtype} "
+                               f"(expected the same dtype)")
+    V = weight.shape[0]
+    if bias is not None:
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == V,
+                           lambda: f"gdc.linear_cross_entropy: linear_bias must be 1-D with one value per class ({V}), "
+                                   f"got {bias.shape}")
+        torch._check_value(bias.dtype == input.dtype,
+                           lambda: f"gdc.linear_cross_entropy: linear_bias is {bias.dtype} but input is {input.dtype} "
+                                   f"(expected the same dtype)")
+    torch._check_value(chunk_size >= 0, lambda: f"gdc.linear_cross_entropy: chunk_size must be >= 0 (0: automatic), "
+                                                f"got {chunk_size}")
+    # The [R, V] logits the kernel never builds: a fake stands in for them in the shared checks.
+    _check_ce_inputs(input.new_empty((R, V)), target, class_weight, sample_ids, sample_weight, grad_scale, acc,
+                     label_smoothing)
+    loss = input.new_empty((R,), dtype=torch.float32)
+    nll = input.new_empty((R,), dtype=torch.float32)
+    if not compute_grad:
+        return loss, nll, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
+    grad_bias = input.new_empty((V,)) if bias is not None else input.new_empty((0,))
+    return loss, nll, input.new_empty((R, H)), weight.new_empty((V, H)), grad_bias
+
+
+def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             target: torch.Tensor, class_weight: Optional[torch.Tensor], sample_ids: torch.Tensor,
+                             sample_weight: torch.Tensor, grad_scale: torch.Tensor, acc: torch.Tensor,
+                             ignore_index: int, label_smoothing: float, chunk_size: int,
+                             compute_grad: bool) -> tuple[torch.Tensor, ...]:
+    """Fused linear + cross-entropy over rows, without the [R, V] logits.
+
+    Args:
+        input: [R, H] float32/bfloat16/float16/float64 hidden states.
+        weight: [V, H] output projection (input's dtype and device); bias: [V] or None.
+        target, class_weight, sample_ids, sample_weight, grad_scale, acc, ignore_index,
+            label_smoothing: as :func:`cross_entropy_fwd` (acc is updated once, after all chunks).
+        chunk_size: rows per chunk; 0 chooses it from the shapes (the logits chunk takes at most
+            CPU: max(64 MiB, min(weight bytes, logits bytes / 4)); CUDA: max(64 MiB, input bytes
+            / 8); see csrc/linear_cross_entropy.cpp).
+        compute_grad: also return the gradients of sum(loss_rows * grad_scale).
+    Returns:
+        loss_rows [R] float32, nll_rows [R] float32, grad_input [R, H], grad_weight [V, H] and
+        grad_bias [V] (input's dtype; empty without compute_grad, grad_bias empty without bias).
+    """
+    return _call(torch.ops.gdc.linear_cross_entropy_fwd, input, weight, bias, target, class_weight, sample_ids,
+                 sample_weight, grad_scale, acc, ignore_index, label_smoothing, chunk_size, compute_grad)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Autograd around gdc::linear_cross_entropy_fwd.
+
+    'mean' and 'sum': the gradients (input, weight, bias) are computed in forward and only scaled
+    by the scalar grad_output in backward, in place (skipped when it is 1), like _FusedCE.
+    'none': a per-row grad_output cannot be applied to the weight gradient after the fact
+    (dW = G^T diag(grad_output) X), so forward computes no gradient and backward runs the chunk
+    loop again with grad_output folded in as per-row sample weights (ids = 0..R-1), without
+    recording: one more forward's worth of matmuls, still without the [R, V] logits.
+
+    forward(input [R, H], weight [V, H], bias [V] or None, target [R], class_weight [V] or None,
+    ids [R] or empty, sw [N] or empty, grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index,
+    smoothing, reduction, chunk_size, denom 0-d) -> the reduced loss (0-d, or [R] for 'none').
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, class_weight, ids, sw, grad_scale, acc, ignore_index, smoothing,
+                reduction, chunk_size, denom):
+        per_row = reduction == "none"
+        loss_rows, _, gx, gw, gb = linear_cross_entropy_fwd(input, weight, bias, target, class_weight, ids, sw,
+                                                            grad_scale, acc, ignore_index, smoothing, chunk_size,
+                                                            not per_row)
+        ctx.per_row = per_row
+        ctx.has_bias = bias is not None
+        if per_row:
+            ctx.args = (ignore_index, smoothing, chunk_size)
+            ctx.save_for_backward(input, weight, bias, target, class_weight, ids, sw)
+        else:
+            ctx.save_for_backward(gx, gw, gb)
+        return reduce_rows(loss_rows, reduction, denom)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("gdc_ext linear_cross_entropy: backward ran twice over one forward pass; the "
+                               "gradients are precomputed and scaled in place, so call the loss again instead of "
+                               "retain_graph=True")
+        ctx.consumed = True
+        if ctx.per_row:
+            gx, gw, gb = _per_row_backward(ctx, grad_out)
+        else:
+            gx, gw, gb = ctx.saved_tensors
+            go = grad_out.to(torch.float32).contiguous()
+            scale_grad_(gx, go)
+            scale_grad_(gw, go)
+            if ctx.has_bias:
+                scale_grad_(gb, go)
+        nones = (None,) * 11
+        return (gx, gw, gb if ctx.has_bias else None) + nones
+
+
+def _per_row_backward(ctx, grad_out):
+    """The gradients of sum(loss_rows * grad_out) for reduction='none' (see _FusedLinearCE)."""
+    input, weight, bias, target, class_weight, ids, sw = ctx.saved_tensors
+    ignore_index, smoothing, chunk_size = ctx.args
+    R = input.shape[0]
+    row_w = grad_out.to(torch.float32).reshape(R)
+    if sw.numel() > 0:  # the loss of row r is sw[ids[r]] * ce_r
+        row_w = row_w * sw.to(torch.float32)[ids.clamp(0, sw.numel() - 1)]
+    row_ids = torch.arange(R, device=input.device)
+    no_acc = torch.empty((0, ACC_COLS), dtype=torch.float64, device=input.device)
+    ones = torch.ones(1, dtype=torch.float32, device=input.device)
+    _, _, gx, gw, gb = linear_cross_entropy_fwd(input, weight, bias, target, class_weight, row_ids,
+                                                row_w.contiguous(), ones, no_acc, ignore_index, smoothing,
+                                                chunk_size, True)
+    return gx, gw, gb

@@ -271,11 +271,13 @@ class CartoTrainer(Trainer):
 
     Args (beyond Trainer's): exactly one of ``cartographer`` (Algorithm 1: recording, labels, loss
     weights, sampler), ``state`` (recording only) or ``loss`` (a CartoLoss of your own, recording
-    into its ``state`` if it has one).
+    into its ``state`` if it has one). ``fused_linear=True`` computes the loss with the fused
+    linear + cross-entropy, never building the logits (causal LMs; see
+    :mod:`gdc_ext.integrations.hf_fused`, which checks the model here, before training).
     """
 
     def __init__(self, *args, cartographer: Optional[Cartographer] = None, state: Optional[CartoState] = None,
-                 loss: Optional[CartoLoss] = None, **kwargs):
+                 loss: Optional[CartoLoss] = None, fused_linear: bool = False, **kwargs):
         if sum(x is not None for x in (cartographer, state, loss)) != 1:
             raise ValueError("CartoTrainer: give exactly one of cartographer=, state= or loss=")
         if cartographer is not None and not isinstance(cartographer, Cartographer):
@@ -298,6 +300,11 @@ class CartoTrainer(Trainer):
         self._warned_no_ids = False
         self._sampler_active = False      # whether this train() call's dataloader uses carto.sampler()
         self._resume_sampler: Optional[bool] = None
+        self.fused_linear = bool(fused_linear)
+        if self.fused_linear:
+            from gdc_ext.integrations.hf_fused import check_fused_trainer
+
+            check_fused_trainer(self)  # refuses a model it cannot handle before training
         if target is not None:
             self.add_callback(CartoCallback(target))
         if cartographer is not None and abs(cartographer.gamma - round(cartographer.gamma)) > 0:
@@ -374,8 +381,13 @@ class CartoTrainer(Trainer):
             raise ValueError("CartoTrainer: the batch has no 'labels' (use a collator that sets them, e.g. "
                              "DataCollatorForLanguageModeling(tokenizer, mlm=False))")
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if self.fused_linear:  # the decoder's hidden states; the LM head is applied inside the fused loss
+            from gdc_ext.integrations import hf_fused
+
+            outputs, logits, head = hf_fused.hidden_states(model, inputs)
+        else:
+            outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         # position t predicts the label at t+1; that row belongs to the sample of token t+1
         shift_logits = logits[:, :-1, :]
         shift_labels = labels[:, 1:].to(logits.device)
@@ -400,7 +412,9 @@ class CartoTrainer(Trainer):
         # (CartoLoss insists on ids once loss weights are set; without ids there is nothing to weight)
         plain = train_ids is None and fn.sample_weight is not None
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        if plain:
+        if self.fused_linear:  # flat_logits are the hidden states [R, H] here
+            loss = hf_fused.head_loss(head, fn, flat_logits, flat_labels, train_ids, reduction, plain)
+        elif plain:
             loss = torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, weight=fn.weight,
                                                      ignore_index=fn.ignore_index, reduction=reduction,
                                                      label_smoothing=fn.label_smoothing)

@@ -1,0 +1,33 @@
+// Fused linear + cross-entropy: the [R, V] logits of input @ weight^T (+ bias) are never
+// materialised. One chunk loop (csrc/linear_cross_entropy.cpp) serves every device; a device
+// contributes only its row kernels of the cross-entropy contract (csrc/ce_params.h).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "ce_params.h"
+
+namespace gdc {
+
+// The row kernels of one device. They run with the input's device current (c10::DeviceGuard),
+// so a CUDA implementation can take the current stream.
+struct CeRowKernels {
+  void (*rows)(const CeParams&);
+  void (*record)(const CeParams&);
+};
+
+// Rows per chunk: `requested` if > 0 (capped at R), else the chunk-size rule (see the .cpp;
+// it differs between the CPU and CUDA).
+int64_t linear_ce_chunk_rows(int64_t R, int64_t V, int64_t H, int64_t elem_size, bool cuda, int64_t requested);
+
+// gdc::linear_cross_entropy_fwd (schema in csrc/ops.cpp): returns loss_rows [R] float32,
+// nll_rows [R] float32, and, if compute_grad, the gradients of sum(loss_rows * grad_scale) with
+// respect to input [R, H], weight [V, H] and bias [V] (empty tensors otherwise / without bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_fwd(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
+    const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
+    double label_smoothing, int64_t chunk_size, bool compute_grad, const CeRowKernels& kernels);
+
+}  // namespace gdc

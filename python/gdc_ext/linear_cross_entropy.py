@@ -1,0 +1,212 @@
+"""Fused linear + cross-entropy with per-sample recording: ``F.linear_cross_entropy`` (and
+``nn.LinearCrossEntropyLoss``) whose [rows x vocabulary] logits are never materialised.
+
+The rows are processed in chunks by one op (``gdc::linear_cross_entropy_fwd``): each chunk's
+logits go into one reusable buffer, the fused cross-entropy kernel turns them into the loss,
+the recorded NLL and the logit gradient in place, and the chunk's gradients for the input, the
+weight and the bias are accumulated with matmuls before the next chunk. The gradients are
+computed in forward and only scaled in backward (as :class:`gdc_ext.CartoLoss` does), so the
+step's extra memory is one chunk of logits plus the gradients themselves.
+
+What is recorded, and when, is exactly :func:`gdc_ext.functional.cross_entropy`'s rule: the
+plain token NLL of each non-ignored row, when a state and sample ids are given and grad mode is
+enabled.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gdc_ext import ops
+from gdc_ext._reduction import mean_denominator, reduce_rows
+from gdc_ext._rows import expand_sample_ids
+from gdc_ext.functional import _check_sample_weight
+from gdc_ext.layout import ACC_COLS
+from gdc_ext.state import CartoState
+
+__all__ = ["linear_cross_entropy", "CartoLinearCrossEntropyLoss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                         sample_ids: Optional[torch.Tensor] = None, *, linear_bias: Optional[torch.Tensor] = None,
+                         weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                         ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
+                         state: Optional[CartoState] = None, sample_weight: Optional[torch.Tensor] = None,
+                         chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``F.cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits,
+    recording per-sample training dynamics.
+
+    Args:
+        input: [..., H] hidden states (float32, bfloat16, float16 or float64); the leading
+            dimensions are flattened into R rows.
+        linear_weight: [V, H] output projection, the dtype and device of ``input``.
+        target: [...] int64 class indices, ``input.shape[:-1]`` (``ignore_index`` rows skipped).
+        sample_ids: integer ids in [0, N): the shape of ``target`` (one id per token) or [B]
+            (one id per sequence, the R rows being B equal consecutive groups).
+        linear_bias: optional [V] bias of the projection.
+        weight, reduction, ignore_index, label_smoothing: as ``F.cross_entropy`` (the 'mean'
+            denominator is nn.CrossEntropyLoss's; ``ignore_index=None`` means -100, as in
+            ``F.linear_cross_entropy``).
+        state: the :class:`~gdc_ext.CartoState` to record into (None: no recording).
+        sample_weight: [N] float per-sample loss weights indexed by sample id (None: none).
+        chunk_size: rows per chunk (None: chosen from the shapes; a chunk's logits take at most
+            max(64 MiB, min(V H, R V / 4) elements) on the CPU, where the matmuls need large
+            chunks, and max(64 MiB, input bytes / 8) on CUDA, where memory is the scarce
+            resource; see csrc/linear_cross_entropy.cpp).
+
+    Returns: the loss (0-d, or the shape of ``target`` for 'none') in the dtype of ``input``
+    (under autocast: the matmul runs in the autocast dtype and the loss is float32, as for
+    ``F.linear`` + ``F.cross_entropy``).
+
+    For reduction='none' the backward pass runs the chunk loop once more (a per-row upstream
+    gradient cannot be folded into a precomputed weight gradient). Backward runs once per
+    forward (the gradients are scaled in place).
+    """
+    if state is not None and not isinstance(state, CartoState):
+        raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    _check_shapes(input, linear_weight, target, linear_bias)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
+    weighted = sample_weight is not None and sample_ids is not None
+    if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
+        raise ValueError("sample_ids is required: per-sample loss weights (sample_weight) are set")
+    if weighted:
+        _check_sample_weight(sample_weight, state)
+
+    out_dtype = input.dtype
+    if torch.is_autocast_enabled(input.device.type):
+        # As under autocast F.linear computes the logits in the autocast dtype and F.cross_entropy
+        # returns float32: cast the matmul operands (differentiably) and return float32.
+        ac = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(ac), linear_weight.to(ac)
+        linear_bias = None if linear_bias is None else linear_bias.to(ac)
+        out_dtype = torch.float32
+    H = input.shape[-1]
+    x = input.reshape(-1, H)
+    tgt = target.reshape(-1).contiguous()
+    R, V, dev = x.shape[0], linear_weight.shape[0], input.device
+    ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
+    acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+    sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
+    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32)
+    chunk = 0 if chunk_size is None else int(chunk_size)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+    if not needs_grad:
+        loss_rows, _, _, _, _ = ops.linear_cross_entropy_fwd(x, linear_weight, linear_bias, tgt, weight, ids, sw,
+                                                             _ones(dev), acc, ignore_index, label_smoothing, chunk,
+                                                             False)
+        out = reduce_rows(loss_rows, reduction, denom)
+    else:
+        grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
+        out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
+                                       ignore_index, label_smoothing, reduction, chunk, denom)
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    return out.to(out_dtype)
+
+
+def _check_shapes(input, linear_weight, target, linear_bias) -> None:
+    """The checks that must precede flattening (the op checks the rest, naming each argument)."""
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if input.dim() < 1:
+        raise ValueError("input must have a last (hidden) dimension: [..., H], got a 0-d tensor")
+    if input.dtype not in _DTYPES:
+        raise ValueError(f"input must be float32, bfloat16, float16 or float64, got {input.dtype}")
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"linear_weight must be 2-D [classes, hidden] with hidden = {input.shape[-1]} (the input's "
+                         f"last dimension), got {tuple(linear_weight.shape)}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must hold int64 class indices, got {target.dtype} (class-probability targets "
+                         f"are not supported by the fused path)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target must have the shape of input without its last dimension "
+                         f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
+        raise ValueError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+
+
+def _empty(dev, dtype):
+    return torch.empty(0, dtype=dtype, device=dev)
+
+
+def _ones(dev):
+    return torch.ones(1, dtype=torch.float32, device=dev)
+
+
+class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+    """``nn.LinearCrossEntropyLoss`` on :func:`linear_cross_entropy`: the logits are never
+    materialised, and per-sample dynamics are recorded into ``state``.
+
+    Constructor: ``nn.LinearCrossEntropyLoss``'s arguments (the module owns ``self.linear``, an
+    ``nn.Linear(in_features, num_classes)``), plus keyword-only
+        state: a :class:`CartoState` to record into (None: no recording).
+        chunk_size: rows per chunk (None: automatic; see :func:`linear_cross_entropy`).
+    ``options`` (a ``LinearCrossEntropyOptions``) is accepted for drop-in use: this path always
+    chunks, and ``options.batch_chunk_size`` is used as ``chunk_size`` when that is None; its other
+    fields do not apply. K-dimensional losses (``out_features != ()``) are not supported.
+
+    ``forward(input [..., in_features], target [...], sample_ids=None)``. Per-sample loss weights
+    are set with :meth:`set_sample_weights`, as for :class:`gdc_ext.CartoLoss`.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[torch.Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
+                 state: Optional[CartoState] = None, chunk_size: Optional[int] = None):
+        if tuple(out_features) != ():
+            raise ValueError(f"out_features must be () (K-dimensional losses are not supported by the fused path), "
+                             f"got {out_features}")
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
+                         reduction=reduction, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
+        if state is not None and not isinstance(state, CartoState):
+            raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+        if chunk_size is None and options is not None:
+            chunk_size = getattr(options, "batch_chunk_size", None)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+        self.state = state
+        self.chunk_size = chunk_size
+        self.sample_weight: Optional[torch.Tensor] = None
+
+    def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
+        """Per-sample loss weights [N] (float, finite, >= 0), indexed by sample id; None removes them."""
+        if weights is None:
+            self.sample_weight = None
+            return
+        weights = torch.as_tensor(weights)
+        if weights.dim() != 1 or not weights.dtype.is_floating_point:
+            raise ValueError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
+                             f"{weights.dtype}")
+        if self.state is not None and weights.numel() != self.state.num_samples:
+            raise ValueError(f"sample weights have {weights.numel()} entries but the state has "
+                             f"N = {self.state.num_samples}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError("sample weights must be finite and >= 0")
+        self.sample_weight = weights.detach().to(torch.float32).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, state={self.state!r}, chunk_size={self.chunk_size}"
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                sample_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of ``nn.LinearCrossEntropyLoss``; records when a state and ``sample_ids`` are given."""
+        return linear_cross_entropy(input, self.linear.weight, target, sample_ids, linear_bias=self.linear.bias,
+                                    weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, state=self.state,
+                                    sample_weight=self.sample_weight, chunk_size=self.chunk_size)

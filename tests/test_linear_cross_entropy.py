@@ -1,0 +1,375 @@
+"""Fused linear + cross-entropy (gdc_ext.linear_cross_entropy, CartoLinearCrossEntropyLoss and
+gdc::linear_cross_entropy_fwd): loss and gradients equal matmul + F.cross_entropy, recording
+equals CartoLoss on the materialised logits, errors name the argument, opcheck, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import gdc_ext
+from gdc_ext import CartoLinearCrossEntropyLoss, CartoLoss, CartoState, TargetIndexError, linear_cross_entropy
+from gdc_ext.layout import ACC_COLS, ACC_COUNT
+
+N = 6  # samples of the state / sample weights
+
+
+def _problem(B=3, L=7, H=16, V=50, dtype=torch.float32, bias=True, ignore=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, H, generator=g)
+    W = torch.randn(V, H, generator=g) / H ** 0.5 * 3
+    b = torch.randn(V, generator=g) if bias else None
+    t = torch.randint(0, V, (B, L), generator=g)
+    if ignore:
+        t[0, min(2, L - 1)] = -100
+        t[B - 1, L - 1] = -100
+    ids = torch.randint(0, N, (B,), generator=g)
+    x, W = x.to(dtype).to(device), W.to(dtype).to(device)
+    b = None if b is None else b.to(dtype).to(device)
+    return x, W, b, t.to(device), ids.to(device)
+
+
+def _reference(x, W, b, t, ids, *, weight, reduction, label_smoothing, sample_weight, ignore_index=-100):
+    """matmul + F.cross_entropy in float32 on the (possibly bfloat16-valued) inputs; sample
+    weights multiply each row's loss and the 'mean' denominator stays F.cross_entropy's."""
+    logits = (x.float() @ W.float().t() + (0 if b is None else b.float())).reshape(-1, W.shape[0])
+    tgt = t.reshape(-1)
+    if sample_weight is None:
+        out = F.cross_entropy(logits, tgt, weight=weight, reduction=reduction, ignore_index=ignore_index,
+                              label_smoothing=label_smoothing)
+        return out.reshape(t.shape) if reduction == "none" else out
+    rows = F.cross_entropy(logits, tgt, weight=weight, reduction="none", ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    rows = rows * sample_weight[ids.repeat_interleave(t.shape[1])]
+    if reduction == "none":
+        return rows.reshape(t.shape)
+    if reduction == "sum":
+        return rows.sum()
+    valid = tgt != ignore_index
+    denom = valid.sum() if weight is None else (weight[tgt.clamp(min=0)] * valid).sum()
+    return rows.sum() / denom
+
+
+def _grads(fn, x, W, b, upstream_seed=123):
+    """(loss, [dx, dW, db]) of sum(fn(x, W, b) * g) for a fixed random upstream g (1.7 if 0-d)."""
+    leaves = [z.detach().clone().requires_grad_() if z is not None else None for z in (x, W, b)]
+    out = fn(*leaves)
+    gen = torch.Generator().manual_seed(upstream_seed)
+    g = torch.randn(out.shape, generator=gen) if out.dim() else torch.tensor(1.7)
+    (out * g.to(out.dtype).to(out.device)).sum().backward()
+    return out.detach(), [None if z is None else z.grad for z in leaves]
+
+
+def _close(actual, expected, dtype):
+    """float32: torch's default tolerances. bfloat16: torch's bfloat16 rtol, with an absolute
+    tolerance relative to the tensor's scale: bfloat16 rounds each logit and each gradient term,
+    and torch's own bfloat16 matmul + F.cross_entropy misses the element-wise default by the same
+    amount (test_bfloat16_as_accurate_as_torch_bfloat16 bounds our error by torch's)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected.to(actual.dtype))
+    else:
+        rtol = 1.6e-2
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol,
+                                   atol=rtol * float(expected.abs().max()) + 1e-5)
+
+
+# ------------------------------------------------------------------------------ loss and grads
+@given(reduction=st.sampled_from(["mean", "sum", "none"]), use_cw=st.booleans(), ignore=st.booleans(),
+       smoothing=st.sampled_from([0.0, 0.1]), weighted=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk=st.sampled_from([None, 1, 3, 7, 8, 21, 64]),
+       B=st.integers(1, 3), L=st.integers(1, 7), seed=st.integers(0, 2**16))
+@settings(max_examples=30)
+def test_matches_matmul_cross_entropy(device, reduction, use_cw, ignore, smoothing, weighted, bias, dtype, chunk, B, L,
+                                      seed):
+    x, W, b, t, ids = _problem(B=B, L=L, dtype=dtype, bias=bias, ignore=ignore, seed=seed, device=device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    cw = (torch.rand(W.shape[0], generator=gen) + 0.5).to(device) if use_cw else None
+    sw = (torch.rand(N, generator=gen) * 2).to(device) if weighted else None
+    if ignore and reduction == "mean" and bool((t == -100).all()):
+        return  # 0 / 0, as in torch
+    kw = dict(weight=cw, reduction=reduction, label_smoothing=smoothing)
+    out, grads = _grads(lambda a, w, c: linear_cross_entropy(a, w, t, ids if weighted else None, linear_bias=c,
+                                                             sample_weight=sw, chunk_size=chunk, **kw), x, W, b)
+    ref, ref_grads = _grads(lambda a, w, c: _reference(a, w, c, t, ids, sample_weight=sw, **kw), x, W, b)
+    assert out.dtype == dtype and out.shape == ref.shape
+    _close(out, ref, dtype)
+    for got, want in zip(grads, ref_grads):
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == dtype
+            _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [None, 4, 7])  # 21 rows: one chunk, a divisor... and not
+def test_all_options_every_reduction(device, reduction, chunk):
+    """Every option at once (class weight, ignore_index, smoothing, sample weights, bias) for each
+    reduction, float32, with chunk sizes that do (7) and do not (4) divide the 21 rows."""
+    x, W, b, t, ids = _problem(device=device)
+    cw = torch.linspace(0.5, 2.0, W.shape[0], device=device)
+    sw = torch.linspace(0.0, 2.0, N, device=device)
+    kw = dict(weight=cw, reduction=reduction, label_smoothing=0.2)
+    out, grads = _grads(lambda a, w, c: linear_cross_entropy(a, w, t, ids, linear_bias=c, sample_weight=sw,
+                                                             chunk_size=chunk, **kw), x, W, b)
+    ref, ref_grads = _grads(lambda a, w, c: _reference(a, w, c, t, ids, sample_weight=sw, **kw), x, W, b)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_bfloat16_as_accurate_as_torch_bfloat16():
+    """Our bfloat16 loss and gradients are at least as close to the float32 result as torch's
+    own bfloat16 matmul + F.cross_entropy (up to 1.5x: rounding noise)."""
+    x, W, b, t, ids = _problem(B=4, L=16, H=32, V=300, dtype=torch.bfloat16)
+
+    def torch_bf16(a, w, c):
+        return F.cross_entropy((a @ w.t() + c).reshape(-1, w.shape[0]), t.reshape(-1))
+
+    out, grads = _grads(lambda a, w, c: linear_cross_entropy(a, w, t, linear_bias=c, chunk_size=10), x, W, b)
+    tb, tgrads = _grads(torch_bf16, x, W, b)
+    ref, rgrads = _grads(lambda a, w, c: _reference(a, w, c, t, ids, weight=None, reduction="mean",
+                                                    label_smoothing=0.0, sample_weight=None), x, W, b)
+    for ours, theirs, want in zip([out] + grads, [tb] + tgrads, [ref] + rgrads):
+        err = (ours.float() - want).abs().max()
+        assert err <= 1.5 * (theirs.float() - want).abs().max() + 1e-3 * want.abs().max()
+
+
+def test_unbatched_and_2d_inputs_and_no_grad():
+    x, W, b, t, _ = _problem()
+    x2, t2 = x.reshape(-1, x.shape[-1]), t.reshape(-1)
+    ref = F.cross_entropy(x2 @ W.t() + b, t2)
+    torch.testing.assert_close(linear_cross_entropy(x2, W, t2, linear_bias=b), ref)
+    torch.testing.assert_close(linear_cross_entropy(x2[0], W, t2[0], linear_bias=b),
+                               F.cross_entropy(x2[0] @ W.t() + b, t2[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x2, W, t2, linear_bias=b, reduction="none"),
+                                   F.cross_entropy(x2 @ W.t() + b, t2, reduction="none"))
+    # only the weight needs a gradient (a frozen backbone): input and bias get none
+    Wl = W.clone().requires_grad_()
+    linear_cross_entropy(x2, Wl, t2, linear_bias=b).backward()
+    Wr = W.clone().requires_grad_()
+    F.cross_entropy(x2 @ Wr.t() + b, t2).backward()
+    torch.testing.assert_close(Wl.grad, Wr.grad)
+
+
+def test_autocast_like_linear_then_cross_entropy():
+    x, W, b, t, _ = _problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _grads(lambda a, w, c: linear_cross_entropy(a, w, t, linear_bias=c, chunk_size=5), x, W, b)
+        ref, ref_grads = _grads(lambda a, w, c: F.cross_entropy(F.linear(a, w, c).reshape(-1, w.shape[0]),
+                                                                t.reshape(-1)), x, W, b)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype == torch.float32
+        _close(got, want, torch.bfloat16)
+
+
+def test_chunk_rule():
+    """Automatic chunking (CPU: the logits chunk within max(64 MiB, min(V H, R V / 4) elements),
+    here 80 of the 100 rows) gives the results of one chunk."""
+    from gdc_ext import ops  # noqa: F401  (the op is registered)
+
+    x = torch.randn(100, 8)
+    W = torch.randn(200_000, 8)  # 64 MiB / (200000 * 4 B) = 83 rows -> 80: two chunks
+    t = torch.randint(0, 200_000, (100,))
+    e = torch.empty(0, dtype=torch.long)
+    acc = torch.empty(0, ACC_COLS, dtype=torch.float64)
+    # Same results whatever the chunking (the automatic one uses several chunks here).
+    auto = torch.ops.gdc.linear_cross_entropy_fwd(x, W, None, t, None, e, torch.empty(0), torch.ones(1), acc, -100,
+                                                  0.0, 0, False)[0]
+    one = torch.ops.gdc.linear_cross_entropy_fwd(x, W, None, t, None, e, torch.empty(0), torch.ones(1), acc, -100,
+                                                 0.0, 100, False)[0]
+    torch.testing.assert_close(auto, one)
+
+
+# ---------------------------------------------------------------------------------- recording
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recording_equals_cartoloss_on_materialised_logits(device, dtype):
+    x, W, b, t, ids = _problem(B=4, L=9, dtype=dtype, device=device)
+    R = t.numel()
+
+    def record(fn):
+        state = CartoState(N, burn_in=1, eps=1.0, device=device)
+        leaves = [z.clone().requires_grad_() for z in (x, W, b)]
+        fn(state, *leaves).backward()
+        return state.acc
+
+    # One chunk: our chunk matmul is torch's matmul of the same rows, so the logits, the NLL and
+    # the accumulators are bit-equal.
+    acc_one = record(lambda s, a, w, c: linear_cross_entropy(a, w, t, ids, linear_bias=c, state=s, chunk_size=R))
+    acc_ref = record(lambda s, a, w, c: CartoLoss(state=s)(torch.addmm(c, a.reshape(R, -1), w.t()), t.reshape(-1),
+                                                            ids))
+    assert torch.equal(acc_one, acc_ref)
+    # Several chunks: a chunk's matmul may round differently from the full one; close.
+    acc_chunked = record(lambda s, a, w, c: linear_cross_entropy(a, w, t, ids, linear_bias=c, state=s, chunk_size=5))
+    torch.testing.assert_close(acc_chunked, acc_ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert acc_ref[:, ACC_COUNT].sum() == int((t != -100).sum())
+
+
+def test_recording_rule_and_sample_weights_do_not_change_it():
+    """Recorded: the plain NLL (no class weight, smoothing or sample weight), only with a state,
+    ids and grad mode; per-token ids work as per-sequence ids expanded."""
+    x, W, b, t, ids = _problem()
+    plain = CartoState(N, burn_in=1, eps=1.0)
+    linear_cross_entropy(x.requires_grad_(), W, t, ids, linear_bias=b, state=plain).backward()
+    fancy = CartoState(N, burn_in=1, eps=1.0)
+    tok_ids = ids.repeat_interleave(t.shape[1]).reshape(t.shape)
+    linear_cross_entropy(x, W, t, tok_ids, linear_bias=b, state=fancy, weight=torch.rand(W.shape[0]) + 0.5,
+                         label_smoothing=0.3, sample_weight=torch.rand(N), reduction="sum").backward()
+    torch.testing.assert_close(fancy.acc, plain.acc)
+    with torch.no_grad():  # evaluation: no recording
+        s = CartoState(N, burn_in=1, eps=1.0)
+        linear_cross_entropy(x, W, t, ids, linear_bias=b, state=s)
+        assert not s.acc.any()
+    s = CartoState(N, burn_in=1, eps=1.0)
+    linear_cross_entropy(x, W, t, None, linear_bias=b, state=s)  # no ids: no recording
+    assert not s.acc.any()
+
+
+def test_rejected_batch_leaves_state_unchanged():
+    x, W, b, t, ids = _problem()
+    state = CartoState(N, burn_in=1, eps=1.0)
+    x = x.clone()
+    x[2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_cross_entropy(x.requires_grad_(), W, t, ids, linear_bias=b, state=state, chunk_size=4)
+    assert not state.acc.any()
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_bad_arguments_name_the_argument():
+    x, W, b, t, ids = _problem()
+    state = CartoState(N, burn_in=1, eps=1.0)
+    cases = [
+        (dict(linear_weight=torch.randn(50, 15)), ValueError, "linear_weight"),
+        (dict(linear_weight=torch.randn(50, 16, dtype=torch.float64)), ValueError, "linear_weight"),
+        (dict(linear_bias=torch.randn(49)), ValueError, "linear_bias"),
+        (dict(linear_bias=torch.randn(50, dtype=torch.float64)), ValueError, "linear_bias"),
+        (dict(target=t[:, :-1]), ValueError, "target"),
+        (dict(target=t.float()), ValueError, "target"),
+        (dict(weight=torch.rand(49)), ValueError, "weight"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(state="nope"), ValueError, "state"),
+        (dict(sample_ids=torch.tensor([0, 1]), state=state), ValueError, "sample_ids"),
+        (dict(sample_ids=torch.tensor([0, 1, N]), state=state), ValueError, "sample_ids"),
+        (dict(sample_weight=torch.rand(N + 1), state=state), ValueError, "sample_weight"),
+        (dict(input=x.int()), ValueError, "input"),
+    ]
+    for change, exc, name in cases:
+        kw = dict(input=x, linear_weight=W, target=t, sample_ids=ids, linear_bias=b)
+        kw.update(change)
+        with pytest.raises(exc, match=name):
+            linear_cross_entropy(**kw)
+    bad = t.clone()
+    bad[1, 1] = 50
+    with pytest.raises(TargetIndexError, match="target"):
+        linear_cross_entropy(x, W, bad, ids, state=state)
+    assert not state.acc.any()
+
+
+def test_backward_twice_is_refused():
+    x, W, b, t, _ = _problem()
+    loss = linear_cross_entropy(x.requires_grad_(), W, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+# ------------------------------------------------------------------------------------- module
+def test_module_mirrors_torch_module():
+    torch.manual_seed(0)
+    ref = torch.nn.LinearCrossEntropyLoss(16, 50, bias=True, reduction="sum", label_smoothing=0.1)
+    state = CartoState(N, burn_in=1, eps=1.0)
+    mod = CartoLinearCrossEntropyLoss(16, 50, bias=True, reduction="sum", label_smoothing=0.1, state=state,
+                                      chunk_size=4)
+    assert isinstance(mod, torch.nn.LinearCrossEntropyLoss)
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    mod.load_state_dict(ref.state_dict())
+    x, _, _, t, ids = _problem()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = mod(xa, t, ids), ref(xb.reshape(-1, 16), t.reshape(-1))  # torch's takes 1-D or 2-D input
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(mod.linear.weight.grad, ref.linear.weight.grad)
+    torch.testing.assert_close(mod.linear.bias.grad, ref.linear.bias.grad)
+    assert state.acc[:, ACC_COUNT].sum() == int((t != -100).sum())
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3)
+    assert CartoLinearCrossEntropyLoss(16, 50, options=opts).chunk_size == 3
+    with pytest.raises(ValueError, match="out_features"):
+        CartoLinearCrossEntropyLoss(16, 50, out_features=(2,))
+    with pytest.raises(ValueError, match="chunk_size"):
+        CartoLinearCrossEntropyLoss(16, 50, chunk_size=0)
+    mod.set_sample_weights(torch.zeros(N))
+    assert float(mod(x, t, ids)) == 0.0
+
+
+# ------------------------------------------------------------------------------ op registration
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recording,weighted,with_bias", [(True, True, True), (False, False, False)])
+def test_opcheck(device, dtype, recording, weighted, with_bias):
+    x, W, b, t, ids = _problem(B=2, L=5, dtype=dtype, bias=with_bias, device=device)
+    R = t.numel()
+    rid = ids.repeat_interleave(5) if (recording or weighted) else torch.empty(0, dtype=torch.long, device=device)
+    sw = torch.rand(N, device=device) if weighted else torch.empty(0, device=device)
+    acc = (torch.zeros(N, ACC_COLS, dtype=torch.float64, device=device) if recording
+           else torch.empty(0, ACC_COLS, dtype=torch.float64, device=device))
+    cw = torch.rand(W.shape[0], device=device) if weighted else None
+    for compute_grad in (True, False):
+        torch.library.opcheck(torch.ops.gdc.linear_cross_entropy_fwd,
+                              (x.reshape(R, -1), W, b, t.reshape(-1), cw, rid, sw, torch.tensor([0.5], device=device),
+                               acc, -100, 0.1, 3, compute_grad))
+
+
+def test_fake_rejects_like_the_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, W, b, t, _ = _problem()
+    e = torch.empty(0, dtype=torch.long)
+    acc = torch.empty(0, ACC_COLS, dtype=torch.float64)
+    args = [x.reshape(21, -1), torch.randn(50, 15), b, t.reshape(-1), None, e, torch.empty(0), torch.ones(1), acc,
+            -100, 0.0, 0, True]
+    with pytest.raises(ValueError, match="linear_weight"):
+        torch.ops.gdc.linear_cross_entropy_fwd(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match="linear_weight"):
+        torch.ops.gdc.linear_cross_entropy_fwd(*args)
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, V=50, H=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, H)
+        self.head = CartoLinearCrossEntropyLoss(H, V, bias=True, chunk_size=5)
+
+    def forward(self, x, y, sid):
+        return self.head(torch.tanh(self.emb(x)), y, sid)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_matches_eager(device, reduction):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50, (4, 7)).to(device)
+    ids = torch.tensor([1, 5, 2, 0], device=device)
+
+    def run(compiled):
+        torch.manual_seed(1)
+        model = _TinyLM().to(device)
+        model.head.reduction = reduction
+        model.head.state = CartoState(N, burn_in=1, eps=1.0, device=device)
+        fn = torch.compile(model, fullgraph=True) if compiled else model
+        loss = fn(tokens[:, :-1], tokens[:, 1:], ids)
+        loss.sum().backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], model.head.state.acc.clone()
+
+    l0, g0, a0 = run(False)
+    l1, g1, a1 = run(True)
+    torch.testing.assert_close(l1, l0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a1, a0)
+    assert a0[:, ACC_COUNT].sum() == 4 * 6
+    assert gdc_ext.CartoLinearCrossEntropyLoss is CartoLinearCrossEntropyLoss
