@@ -21,5 +21,9 @@ from gdc_ext.cartographer import Cartographer  # noqa: E402
 
 __all__ += ["CartoSampler", "Cartographer"]
 
+from gdc_ext.references import unigram_reference, zlib_reference  # noqa: E402
+
+__all__ += ["unigram_reference", "zlib_reference"]
+
 # gdc_ext.plot (matplotlib), gdc_ext.cli and gdc_ext.integrations.hf (transformers) are imported
 # on use, never here: `import gdc_ext` stays light.
