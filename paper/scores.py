@@ -65,7 +65,8 @@ def duplicate_counts(train) -> np.ndarray:
 def score_table(scores, eps_grid: Sequence[float], eps_index: int, references: Dict[str, np.ndarray],
                 duplicates: np.ndarray, seed: int) -> Dict[str, np.ndarray]:
     """name -> [N] score (higher = more suspected). m at every tracked eps, m at the fixed rule's
-    eps, d, gain, -last, excess per reference, duplicate count, random (seeded)."""
+    eps, d, gain, -last, excess per reference, the unigram reference alone, duplicate count,
+    random (seeded)."""
     d = as_np(scores.difficulty)
     out: Dict[str, np.ndarray] = {}
     for j, e in enumerate(eps_grid):
@@ -76,6 +77,8 @@ def score_table(scores, eps_grid: Sequence[float], eps_index: int, references: D
     out["-last"] = neg_last(scores)
     for name, ref in references.items():
         out[f"excess_{name}"] = excess(scores, ref)
+    if "unigram" in references:  # the reference alone: a data-only baseline (rare tokens look "memorized")
+        out["ref_unigram"] = as_np(references["unigram"])
     out["duplicates"] = np.asarray(duplicates, dtype=np.float64)
     out["random"] = np.where(np.isnan(d), np.nan, np.random.default_rng(10_000 + seed).random(len(d)))
     return out
