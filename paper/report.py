@@ -203,7 +203,9 @@ def _fig_theorem(out_dir, exps) -> Dict[str, tuple]:
     rhos = {}
     fig, axes = plt.subplots(1, len(exps), figsize=(5.2 * len(exps), 4), squeeze=False)
     for ax, exp in zip(axes[0], exps):
-        files = sorted(glob.glob(os.path.join(out_dir, f"scores_{exp}_seed*.npz")))
+        files = sorted(f for f in glob.glob(os.path.join(out_dir, f"scores_{exp}_seed*.npz")) if "_single" not in f)
+        if not files:
+            continue
         vals = []
         for i, f in enumerate(files):
             d = np.load(f)
@@ -426,7 +428,7 @@ def _setting_section(cfg: dict, rows: List[dict]) -> List[str]:
     L: List[str] = ["## Our setting beside the paper's\n", "| | paper | here |", "|---|---|---|"]
     st = PAPER_CLAIMS["gpt2_setting"]
     for e in cfg["experiments"]:
-        if not _by(rows, experiment=e["name"]):
+        if not _by(rows, experiment=e["name"]) or "corpus_args" not in e:
             continue
         ca = e["corpus_args"]
         desc = _by(rows, experiment=e["name"])[0]["corpus"]
