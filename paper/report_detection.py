@@ -201,7 +201,7 @@ def fig_detection_roc(out_dir: str) -> bool:
             fpr, tpr = roc_curve(np.concatenate(pos), np.concatenate(neg))
             ls = ":" if name in ("ref_unigram", "duplicates", "random") else "-"
             ax.plot(fpr, tpr, ls=ls, color=f"C{j}", label=_score_label(name))
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.plot([0, 1], [0, 1], color="k", ls="--", lw=0.5)
         ax.set_title(f"{exp}: {TARGET_LABEL[target]} vs unplanted", fontsize=9)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
