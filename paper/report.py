@@ -3,7 +3,10 @@
 Figures: fig_extraction.png (extraction / leakage vs fraction of pruned weight, the paper's
 Figure 1), fig_perplexity.png (perplexity increase vs fraction pruned, Figure 2),
 fig_mia_roc.png (membership-inference ROC), fig_theorem42.png (m_i vs accumulated logit-gradient
-energy). Every number is a mean over seeds with a 95% t-interval.
+energy), fig_detection_roc.png (detection ROC of every score; report_detection.py),
+fig_eps_sensitivity.png. Every number is a mean over seeds with a 95% t-interval, and every
+sentence that states one is generated here from the rows; the paper's figures come from
+PAPER_CLAIMS. docs/results_notes.md adds number-free prose only.
 """
 from __future__ import annotations
 

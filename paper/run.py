@@ -1,12 +1,17 @@
 """One command for the paper's experiments: ``python -m paper.run --config default --out DIR``.
 
 Per experiment and seed: build the corpus, train T epochs with recording (one record run per
-seed, shared by all interventions), read the scores, then for every intervention and fraction p
-continue from the burn-in checkpoint for T - T_e epochs on the intervened data and evaluate.
-Jobs (experiment x seed) run in parallel worker processes, one thread each (tiny models use
-cores better that way than with intra-op threads). Results: DIR/rows.jsonl (one row per
-condition and seed), DIR/scores_*.npz, DIR/roc_*.npz, DIR/config.json, then report.py draws
-the figures and writes DIR/RESULTS.md.
+seed, shared by everything else; checkpoints at the burn-in T_e and at the label epoch k), then
+for each protocol — whole-run (scores after epoch T, interventions from T_e: the paper's
+Algorithm 1) and single-job (scores after epoch k, interventions from k) — measure detection of
+the planted copies by every score (paper/scores.py) and run every intervention at equal budget
+(pruning by each score, goldfish loss on all or on the flagged samples, the paper's quadrant
+down-weighting), continuing for the remaining epochs and evaluating extraction, exposure,
+leakage, membership inference and perplexity. Jobs (experiment x seed) run in parallel worker
+processes, one thread each (tiny models use cores better that way than with intra-op threads).
+Results: DIR/rows.jsonl (one row per condition, protocol and seed; detection rows have method
+"detect"), DIR/scores_*.npz, DIR/roc_*.npz, DIR/config.json, then report.py draws the figures
+and writes DIR/RESULTS.md.
 """
 from __future__ import annotations
 
