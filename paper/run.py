@@ -150,9 +150,15 @@ def _extraction_eval(model, corpus) -> dict:
     out: dict = {}
     with torch.no_grad():
         if corpus.canaries:
-            pre = torch.stack([c.prefix for c in corpus.canaries]).to(dev)
-            sec = torch.stack([c.secret for c in corpus.canaries]).to(dev)
-            ext = M.extraction_success(model, pre, sec)
+            # batched by prefix length: names tokenize to different lengths in the real-text corpus
+            ext = np.zeros(len(corpus.canaries), dtype=bool)
+            groups: Dict[tuple, List[int]] = {}
+            for i, c in enumerate(corpus.canaries):
+                groups.setdefault((len(c.prefix), len(c.secret)), []).append(i)
+            for idx in groups.values():
+                pre = torch.stack([corpus.canaries[i].prefix for i in idx]).to(dev)
+                sec = torch.stack([corpus.canaries[i].secret for i in idx]).to(dev)
+                ext[idx] = M.extraction_success(model, pre, sec)
             reps = np.array([c.reps for c in corpus.canaries])
             out["extraction"] = float(ext.mean())
             for r in sorted(set(reps.tolist())):
