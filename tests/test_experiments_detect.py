@@ -159,3 +159,29 @@ def test_detection_and_intervention_sections_on_synthetic_rows(tmp_path):
     rnd = [ln for ln in text.splitlines() if ln.startswith("| prune p at random")][0]
     assert "no significant change" in rnd
     assert "Statistical power" in text
+
+
+def test_extraction_eval_mixed_prefix_lengths():
+    """Real-text canary names tokenize to different lengths: extraction must not stack them."""
+    from types import SimpleNamespace
+
+    from paper.data import Canary
+    from paper.run import _extraction_eval
+
+    table = torch.arange(12)
+    table[10], table[3], table[1], table[4] = 3, 1, 4, 1  # after 10: 3 1 4 1 ...
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.full((*x.shape, 12), -20.0)
+            return out.scatter(2, table[x][..., None], 20.0)
+
+    canaries = [Canary(torch.tensor([7, 10]), torch.tensor([3, 1, 4]), 1, [0]),
+                Canary(torch.tensor([7, 8, 10]), torch.tensor([3, 1, 5]), 2, [1])]
+    corpus = SimpleNamespace(canaries=canaries, valid=torch.tensor([[10, 3, 1, 4]]))
+    out = _extraction_eval(Oracle(), corpus)
+    assert out["extraction"] == 0.5 and out["extraction_r1"] == 1.0 and out["extraction_r2"] == 0.0
