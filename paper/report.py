@@ -470,7 +470,7 @@ def _findings(rows: List[dict], cfg: dict, rhos: Dict[str, tuple]) -> List[str]:
             m = summ.get("m", {}).get("auroc", (float("nan"), float("nan")))
             dup = summ.get("duplicates", {}).get("auroc", (float("nan"), float("nan")))
             add(f"- **Detection, {exp}, {target} copies:** best model-based score {best} (AUROC "
-                f"{_fmt(*summ[best]['auroc'])}); the paper's m_i {_fmt(*m)} ({detection_verdict(*m).strip('*')}); "
+                f"{_fmt(*summ[best]['auroc'])}); the paper's m_i {_fmt(*m)} ({detection_verdict(*m).replace('*', '')}); "
                 f"duplicate count (no model) {_fmt(*dup)}.")
         prim = PRIMARY.get(exp, "extraction")
         for protocol in ("whole-run", "single-job"):
@@ -489,7 +489,7 @@ def _findings(rows: List[dict], cfg: dict, rhos: Dict[str, tuple]) -> List[str]:
                    f"{_fmt(*best['ppl'], pct=True)}).")
             if mem:
                 txt += " The paper's prune-by-m_i: " + "; ".join(
-                    f"{t['fraction']:.0%}: {_fmt(*t['rel'], pct=True)} ({t['verdict'].strip('*')})" for t in mem) + "."
+                    f"{t['fraction']:.0%}: {_fmt(*t['rel'], pct=True)} ({t['verdict'].replace('*', '')})" for t in mem) + "."
             txt += (" Conditions that cut it significantly: " + ", ".join(
                 f"{t['method']} {'all' if t['method'] == 'goldfish_all' else format(t['fraction'], '.0%')}"
                 for t in cuts) + "." if cuts else " No condition cuts it significantly.")
