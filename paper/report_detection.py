@@ -151,7 +151,7 @@ def detection_section(rows, cfg: dict, out_dir: str) -> List[str]:
                            f"{_fmt(*summ[best]['auroc'])}.")
                     txt += (" Not distinguishable from it (the paired AUROC difference's interval includes 0): "
                             + ", ".join(_score_label(t) for t in ties) + "." if ties else
-                            " Every other score's AUROC is lower by a paired difference whose interval excludes 0.")
+                            " Every other model-based score's AUROC is lower by a paired difference whose interval excludes 0.")
                     if data_beat:
                         txt += (" A data-only baseline does at least as well ("
                                 + ", ".join(f"{_score_label(t)} {_fmt(*summ[t]['auroc'])}" for t in data_beat)
