@@ -3,7 +3,10 @@
 Figures: fig_extraction.png (extraction / leakage vs fraction of pruned weight, the paper's
 Figure 1), fig_perplexity.png (perplexity increase vs fraction pruned, Figure 2),
 fig_mia_roc.png (membership-inference ROC), fig_theorem42.png (m_i vs accumulated logit-gradient
-energy). Every number is a mean over seeds with a 95% t-interval.
+energy), fig_detection_roc.png (detection ROC of every score; report_detection.py),
+fig_eps_sensitivity.png. Every number is a mean over seeds with a 95% t-interval, and every
+sentence that states one is generated here from the rows; the paper's figures come from
+PAPER_CLAIMS. docs/results_notes.md adds number-free prose only.
 """
 from __future__ import annotations
 
@@ -16,18 +19,47 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from paper.metrics import mean_ci, roc_curve, spearman
+from paper.report_detection import detection_section, detection_verdict, intervention_section, intervention_verdict
 
-__all__ = ["make_report", "load_rows"]
+__all__ = ["make_report", "load_rows", "PAPER_CLAIMS", "detection_verdict", "intervention_verdict"]
+
+# The paper's reported figures (Patel & Shanbhag 2025; docs/method.md), in one place: every
+# citation of the paper in RESULTS.md reads from here.
+PAPER_CLAIMS = {
+    "lstm_extraction": {0.05: {"text": "100% -> 40% (-60%)", "reduction": 0.60},
+                        0.10: {"text": "> 40% reduction", "reduction": 0.40}},
+    "lstm_perplexity": {"text": "< 0.5%", "bound": 0.005},
+    "gpt2_leakage": {"text": "-30%", "reduction": 0.30},
+    "gpt2_mia_auc": {"text": "-15%", "reduction": 0.15},
+    "gpt2_perplexity": {"text": "< 1%", "bound": 0.01},
+    "gpt2_setting": {"eps": 4.7055, "tau_m": 0.25, "alpha": 0.5, "epochs": 3},
+}
 
 METHOD_LABEL = {"memorization": "prune top-p by m (paper)", "downweight": "down-weight top-p by m (x0.5)",
-                "random": "prune p at random", "loss": "prune top-p by loss", "none": "no intervention",
-                "paper": "paper quadrant down-weight"}
-COLORS = {"memorization": "C3", "downweight": "C1", "random": "C0", "loss": "C2", "paper": "k", "none": "k"}
+                "random": "prune p at random", "loss": "prune top-p by burn-in loss d", "none": "no intervention",
+                "paper": "paper quadrant down-weight", "gain": "prune top-p by gain d - last",
+                "excess": "prune top-p by excess (unigram ref - last)", "excess_zlib": "prune top-p by excess (zlib)",
+                "last": "prune top-p by lowest last loss", "duplicates": "prune top-p by duplicate count",
+                "goldfish_all": "goldfish loss on all samples", "goldfish_flagged": "goldfish loss on the flagged top-p"}
+COLORS = {"memorization": "C3", "downweight": "C1", "random": "C0", "loss": "C2", "paper": "k", "none": "k",
+          "gain": "C4", "excess": "C5", "excess_zlib": "C8", "last": "C6", "duplicates": "C7", "goldfish_all": "C9",
+          "goldfish_flagged": "C1"}
+SCORE_LABEL = {"m": "m_i (fixed-rule eps; the paper)", "d": "difficulty d_i", "gain": "gain d_i - last_i",
+               "-last": "-last_i (loss attack)", "excess_unigram": "excess, unigram reference",
+               "excess_zlib": "excess, zlib reference", "ref_unigram": "unigram reference alone (data only)",
+               "duplicates": "duplicate count (data only)", "random": "random"}
+DATA_ONLY = ("ref_unigram", "duplicates")
 
 
 def load_rows(out_dir: str) -> List[dict]:
     with open(os.path.join(out_dir, "rows.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def _main_rows(rows: List[dict]) -> List[dict]:
+    """Intervention rows of the whole-run protocol (the paper's Algorithm 1): the sections that
+    predate the single-job protocol read these."""
+    return [r for r in rows if r["method"] != "detect" and r.get("protocol", "whole-run") == "whole-run"]
 
 
 def _by(rows, **kv):
@@ -140,6 +172,7 @@ def _fig_roc(out_dir, exp="leak", fraction=0.1):
     for ax, att in zip(axes, ("loss", "zlib", "mink")):
         for key, label, color in (("none_0", "no intervention", "k"), (f"memorization_{fraction:g}", f"prune {fraction:.0%} by m", "C3"),
                                   (f"downweight_{fraction:g}", f"down-weight {fraction:.0%} by m", "C1"),
+                                  (f"gain_{fraction:g}", f"prune {fraction:.0%} by gain", "C4"),
                                   (f"random_{fraction:g}", f"prune {fraction:.0%} random", "C0")):
             km, kn = f"{key}_{att}_members", f"{key}_{att}_nonmembers"
             if km not in data[0].files:
@@ -173,7 +206,9 @@ def _fig_theorem(out_dir, exps) -> Dict[str, tuple]:
     rhos = {}
     fig, axes = plt.subplots(1, len(exps), figsize=(5.2 * len(exps), 4), squeeze=False)
     for ax, exp in zip(axes[0], exps):
-        files = sorted(glob.glob(os.path.join(out_dir, f"scores_{exp}_seed*.npz")))
+        files = sorted(f for f in glob.glob(os.path.join(out_dir, f"scores_{exp}_seed*.npz")) if "_single" not in f)
+        if not files:
+            continue
         vals = []
         for i, f in enumerate(files):
             d = np.load(f)
@@ -343,7 +378,7 @@ def _eps_section(rows, cfg, out_dir) -> List[str]:
                     f"{_fmt(*mean_ci([r['canary_copies_hit'] for r in fx]), digits=2)}.\n")
             if best is not None:
                 eps_b, rel_b, ext_b = best
-                claim = {0.05: 0.6, 0.10: 0.4}.get(round(p, 4))
+                claim = PAPER_CLAIMS["lstm_extraction"].get(round(p, 4), {}).get("reduction")
                 sig = np.isfinite(rel_b[1]) and rel_b[0] + rel_b[1] < 0
                 ties = [e_ for e_ in grid if e_ != eps_b and _sweep_paired(rows, exp, p, e_)[0] == rel_b[0]]
                 tie_txt = f" (tied with eps = {', '.join(f'{e_:g}' for e_ in ties)})" if ties else ""
@@ -352,7 +387,7 @@ def _eps_section(rows, cfg, out_dir) -> List[str]:
                        f"{'excludes' if sig else 'includes'} 0).")
                 if claim is not None:
                     reached = (-rel_b[0] >= claim) and sig
-                    txt += (f" The paper's claim at {p:.0%} ({'-60%' if p == 0.05 else '> 40% reduction'}) is "
+                    txt += (f" The paper's claim at {p:.0%} ({PAPER_CLAIMS['lstm_extraction'][round(p, 4)]['text']}) is "
                             f"{'reached' if reached else 'not reached'} at this eps"
                             + ("" if reached else (" (the mean reduction is large enough but not significant with "
                                                    f"{n} seeds)" if -rel_b[0] >= claim else "")) + ".")
@@ -391,8 +426,83 @@ def _verdict_bound(m, c, bound):
     return "**agrees**" if m < bound else "**disagrees**: larger increase"
 
 
+def _setting_section(cfg: dict, rows: List[dict]) -> List[str]:
+    """Our setting beside the paper's, generated from the run's config."""
+    L: List[str] = ["## Our setting beside the paper's\n", "| | paper | here |", "|---|---|---|"]
+    st = PAPER_CLAIMS["gpt2_setting"]
+    for e in cfg["experiments"]:
+        if not _by(rows, experiment=e["name"]) or "corpus_args" not in e:
+            continue
+        ca = e["corpus_args"]
+        desc = _by(rows, experiment=e["name"])[0]["corpus"]
+        dims = ", ".join(f"{k}={v}" for k, v in e["dims"].items())
+        paper_model = "a small LSTM language model (size not given)" if e["name"] == "canary" else "GPT-2 small (124M)"
+        paper_data = ("a synthetic corpus with unique canaries" if e["name"] == "canary" else
+                      f"WikiText-103, {st['epochs']} epochs, two canaries")
+        planted = (f"canaries inserted r = {', '.join(map(str, ca.get('canary_reps', ())))} times "
+                   f"({ca.get('canaries_per_rep', 1)} per r); held-out sequences injected r = "
+                   f"{', '.join(map(str, ca.get('inject_reps', ())))} times ({ca.get('injected_per_rep')} per r)")
+        L.append(f"| {e['name']}: model | {paper_model} | {e['model']} ({dims}), trained from scratch |")
+        L.append(f"| {e['name']}: data | {paper_data} | {desc}; {planted} |")
+        L.append(f"| {e['name']}: epochs T, burn-in T_e, single-job label epoch k | not given | T = {e['epochs']}, "
+                 f"T_e = {e['burn_in']}, k = {e.get('label_epoch') or e['burn_in']} |")
+        L.append(f"| {e['name']}: eps | {st['eps'] if e['name'] == 'leak' else 'not given'} | grid "
+                 f"{', '.join(f'{x:g}' for x in e['eps_grid'])} tracked at once; m_i scores at the grid value with "
+                 "the most forget events (fixed rule) |")
+    L.append(f"| seeds | not given | {len(cfg['seeds'])} (model init, data order, canary secrets and splits) |")
+    L.append("")
+    return L
+
+
+def _findings(rows: List[dict], cfg: dict, rhos: Dict[str, tuple]) -> List[str]:
+    """The closing summary, every number read from the rows."""
+    from paper.report_detection import PRIMARY, _best_model_score, detection_summary, detection_verdict, \
+        intervention_table
+
+    L = ["## Findings (generated from the numbers above)\n"]
+    add = L.append
+    for exp in sorted({r["experiment"] for r in rows}, key=lambda e: e != "canary"):
+        for target in sorted({r["target"] for r in _by(rows, method="detect", experiment=exp)}):
+            summ = detection_summary(rows, exp, target, "whole-run")
+            best = _best_model_score(summ)
+            if best is None:
+                continue
+            m = summ.get("m", {}).get("auroc", (float("nan"), float("nan")))
+            dup = summ.get("duplicates", {}).get("auroc", (float("nan"), float("nan")))
+            add(f"- **Detection, {exp}, {target} copies:** best model-based score {best} (AUROC "
+                f"{_fmt(*summ[best]['auroc'])}); the paper's m_i {_fmt(*m)} ({detection_verdict(*m).replace('*', '')}); "
+                f"duplicate count (no model) {_fmt(*dup)}.")
+        prim = PRIMARY.get(exp, "extraction")
+        for protocol in ("whole-run", "single-job"):
+            tab = [t for t in intervention_table(rows, exp, protocol) if t["method"] != "none"]
+            if not tab:
+                continue
+            if tab[0]["verdict"].startswith("not tested"):
+                add(f"- **Interventions, {exp}, {protocol}:** {tab[0]['verdict']}.")
+                continue
+            best = min(tab, key=lambda t: t["rel"][0] if np.isfinite(t["rel"][0]) else np.inf)
+            mem = [t for t in tab if t["method"] == "memorization"]
+            cuts = [t for t in tab if t["verdict"].startswith("**cuts")]
+            txt = (f"- **Interventions, {exp}, {protocol}:** largest {prim} change {_fmt(*best['rel'], pct=True)} "
+                   f"({METHOD_LABEL.get(best['method'], best['method'])}, "
+                   f"{'all' if best['method'] == 'goldfish_all' else format(best['fraction'], '.0%')}; perplexity "
+                   f"{_fmt(*best['ppl'], pct=True)}).")
+            if mem:
+                txt += " The paper's prune-by-m_i: " + "; ".join(
+                    f"{t['fraction']:.0%}: {_fmt(*t['rel'], pct=True)} ({t['verdict'].replace('*', '')})" for t in mem) + "."
+            txt += (" Conditions that cut it significantly: " + ", ".join(
+                f"{t['method']} {'all' if t['method'] == 'goldfish_all' else format(t['fraction'], '.0%')}"
+                for t in cuts) + "." if cuts else " No condition cuts it significantly.")
+            add(txt)
+    for e, (m, c) in rhos.items():
+        add(f"- **Theorem 4.2, {e}:** Spearman rho(m_i, accumulated logit-gradient energy) = {_fmt(m, c)}.")
+    add("")
+    return L
+
+
 def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[str] = None) -> str:
-    rows = load_rows(out_dir)
+    all_rows = load_rows(out_dir)
+    rows = _main_rows(all_rows)
     with open(os.path.join(out_dir, "config.json")) as fh:
         cfg = json.load(fh)
     timing = {}
@@ -422,39 +532,51 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
     if timing:
         add(f"Wall time of the run: {timing['wall_seconds'] / 60:.1f} min with {timing['workers']} worker process(es).")
     add("")
+    L.extend(_setting_section(cfg, rows))
+    notes_path = notes or (os.path.join(docs_dir, "results_notes.md") if docs_dir else None)
+    if notes_path and os.path.exists(notes_path):
+        with open(notes_path) as fh:  # number-free prose only: every number in RESULTS.md is generated
+            add(fh.read().rstrip() + "\n")
     # --- headline
     add("## Headline: the paper's claims beside our measurements\n")
     add("| claim (paper) | paper | ours | verdict |")
     add("|---|---|---|---|")
     if has["canary"]:
         base = mean_ci([r["extraction"] for r in _by(rows, experiment="canary", method="none")])
-        for p, claim in ((0.05, 0.6), (0.10, 0.4)):
+        for p, claim in sorted(PAPER_CLAIMS["lstm_extraction"].items()):
             sel = _by(rows, experiment="canary", method="memorization", fraction=p)
             if not sel:
                 continue
             now = mean_ci([r["extraction"] for r in sel])
             rel = _paired(rows, "canary", "memorization", p, "extraction")
-            paper = "100% -> 40% (-60%)" if p == 0.05 else "> 40% reduction"
-            add(f"| LSTM canary extraction, prune top {p:.0%} by m | {paper} | {_fmt(*base, digits=2)} -> "
-                f"{_fmt(*now, digits=2)} ({_fmt(*rel, pct=True)}) | {_verdict_reduction(rel[0], rel[1], claim)} |")
+            add(f"| LSTM canary extraction, prune top {p:.0%} by m | {claim['text']} | {_fmt(*base, digits=2)} -> "
+                f"{_fmt(*now, digits=2)} ({_fmt(*rel, pct=True)}) | "
+                f"{_verdict_reduction(rel[0], rel[1], claim['reduction'])} |")
             ppl = _paired(rows, "canary", "memorization", p, "perplexity")
-            add(f"| LSTM perplexity increase at {p:.0%} pruning | < 0.5% | {_fmt(*ppl, pct=True)} | "
-                f"{_verdict_bound(ppl[0], ppl[1], 0.005)} |")
+            bound = PAPER_CLAIMS["lstm_perplexity"]
+            add(f"| LSTM perplexity increase at {p:.0%} pruning | {bound['text']} | {_fmt(*ppl, pct=True)} | "
+                f"{_verdict_bound(ppl[0], ppl[1], bound['bound'])} |")
     if has["leak"]:
-        for method, p, lab in (("paper", None, "paper quadrant down-weight (x0.5, tau_m at 25%)"),
+        st = PAPER_CLAIMS["gpt2_setting"]
+        for method, p, lab in (("paper", None, f"paper quadrant down-weight (x{st['alpha']:g}, tau_m at "
+                                                f"{st['tau_m']:.0%})"),
                                ("downweight", 0.10, "down-weight top 10% by m (x0.5)")):
             if not _by(rows, experiment="leak", method=method):
                 continue
             lk = _paired(rows, "leak", method, p, "leakage")
             lk0 = mean_ci([r["leakage"] for r in _by(rows, experiment="leak", method="none")])[0]
-            add(f"| GPT-2 leakage (verbatim recall of injected validation sequences), {lab} | -30% | "
-                f"{lk0:.3f} -> {_fmt(*lk, pct=True)} | {_verdict_reduction(lk[0], lk[1], 0.30, lk0, 0.05)} |")
+            c = PAPER_CLAIMS["gpt2_leakage"]
+            add(f"| Real-text leakage (verbatim recall of injected validation sequences; paper: GPT-2), {lab} | {c['text']} | "
+                f"{lk0:.3f} -> {_fmt(*lk, pct=True)} | {_verdict_reduction(lk[0], lk[1], c['reduction'], lk0, 0.05)} |")
             au = _paired(rows, "leak", method, p, "mia_loss_auc")
             au0 = mean_ci([r["mia_loss_auc"] for r in _by(rows, experiment="leak", method="none")])[0]
-            add(f"| GPT-2 membership-inference AUC (loss attack), {lab} | -15% | {au0:.3f} -> {_fmt(*au, pct=True)} | "
-                f"{_verdict_reduction(au[0], au[1], 0.15, au0, 0.55)} |")
+            c = PAPER_CLAIMS["gpt2_mia_auc"]
+            add(f"| Real-text membership-inference AUC (loss attack; paper: GPT-2), {lab} | {c['text']} | {au0:.3f} -> "
+                f"{_fmt(*au, pct=True)} | {_verdict_reduction(au[0], au[1], c['reduction'], au0, 0.55)} |")
             pp = _paired(rows, "leak", method, p, "perplexity")
-            add(f"| GPT-2 perplexity increase, {lab} | < 1% | {_fmt(*pp, pct=True)} | {_verdict_bound(pp[0], pp[1], 0.01)} |")
+            c = PAPER_CLAIMS["gpt2_perplexity"]
+            add(f"| Real-text perplexity increase (paper: GPT-2), {lab} | {c['text']} | {_fmt(*pp, pct=True)} | "
+                f"{_verdict_bound(pp[0], pp[1], c['bound'])} |")
     for e, (m, c) in rhos.items():
         add(f"| Theorem 4.2: m_i tracks the gradient (influence) term, {e} | (a bound, no number) | Spearman "
             f"rho(m_i, gradient energy) = {_fmt(m, c)} | see the figure |")
@@ -462,8 +584,10 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
     add("A relative change is computed per seed against the same seed's no-intervention run, then averaged. "
         "*agrees*: the reduction is at least the paper's and its interval excludes 0; *partly*: significant but "
         "smaller; *disagrees*: no significant reduction (or, for perplexity, an increase above the paper's bound).\n")
-    # --- equal-budget comparison
-    add("## Equal-budget comparison against baselines\n")
+    L.extend(detection_section(all_rows, cfg, out_dir))
+    L.extend(intervention_section(all_rows, cfg))
+    # --- equal-budget comparison, every metric
+    add("## Every metric, whole-run protocol\n")
     for e in exps:
         metrics = (["extraction", "exposure"] if e == "canary" else []) + ["leakage", "leakage_token_recall",
                                                                           "mia_loss_auc", "mia_zlib_auc",
@@ -478,7 +602,8 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
             f"forget events, per seed).\n")
         add("| method | p | pruned weight | canaries hit | " + " | ".join(metrics) + " |")
         add("|---|---|---|---|" + "---|" * len(metrics))
-        conds = [("none", 0.0)] + [(mth, p) for mth in cfg["methods"] for p in cfg["fractions"] if p > 0] + [("paper", None)]
+        conds = list(dict.fromkeys((r["method"], r["fraction"]) for r in _by(rows, experiment=e)
+                                   if r["method"] not in ("eps_sweep", "paper"))) + [("paper", None)]
         for mth, p in conds:
             sel = _by(rows, experiment=e, method=mth) if mth in ("none", "paper") else _by(rows, experiment=e, method=mth, fraction=p)
             if not sel:
@@ -488,23 +613,30 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
             pp = mean_ci([r["fraction"] for r in sel])[0]
             cells = [_fmt(*mean_ci([r.get(k, float("nan")) for r in sel]), digits=2 if k == "perplexity" else 3)
                      for k in metrics]
-            add(f"| {METHOD_LABEL[mth]} | {pp:.0%} | {pw:.3f} | {hit:.0%} | " + " | ".join(cells) + " |")
+            add(f"| {METHOD_LABEL.get(mth, mth)} | {pp:.0%} | {pw:.3f} | {hit:.0%} | " + " | ".join(cells) + " |")
         add("")
         first = _by(rows, experiment=e)[0]
         reps = sorted({int(k.split("_r")[1]) for k in first if k.startswith("extraction_r")}) if e == "canary" else []
         if reps:
-            add("Extraction by number of insertions r (no intervention -> prune 10% by m -> prune 10% at random):\n")
-            add("| r | none | m, 10% | random, 10% |")
-            add("|---|---|---|---|")
+            pmax = max(p for p in cfg["fractions"])
+            cols = [("none", 0.0)] + [(m_, pmax) for m_ in ("memorization", "gain", "excess", "duplicates", "random")
+                                      if _by(rows, experiment=e, method=m_, fraction=pmax)] + \
+                [("goldfish_all", 1.0)] * bool(_by(rows, experiment=e, method="goldfish_all"))
+            add(f"Extraction by number of insertions r (whole-run protocol; pruning at p = {pmax:.0%}):\n")
+            add("| r | " + " | ".join("none" if m_ == "none" else "goldfish, all" if m_ == "goldfish_all" else m_
+                                      for m_, _ in cols) + " |")
+            add("|---|" + "---|" * len(cols))
             for r_ in reps:
                 k = f"extraction_r{r_}"
-                cells = [_fmt(*mean_ci([r[k] for r in sel]), digits=2) for sel in (
-                    _by(rows, experiment=e, method="none"), _by(rows, experiment=e, method="memorization", fraction=0.1),
-                    _by(rows, experiment=e, method="random", fraction=0.1))]
+                cells = [_fmt(*mean_ci([r[k] for r in _by(rows, experiment=e, method=m_, fraction=p_)]), digits=2)
+                         for m_, p_ in cols]
                 add(f"| {r_} | " + " | ".join(cells) + " |")
             add("")
     L.extend(_eps_section(rows, cfg, out_dir))
+    L.extend(_findings(all_rows, cfg, rhos))
     add("## Figures\n")
+    if os.path.exists(os.path.join(out_dir, "fig_detection_roc.png")):
+        add("- `fig_detection_roc.png`: detection ROC of every score against each target (section Detection).")
     add("- `fig_extraction.png`: extraction success (LSTM) and leakage (GPT-2-style) vs fraction of pruned weight "
         "(the paper's Figure 1; down-weighting by 0.5 counts half a sample's weight).")
     add("- `fig_perplexity.png`: validation perplexity increase vs fraction pruned (the paper's Figure 2).")
@@ -518,10 +650,6 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
     if roc:
         add("![roc](fig_mia_roc.png)\n")
     add("![theorem](fig_theorem42.png)\n")
-    notes_path = notes or (os.path.join(docs_dir, "results_notes.md") if docs_dir else None)
-    if notes_path and os.path.exists(notes_path):
-        with open(notes_path) as fh:
-            add(fh.read())
     text = "\n".join(L) + "\n"
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as fh:
         fh.write(text)

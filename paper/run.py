@@ -1,12 +1,17 @@
 """One command for the paper's experiments: ``python -m paper.run --config default --out DIR``.
 
 Per experiment and seed: build the corpus, train T epochs with recording (one record run per
-seed, shared by all interventions), read the scores, then for every intervention and fraction p
-continue from the burn-in checkpoint for T - T_e epochs on the intervened data and evaluate.
-Jobs (experiment x seed) run in parallel worker processes, one thread each (tiny models use
-cores better that way than with intra-op threads). Results: DIR/rows.jsonl (one row per
-condition and seed), DIR/scores_*.npz, DIR/roc_*.npz, DIR/config.json, then report.py draws
-the figures and writes DIR/RESULTS.md.
+seed, shared by everything else; checkpoints at the burn-in T_e and at the label epoch k), then
+for each protocol — whole-run (scores after epoch T, interventions from T_e: the paper's
+Algorithm 1) and single-job (scores after epoch k, interventions from k) — measure detection of
+the planted copies by every score (paper/scores.py) and run every intervention at equal budget
+(pruning by each score, goldfish loss on all or on the flagged samples, the paper's quadrant
+down-weighting), continuing for the remaining epochs and evaluating extraction, exposure,
+leakage, membership inference and perplexity. Jobs (experiment x seed) run in parallel worker
+processes, one thread each (tiny models use cores better that way than with intra-op threads).
+Results: DIR/rows.jsonl (one row per condition, protocol and seed; detection rows have method
+"detect"), DIR/scores_*.npz, DIR/roc_*.npz, DIR/config.json, then report.py draws the figures
+and writes DIR/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -40,15 +45,28 @@ class ExperimentConfig:
     # eps sensitivity: for every eps in eps_grid, prune the top p by m at that eps (p in eps_sweep)
     # and continue from the same burn-in checkpoint; () = off. Reuses the seed's one record run.
     eps_sweep: Tuple[float, ...] = ()
+    # the single-job protocol's label epoch k: scores from epochs 1..k, interventions from epoch k
+    # on (None: the burn-in T_e)
+    label_epoch: Optional[int] = None
 
 
 @dataclass
 class Config:
     name: str
     experiments: List[ExperimentConfig]
-    seeds: Tuple[int, ...] = (0, 1, 2)
-    fractions: Tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20)
-    methods: Tuple[str, ...] = ("memorization", "downweight", "random", "loss")
+    seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)   # >= 5: paired changes of a few canaries are noisy
+    fractions: Tuple[float, ...] = (0.0, 0.05, 0.10)
+    # prune the top p by each score (paper/scores.py METHOD_SCORE); equal budget for all
+    methods: Tuple[str, ...] = ("memorization", "gain", "excess", "loss", "last", "duplicates", "random")
+    # goldfish loss (Hans et al. 2024): drop a target when a hash of the h tokens before it
+    # selects it (rate 1/k), on all samples and on the top p flagged by flag_by; 0 = off
+    goldfish_k: int = 4
+    goldfish_h: int = 4
+    flag_by: str = "excess"
+    # "whole-run": scores of the whole record run, interventions from the burn-in checkpoint (the
+    # paper's Algorithm 1); "single-job": scores of epochs 1..k, interventions from epoch k on
+    protocols: Tuple[str, ...] = ("whole-run", "single-job")
+    paper_point: bool = True       # the paper's quadrant down-weighting (whole-run protocol)
     alpha: float = 0.5             # down-weighting factor (the paper's GPT-2 setting)
     paper_alpha_d: float = 0.75    # the paper's quadrant setting for its down-weighting point
     paper_alpha_m: float = 0.25    # "tau_m = 25%"
@@ -61,20 +79,24 @@ class Config:
 def _canary(**over) -> ExperimentConfig:
     base = ExperimentConfig(
         name="canary", model="lstm", dims=dict(dim=48, hidden=128), corpus="synthetic",
-        corpus_args=dict(n_ordinary=600, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=3,
+        corpus_args=dict(n_ordinary=1200, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=6,
                          inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=300, n_nonmembers=400,
                          n_members=400),
-        epochs=8, burn_in=2, batch=64, lr=1e-2, eps_sweep=(0.05, 0.10))
+        epochs=8, burn_in=2, batch=64, lr=1e-2, eps_sweep=(0.10,), label_epoch=4)
     return dataclasses.replace(base, **over)
 
 
 def _leak(**over) -> ExperimentConfig:
+    # CPU scale: an LSTM on real text. The tiny GPT-2-style decoder (2 x 64) we tried first learnt too
+    # slowly on CPU budgets (training loss stuck near the unigram level, no injected copy reproduced
+    # even at r = 8), so there was no leakage to reduce; `--scale paper` / config gpu use GPT-2.
     base = ExperimentConfig(
-        name="leak", model="gpt2", dims=dict(n_embd=64, n_layer=2, n_head=2), corpus="wiki",
+        name="leak", model="lstm", dims=dict(dim=64, hidden=256), corpus="wiki",
         corpus_args=dict(n_train=440, seq_len=32, vocab=1024, canary_reps=(2, 8), canaries_per_rep=1,
                          inject_reps=(1, 2, 4, 8), injected_per_rep=4, suffix_len=8, n_valid=250,
                          n_nonmembers=400, n_members=400),
-        epochs=5, burn_in=2, batch=32, lr=6e-3, eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0))
+        epochs=10, burn_in=2, batch=32, lr=1e-2, eps_grid=(1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5),
+        label_epoch=5)
     return dataclasses.replace(base, **over)
 
 
@@ -84,20 +106,21 @@ CONFIGS: Dict[str, Config] = {
         _canary(corpus_args=dict(n_ordinary=150, seq_len=16, canary_reps=(1, 4), canaries_per_rep=2,
                                  inject_reps=(1, 4), injected_per_rep=2, n_valid=50, n_nonmembers=60,
                                  n_members=60), epochs=3, burn_in=1, dims=dict(dim=16, hidden=32),
-                eps_sweep=(0.2,)),
+                eps_sweep=(0.2,), label_epoch=2),
         _leak(corpus="embedded", tokenizer="word", model="lstm", dims=dict(dim=16, hidden=32),
               corpus_args=dict(n_train=120, seq_len=16, vocab=200, canary_reps=(2,), inject_reps=(1, 2),
                                injected_per_rep=2, n_valid=30, n_nonmembers=60, n_members=60),
-              epochs=3, burn_in=1, lr=1e-2)],
-        seeds=(0, 1), fractions=(0.0, 0.05, 0.2), exposure_samples=64, workers=1),
+              epochs=3, burn_in=1, lr=1e-2, label_epoch=2)],
+        seeds=(0, 1), fractions=(0.0, 0.2), exposure_samples=64, workers=1),
     "gpu": Config("gpu", [
-        _canary(dims=dict(dim=200, hidden=650, layers=2), epochs=20, burn_in=5,
+        _canary(dims=dict(dim=200, hidden=650, layers=2), epochs=20, burn_in=5, label_epoch=10,
                 corpus_args=dict(n_ordinary=20000, seq_len=32, canary_reps=(1, 2, 4, 8, 16), canaries_per_rep=8,
                                  inject_reps=(1, 2, 4, 8), injected_per_rep=16)),
-        _leak(dims=dict(n_embd=768, n_layer=12, n_head=12), epochs=6, burn_in=2, lr=3e-4,
+        _leak(model="gpt2", dims=dict(n_embd=768, n_layer=12, n_head=12), epochs=6, burn_in=2, lr=3e-4, label_epoch=3,
+              eps_grid=(2.0, 3.0, 3.5, 4.0, 4.5, 4.7055, 5.0, 5.5, 6.0),
               corpus_args=dict(n_train=20000, seq_len=128, vocab=50257, canary_reps=(2, 8), inject_reps=(1, 2, 4, 8),
                                injected_per_rep=16, n_valid=1000, n_nonmembers=2000, n_members=2000))],
-        seeds=(0, 1, 2), exposure_samples=4096, workers=1, device="cuda"),
+        exposure_samples=4096, workers=1, device="cuda"),
 }
 
 
@@ -127,9 +150,15 @@ def _extraction_eval(model, corpus) -> dict:
     out: dict = {}
     with torch.no_grad():
         if corpus.canaries:
-            pre = torch.stack([c.prefix for c in corpus.canaries]).to(dev)
-            sec = torch.stack([c.secret for c in corpus.canaries]).to(dev)
-            ext = M.extraction_success(model, pre, sec)
+            # batched by prefix length: names tokenize to different lengths in the real-text corpus
+            ext = np.zeros(len(corpus.canaries), dtype=bool)
+            groups: Dict[tuple, List[int]] = {}
+            for i, c in enumerate(corpus.canaries):
+                groups.setdefault((len(c.prefix), len(c.secret)), []).append(i)
+            for idx in groups.values():
+                pre = torch.stack([corpus.canaries[i].prefix for i in idx]).to(dev)
+                sec = torch.stack([corpus.canaries[i].secret for i in idx]).to(dev)
+                ext[idx] = M.extraction_success(model, pre, sec)
             reps = np.array([c.reps for c in corpus.canaries])
             out["extraction"] = float(ext.mean())
             for r in sorted(set(reps.tolist())):
@@ -217,15 +246,62 @@ def evaluate(model, corpus, cfg: Config, seed: int, keep_scores: bool = False) -
     return out
 
 
+def _references(corpus) -> dict:
+    """Per-sample reference losses of the training samples' scored (target) tokens."""
+    from gdc_ext import unigram_reference, zlib_reference
+
+    targets = corpus.train[:, 1:]
+    return {"unigram": unigram_reference(targets, vocab_size=corpus.vocab_size), "zlib": zlib_reference(targets)}
+
+
+def _targets(corpus) -> Dict[str, np.ndarray]:
+    """Ground truth per target: the planted copies of that kind (only kinds present)."""
+    out = {}
+    for name, g in (("canary", 2), ("injected", 3)):
+        if (corpus.group == g).any():
+            out[name] = corpus.group == g
+    return out
+
+
+def detection_rows(table: Dict[str, np.ndarray], corpus, base: dict, difficulty: np.ndarray) -> List[dict]:
+    """One row per (target, score): AUROC of the target's copies against the unplanted samples
+    (ordinary and noise) and recall of the copies by the top p of all samples (m ties broken by d,
+    as the paper's pruning)."""
+    from paper.scores import detection_metrics
+
+    negative = corpus.group <= 1
+    scored = ~np.isnan(difficulty)
+    rows = []
+    for target, pos in _targets(corpus).items():
+        for name, v in table.items():
+            tb = difficulty if name == "m" or name.startswith("m@") else None
+            rows.append({**base, "method": "detect", "target": target, "score": name, "positives": int(pos.sum()),
+                         **detection_metrics(v, pos, negative, tiebreak=tb, scored=scored)})
+    return rows
+
+
+def _conditions(cfg: Config, protocol: str) -> List[Tuple[str, Optional[float]]]:
+    ps = [p for p in cfg.fractions if p > 0]
+    conds = [("none", 0.0)] + [(m, p) for m in cfg.methods for p in ps]
+    if cfg.goldfish_k:
+        conds += [("goldfish_all", 1.0)] + [("goldfish_flagged", p) for p in ps]
+    if protocol == "whole-run" and cfg.paper_point:
+        conds.append(("paper", None))
+    return conds
+
+
 def run_job(args) -> List[dict]:
-    """(experiment config, Config, seed, out dir, queue) -> rows for every condition of one seed."""
+    """(experiment config, Config, seed, out dir, queue) -> rows for every condition of one seed:
+    detection rows (method "detect") and intervention rows of both protocols."""
     exp, cfg, seed, out_dir, queue = args
     import torch
 
     torch.set_num_threads(1)
     import gdc_ext
+    from paper.goldfish import goldfish_mask
     from paper.models import build_model
-    from paper.train import TrainSpec, intervention_phase, record_phase
+    from paper.scores import METHOD_SCORE, duplicate_counts, score_table, select_top
+    from paper.train import TrainSpec, intervention_phase, record_run
 
     t0 = time.time()
     corpus = _build_corpus(exp, seed)
@@ -233,77 +309,100 @@ def run_job(args) -> List[dict]:
     data = corpus.train.to(dev)
     spec = TrainSpec(epochs=exp.epochs, burn_in=exp.burn_in, batch=exp.batch, lr=exp.lr, eps=tuple(exp.eps_grid))
     seq_len = corpus.train.shape[1]
+    N = corpus.num_samples
 
     def make_model():
         torch.manual_seed(seed)
         return build_model(exp.model, corpus.vocab_size, seq_len, **exp.dims).to(dev)
 
-    rec_model, scores, snap, losses = record_phase(make_model, data, spec, seed, progress=False)
-    k = _pick_eps(scores)
-    m_all = scores.memorization.numpy().reshape(corpus.num_samples, -1)
-    m = m_all[:, k]
-    d = scores.difficulty.numpy()
-    np.savez_compressed(os.path.join(out_dir, f"scores_{exp.name}_seed{seed}.npz"), memorization=m,
-                        memorization_all=m_all, eps_grid=np.array(exp.eps_grid), eps_index=k, difficulty=d,
-                        grad_energy=scores.grad_energy.numpy(), group=corpus.group, loss_mean=scores.loss_mean.numpy(),
-                        train_losses=np.array(losses))
-    if queue is not None:
-        queue.put(1)
-    base = {"experiment": exp.name, "seed": seed, "corpus": corpus.description, "eps": exp.eps_grid[k]}
-    rows = []
+    rec = record_run(make_model, data, spec, seed, label_epoch=exp.label_epoch or exp.burn_in, progress=False)
+    refs = _references(corpus)
+    dups = duplicate_counts(corpus.train)
+    gf_mask = goldfish_mask(corpus.train, k=cfg.goldfish_k, h=cfg.goldfish_h, seed=seed) if cfg.goldfish_k else None
+    protocols = {"whole-run": (rec.scores, rec.snap, exp.burn_in),
+                 "single-job": (rec.scores_k, rec.snap_k, rec.label_epoch)}
+    protocols = {k_: v for k_, v in protocols.items() if k_ in cfg.protocols}
+    canary_ids = np.array(sorted(i for c in corpus.canaries for i in c.ids), dtype=np.int64)
+    rows: List[dict] = []
     roc = {}
     sweep_cache: dict = {}
-    N = corpus.num_samples
-    canary_ids = np.array(sorted(i for c in corpus.canaries for i in c.ids), dtype=np.int64)
-    conditions = [("none", 0.0)] + [(mth, p) for mth in cfg.methods for p in cfg.fractions if p > 0] + [("paper", None)]
-    for method, p in conditions:
-        keep, weights = None, None
-        if method in ("memorization", "loss", "random"):
-            keep = gdc_ext.prune(scores, p, by=method, seed=seed, eps_index=k)
-            removed = np.setdiff1d(np.arange(N), keep.numpy())
-            pruned_weight = len(removed) / N
-        elif method == "downweight":
-            removed = np.setdiff1d(np.arange(N), gdc_ext.prune(scores, p, by="memorization", eps_index=k).numpy())
-            weights = torch.ones(N)
-            weights[torch.from_numpy(removed)] = cfg.alpha
-            pruned_weight = (1 - cfg.alpha) * len(removed) / N
-        elif method == "paper":
-            q = gdc_ext.quadrants(scores.difficulty, torch.from_numpy(m), cfg.paper_alpha_d, cfg.paper_alpha_m)
-            weights = gdc_ext.loss_weights(q, cfg.alpha)
-            removed = np.flatnonzero(q.codes.numpy() == 2)
-            p = len(removed) / N
-            pruned_weight = (1 - cfg.alpha) * p
-        else:
-            removed = np.zeros(0, dtype=np.int64)
-            pruned_weight = 0.0
-        model = intervention_phase(make_model, data, spec, snap, seed, keep=keep, weights=weights,
-                                   desc=f"{exp.name}/{method}/{p}", progress=False)
-        keep_scores = method == "none" or (p is not None and abs(p - cfg.roc_fraction) < 1e-9) or method == "paper"
-        ev = evaluate(model, corpus, cfg, seed, keep_scores=keep_scores)
-        if "_mia_scores" in ev:
-            sm, sn = ev.pop("_mia_scores")
-            for att in sm:
-                roc[f"{method}_{p:g}_{att}_members"] = sm[att]
-                roc[f"{method}_{p:g}_{att}_nonmembers"] = sn[att]
-        if method == "memorization" and exp.eps_sweep:
-            sweep_cache[tuple(removed.tolist())] = {k_: v for k_, v in ev.items() if k_ == "extraction"
-                                                    or k_.startswith("extraction_r") or k_ == "perplexity"}
-        rows.append({**base, "method": method, "fraction": p, "pruned_weight": pruned_weight,
-                     "canaries_hit": float(np.isin(canary_ids, removed).mean()) if len(canary_ids) else float("nan"),
-                     "injected_hit": float(np.isin(np.flatnonzero(corpus.group == 3), removed).mean()),
-                     **ev})
+    for protocol, (scores, snap, start) in protocols.items():
+        k = _pick_eps(scores)
+        d = scores.difficulty.numpy()
+        table = score_table(scores, exp.eps_grid, k, refs, dups, seed)
+        m_all = scores.memorization.numpy().reshape(N, -1)
+        tag = "" if protocol == "whole-run" else "_single"
+        np.savez_compressed(os.path.join(out_dir, f"scores_{exp.name}_seed{seed}{tag}.npz"), memorization=m_all[:, k],
+                            memorization_all=m_all, eps_grid=np.array(exp.eps_grid), eps_index=k, difficulty=d,
+                            grad_energy=scores.grad_energy.numpy(), group=corpus.group,
+                            loss_mean=scores.loss_mean.numpy(), last_loss=scores.last_loss.numpy(),
+                            train_losses=np.array(rec.losses), score_names=np.array(list(table)),
+                            score_values=np.stack(list(table.values())), label_epoch=rec.label_epoch)
+        base = {"experiment": exp.name, "seed": seed, "corpus": corpus.description, "eps": exp.eps_grid[k],
+                "protocol": protocol, "start_epoch": start}
+        rows += detection_rows(table, corpus, base, d)
         if queue is not None:
             queue.put(1)
-    if exp.eps_sweep:
-        def train_keep(keep, desc):
-            return intervention_phase(make_model, data, spec, snap, seed, keep=keep, desc=desc, progress=False)
-        rows += eps_sweep_rows(exp, corpus, scores, k, train_keep, base, sweep_cache, seed=seed)
-        if queue is not None:
-            queue.put(1)
+        for method, p in _conditions(cfg, protocol):
+            keep, weights, mask = None, None, None
+            if method in METHOD_SCORE:
+                removed = select_top(table[METHOD_SCORE[method]], p, d if method == "memorization" else None,
+                                     scored=~np.isnan(d))
+                keep = torch.from_numpy(np.setdiff1d(np.arange(N), removed))
+                pruned_weight = len(removed) / N
+            elif method in ("goldfish_all", "goldfish_flagged"):
+                removed = np.arange(N) if method == "goldfish_all" else select_top(
+                    table[METHOD_SCORE[cfg.flag_by]], p, scored=~np.isnan(d))
+                mask = torch.zeros_like(gf_mask)
+                mask[torch.from_numpy(removed)] = gf_mask[torch.from_numpy(removed)]
+                pruned_weight = float(mask.float().mean())  # share of target tokens left out of the loss
+            elif method == "paper":
+                q = gdc_ext.quadrants(scores.difficulty, torch.from_numpy(m_all[:, k]), cfg.paper_alpha_d,
+                                      cfg.paper_alpha_m)
+                weights = gdc_ext.loss_weights(q, cfg.alpha)
+                removed = np.flatnonzero(q.codes.numpy() == 2)
+                p = len(removed) / N
+                pruned_weight = (1 - cfg.alpha) * p
+            elif method == "none":
+                removed = np.zeros(0, dtype=np.int64)
+                pruned_weight = 0.0
+            else:
+                raise ValueError(f"unknown intervention method {method!r}")
+            model = intervention_phase(make_model, data, spec, snap, seed, keep=keep, weights=weights,
+                                       desc=f"{exp.name}/{protocol}/{method}/{p}", progress=False, start_epoch=start,
+                                       target_mask=mask)
+            keep_scores = protocol == "whole-run" and (method in ("none", "paper") or (
+                p is not None and abs(p - cfg.roc_fraction) < 1e-9 and method in ("memorization", "gain", "random")))
+            ev = evaluate(model, corpus, cfg, seed, keep_scores=keep_scores)
+            if "_mia_scores" in ev:
+                sm, sn = ev.pop("_mia_scores")
+                for att in sm:
+                    roc[f"{method}_{p:g}_{att}_members"] = sm[att]
+                    roc[f"{method}_{p:g}_{att}_nonmembers"] = sn[att]
+            if protocol == "whole-run" and method == "memorization" and exp.eps_sweep:
+                sweep_cache[tuple(removed.tolist())] = {k_: v for k_, v in ev.items() if k_ == "extraction"
+                                                        or k_.startswith("extraction_r") or k_ == "perplexity"}
+            rows.append({**base, "method": method, "fraction": p, "pruned_weight": pruned_weight,
+                         "canaries_hit": float(np.isin(canary_ids, removed).mean()) if len(canary_ids) else float("nan"),
+                         "injected_hit": float(np.isin(np.flatnonzero(corpus.group == 3), removed).mean()),
+                         **ev})
+            if queue is not None:
+                queue.put(1)
+        if protocol == "whole-run" and exp.eps_sweep:
+            def train_keep(keep, desc, snap=snap):
+                return intervention_phase(make_model, data, spec, snap, seed, keep=keep, desc=desc, progress=False)
+            rows += eps_sweep_rows(exp, corpus, scores, k, train_keep, base, sweep_cache, seed=seed)
+            if queue is not None:
+                queue.put(1)
     np.savez_compressed(os.path.join(out_dir, f"roc_{exp.name}_seed{seed}.npz"), **roc)
     for r in rows:
         r["job_seconds"] = time.time() - t0
     return rows
+
+
+def _job_steps(cfg: Config, exp: ExperimentConfig) -> int:
+    """Progress-bar steps of one job (one per protocol's detection, per condition, per sweep)."""
+    return sum(1 + len(_conditions(cfg, pr)) + (bool(exp.eps_sweep) and pr == "whole-run") for pr in cfg.protocols)
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -313,10 +412,9 @@ def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(dataclasses.asdict(cfg), fh, indent=1)
-    n_cond = 2 + len(cfg.methods) * sum(1 for p in cfg.fractions if p > 0)
     # longest experiments first, so the last worker to finish is not left alone with a long job
     jobs = [(exp, cfg, s) for exp in sorted(cfg.experiments, key=lambda e: e.name != "leak") for s in cfg.seeds]
-    total = sum(n_cond + 1 + bool(exp.eps_sweep) for exp, _, _ in jobs)
+    total = sum(_job_steps(cfg, exp) for exp, _, _ in jobs)
     t0 = time.time()
     rows: List[dict] = []
     bar = tqdm(total=total, desc=f"gdc experiments [{cfg.name}]", disable=not progress, smoothing=0.05)
@@ -375,7 +473,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         from paper.models import GPT2_SMALL
 
         cfg = dataclasses.replace(cfg, experiments=[
-            dataclasses.replace(e, model="gpt2", dims=dict(GPT2_SMALL), corpus_args={**e.corpus_args, "vocab": 50257})
+            dataclasses.replace(e, model="gpt2", dims=dict(GPT2_SMALL), lr=3e-4,
+                                corpus_args={**e.corpus_args, "vocab": 50257})
             if e.name == "leak" else e for e in cfg.experiments])
     run(cfg, a.out)
     if not a.no_report:

@@ -17,8 +17,10 @@ from torch import nn
 from tqdm import tqdm
 
 from gdc_ext import CartoLoss, CartoState
+from paper.goldfish import apply_target_mask
 
-__all__ = ["TrainSpec", "Snapshot", "train_epoch", "run_epochs", "record_phase", "intervention_phase"]
+__all__ = ["TrainSpec", "Snapshot", "RecordRun", "train_epoch", "run_epochs", "record_run", "record_phase",
+           "intervention_phase"]
 
 
 @dataclass
@@ -44,17 +46,20 @@ def _optimizer(model: nn.Module, spec: TrainSpec):
 
 
 def train_epoch(model: nn.Module, opt, data: torch.Tensor, order: torch.Tensor, loss_fn, batch: int,
-                clip: float = 0.0, desc: str = "", progress: bool = True) -> float:
+                clip: float = 0.0, desc: str = "", progress: bool = True,
+                target_mask: Optional[torch.Tensor] = None) -> float:
     """One pass over ``order`` (sample ids into data [N, L], repeats allowed) in batches of ``batch``:
     next-token loss with one sample id per sequence. Returns the mean training loss of the pass.
-    Shared by the reproduction and examples/demo.py."""
+    target_mask [N, L-1] bool: targets to leave out of the loss (set to ignore_index; goldfish
+    loss). Shared by the reproduction and examples/demo.py."""
     model.train()
     total, steps = 0.0, 0
     for b in tqdm(range(0, len(order), batch), desc=desc, leave=False, disable=not progress, mininterval=1.0):
         bid = order[b:b + batch]
         x = data[bid]
         logits = model(x[:, :-1])
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), bid)
+        tgt = x[:, 1:] if target_mask is None else apply_target_mask(x[:, 1:], target_mask[bid], loss_fn.ignore_index)
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), bid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -67,14 +72,15 @@ def train_epoch(model: nn.Module, opt, data: torch.Tensor, order: torch.Tensor, 
 
 def run_epochs(model: nn.Module, opt, data: torch.Tensor, ids: torch.Tensor, loss_fn: CartoLoss, epochs: int,
                spec: TrainSpec, gen: torch.Generator, state: Optional[CartoState] = None,
-               on_epoch: Optional[Callable[[int], None]] = None, desc: str = "", progress: bool = True) -> list:
+               on_epoch: Optional[Callable[[int], None]] = None, desc: str = "", progress: bool = True,
+               target_mask: Optional[torch.Tensor] = None) -> list:
     """Trains `epochs` passes over the sample ids `ids` (shuffled with gen) of data [N, L].
     Returns the mean training loss of each epoch."""
     losses = []
     for e in range(epochs):
         order = ids[torch.randperm(len(ids), generator=gen)]
         losses.append(train_epoch(model, opt, data, order, loss_fn, spec.batch, spec.clip,
-                                  f"{desc} epoch {e + 1}/{epochs}", progress))
+                                  f"{desc} epoch {e + 1}/{epochs}", progress, target_mask))
         if state is not None:
             state.end_epoch()
         if on_epoch is not None:
@@ -82,10 +88,28 @@ def run_epochs(model: nn.Module, opt, data: torch.Tensor, ids: torch.Tensor, los
     return losses
 
 
-def record_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: TrainSpec, seed: int,
-                 progress: bool = True):
-    """Trains T epochs with recording. Returns (model after T epochs, scores, burn-in Snapshot,
-    per-epoch training losses)."""
+@dataclass
+class RecordRun:
+    """One recording run: the model after T epochs, the scores after epoch T and after the label
+    epoch k (labels a single training job could use), snapshots at the burn-in T_e and at k, and
+    the per-epoch training losses."""
+
+    model: nn.Module
+    scores: object
+    snap: Snapshot
+    scores_k: object
+    snap_k: Snapshot
+    label_epoch: int
+    losses: list
+
+
+def record_run(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: TrainSpec, seed: int,
+               label_epoch: Optional[int] = None, progress: bool = True) -> RecordRun:
+    """Trains T epochs with recording; snapshots (model, optimizer) at the end of epoch T_e and of
+    the label epoch k (default T_e), where it also reads the scores."""
+    k = spec.burn_in if label_epoch is None else int(label_epoch)
+    if not spec.burn_in <= k <= spec.epochs:
+        raise ValueError(f"label_epoch must be in [burn_in, epochs] = [{spec.burn_in}, {spec.epochs}], got {k}")
     torch.manual_seed(seed)
     model = make_model()
     opt = _optimizer(model, spec)
@@ -97,18 +121,33 @@ def record_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: 
     snap = {}
 
     def on_epoch(e):
-        if e == spec.burn_in:
-            snap["s"] = Snapshot(copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if e in (spec.burn_in, k):
+            snap[e] = Snapshot(copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if e == k:
+            snap["scores_k"] = state.scores()
     losses = run_epochs(model, opt, data, torch.arange(N), loss_fn, spec.epochs, spec, gen, state=state,
                         on_epoch=on_epoch, desc="record", progress=progress)
-    return model, state.scores(), snap["s"], losses
+    return RecordRun(model, state.scores(), snap[spec.burn_in], snap["scores_k"], snap[k], k, losses)
+
+
+def record_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: TrainSpec, seed: int,
+                 progress: bool = True):
+    """Trains T epochs with recording. Returns (model after T epochs, scores, burn-in Snapshot,
+    per-epoch training losses)."""
+    r = record_run(make_model, data, spec, seed, progress=progress)
+    return r.model, r.scores, r.snap, r.losses
 
 
 def intervention_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: TrainSpec, snap: Snapshot,
                        seed: int, keep: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                       desc: str = "", progress: bool = True) -> nn.Module:
-    """From the burn-in snapshot, trains T - T_e epochs on the kept ids (all when None) with the
-    given per-sample loss weights [N] (none when None)."""
+                       desc: str = "", progress: bool = True, start_epoch: Optional[int] = None,
+                       target_mask: Optional[torch.Tensor] = None) -> nn.Module:
+    """From a snapshot taken at the end of epoch start_epoch (default: the burn-in T_e), trains the
+    remaining T - start_epoch epochs on the kept ids (all when None) with the given per-sample loss
+    weights [N] (none when None) and target mask [N, L-1] (goldfish; none when None). The data
+    order depends on (seed, start_epoch) only, so interventions from one snapshot differ only in
+    what they do to the data."""
+    start = spec.burn_in if start_epoch is None else int(start_epoch)
     model = make_model()
     model.load_state_dict(snap.model)
     opt = _optimizer(model, spec)
@@ -117,7 +156,8 @@ def intervention_phase(make_model: Callable[[], nn.Module], data: torch.Tensor, 
     if weights is not None:
         loss_fn.set_sample_weights(weights)
     ids = torch.arange(data.shape[0]) if keep is None else torch.as_tensor(keep, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed * 7919 + spec.burn_in)
-    run_epochs(model, opt, data, ids, loss_fn, spec.epochs - spec.burn_in, spec, gen, desc=desc, progress=progress)
+    gen = torch.Generator().manual_seed(seed * 7919 + start)
+    run_epochs(model, opt, data, ids, loss_fn, spec.epochs - start, spec, gen, desc=desc, progress=progress,
+               target_mask=target_mask)
     model.eval()
     return model

@@ -76,5 +76,15 @@ def test_eps_sweep_rows_smoke():
 
 
 def test_default_canary_has_sweep():
-    exps = {e.name: e for e in CONFIGS["default"].experiments}
-    assert 0.10 in exps["canary"].eps_sweep and not exps["leak"].eps_sweep
+    """The default run has an eps sweep whose every fraction the report can compare: the sweep
+    section reads the random, loss and fixed-rule m rows at the same p, so each sweep fraction must
+    be one of the main fractions, those methods must run, and the eps grid must be a proper grid."""
+    cfg = CONFIGS["default"]
+    exps = {e.name: e for e in cfg.experiments}
+    sweep = exps["canary"].eps_sweep
+    assert len(sweep) >= 1
+    assert set(sweep) <= set(cfg.fractions), "every sweep fraction needs its main-table baselines"
+    assert {"memorization", "random", "loss"} <= set(cfg.methods)
+    assert "whole-run" in cfg.protocols  # the sweep restarts from the whole-run protocol's checkpoint
+    grid = list(exps["canary"].eps_grid)
+    assert grid == sorted(set(grid)) and len(grid) >= 3

@@ -21,36 +21,76 @@ def test_import_gdc_ext_stays_light():
 
 @pytest.mark.slow
 def test_smoke_pipeline(tmp_path):
+    from paper.run import _conditions
+
     cfg = CONFIGS["smoke"]
     out = str(tmp_path / "smoke")
     rows = run(cfg, out, progress=False)
     sweep = [r for r in rows if r["method"] == "eps_sweep"]
-    rows = [r for r in rows if r["method"] != "eps_sweep"]
+    det = [r for r in rows if r["method"] == "detect"]
+    rows = [r for r in rows if r["method"] not in ("eps_sweep", "detect")]
     for r in sweep:
         assert math.isfinite(r["extraction"]) and math.isfinite(r["canary_copies_hit"])
-    n_cond = 2 + len(cfg.methods) * sum(1 for p in cfg.fractions if p > 0)
+    n_cond = sum(len(_conditions(cfg, pr)) for pr in cfg.protocols)
     assert len(rows) == len(cfg.experiments) * len(cfg.seeds) * n_cond
+    assert {r["protocol"] for r in rows} == set(cfg.protocols)
+    # detection: every score against every target present, both protocols, AUROC and recall in [0, 1]
+    scores = {r["score"] for r in det}
+    assert {"m", "d", "gain", "-last", "excess_unigram", "excess_zlib", "duplicates", "random"} <= scores
+    for r in det:
+        assert 0.0 <= r["auroc"] <= 1.0 and all(0.0 <= r[k] <= 1.0 for k in r if k.startswith("recall@"))
     for r in rows:
         assert 0.0 <= r["leakage"] <= 1.0 and 0.0 <= r["leakage_token_recall"] <= 1.0
         assert math.isfinite(r["perplexity"]) and r["perplexity"] >= 1.0
         for att in ("loss", "zlib", "mink"):
             assert 0.0 <= r[f"mia_{att}_auc"] <= 1.0
             assert 0.0 <= r[f"mia_{att}_tpr@0.1%"] <= r[f"mia_{att}_tpr@1%"] <= 1.0
-        assert 0.0 <= r["pruned_weight"] <= (1.0 if r["method"] == "paper" else max(cfg.fractions) + 0.01)  # rounding to whole samples
+        assert 0.0 <= r["pruned_weight"] <= 1.0
         if r["experiment"] == "canary":
             assert 0.0 <= r["extraction"] <= 1.0 and 0.0 <= r["exposure"] <= 6 * math.log2(10) + 1e-9
-    # pruning at equal budget removes the same number of samples whatever the criterion
-    by = {(r["experiment"], r["seed"], r["method"], r["fraction"]): r for r in rows}
-    for (e, s, m, p), r in by.items():
-        if m in ("loss", "random"):
-            assert r["pruned_weight"] == by[(e, s, "memorization", p)]["pruned_weight"]
+    # pruning at equal budget removes the same number of samples whatever the score
+    by = {(r["experiment"], r["seed"], r["protocol"], r["method"], r["fraction"]): r for r in rows}
+    for (e, s, pr, m, p), r in by.items():
+        if m in ("gain", "excess", "loss", "last", "duplicates", "random"):
+            assert r["pruned_weight"] == by[(e, s, pr, "memorization", p)]["pruned_weight"]
+        if m == "goldfish_all":  # about 1/k of the target tokens left out (repeated text clusters)
+            assert 0.5 / cfg.goldfish_k < r["pruned_weight"] < 2.0 / cfg.goldfish_k
     d = np.load(os.path.join(out, "scores_canary_seed0.npz"))
     assert d["memorization"].min() >= 0 and d["memorization"].max() <= 1
+    assert os.path.exists(os.path.join(out, "scores_canary_seed0_single.npz"))
     text = make_report(out, docs_dir=str(tmp_path / "docs"))
     assert "| claim (paper) | paper | ours | verdict |" in text
-    for f in ("fig_extraction.png", "fig_perplexity.png", "fig_mia_roc.png", "fig_theorem42.png", "RESULTS.md"):
+    assert "## Detection: which score finds the memorized samples" in text
+    assert "## Interventions at equal budget" in text and "single-job protocol" in text
+    assert "## Findings (generated from the numbers above)" in text
+    for f in ("fig_extraction.png", "fig_perplexity.png", "fig_mia_roc.png", "fig_theorem42.png",
+              "fig_detection_roc.png", "RESULTS.md"):
         assert os.path.getsize(tmp_path / "docs" / f) > 0
     assert json.load(open(os.path.join(out, "timing.json")))["config"] == "smoke"
+
+
+def test_report_cites_the_paper_from_one_table(tmp_path):
+    """Every paper figure in the headline comes from PAPER_CLAIMS: changing the table changes the text."""
+    from paper import report
+
+    rows, cfg = [], {"name": "t", "seeds": [0, 1], "experiments": [{"name": "canary", "eps_sweep": []}],
+                     "roc_fraction": 0.1, "methods": ["memorization"], "fractions": [0.0, 0.05, 0.1]}
+    for s in (0, 1):
+        for m, p, x in (("none", 0.0, 0.5), ("memorization", 0.05, 0.4), ("memorization", 0.1, 0.3)):
+            rows.append({"experiment": "canary", "seed": s, "method": m, "fraction": p, "extraction": x,
+                         "perplexity": 10.0, "pruned_weight": p, "corpus": "c", "eps": 1.0, "canaries_hit": 0.0})
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (out / "config.json").write_text(json.dumps(cfg))
+    text = report.make_report(str(out))
+    assert report.PAPER_CLAIMS["lstm_extraction"][0.05]["text"] in text
+    saved = report.PAPER_CLAIMS["lstm_extraction"][0.05]["text"]
+    try:
+        report.PAPER_CLAIMS["lstm_extraction"][0.05]["text"] = "CLAIM-FROM-TABLE"
+        assert "CLAIM-FROM-TABLE" in report.make_report(str(out))
+    finally:
+        report.PAPER_CLAIMS["lstm_extraction"][0.05]["text"] = saved
 
 
 def test_gpt2_model_and_real_text_optional(tmp_path):
