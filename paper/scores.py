@@ -90,18 +90,18 @@ METHOD_SCORE = {"memorization": "m", "gain": "gain", "excess": "excess_unigram",
 
 
 def select_top(values, fraction: float, tiebreak: Optional[np.ndarray] = None, scored=None) -> np.ndarray:
-    """Ids of the top ``round(fraction * n_scored)`` samples by ``values`` (NaN last), ties
-    broken by higher ``tiebreak`` then lower id. Sorted int64. ``scored`` [N] bool (default:
-    finite values) limits the choice, as the library's prune() keeps unscored samples."""
+    """Ids of the top ``round(fraction * N)`` samples by ``values``, ties broken by higher
+    ``tiebreak`` then lower id, unscored samples (``scored`` [N] bool; default: finite values)
+    last in id order: the budget and order of the library's ``gdc_ext.prune``. Sorted int64."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     v = as_np(values)
     ok = ~np.isnan(v) if scored is None else np.asarray(scored, bool)
     ids = np.flatnonzero(ok)
-    k = int(round(fraction * len(ids)))
+    k = int(round(fraction * len(v)))
     vv = np.nan_to_num(v[ids], nan=-np.inf)
     keys = [ids, -vv] if tiebreak is None else [ids, -np.nan_to_num(as_np(tiebreak)[ids], nan=-np.inf), -vv]
-    order = ids[np.lexsort(keys)]
+    order = np.concatenate([ids[np.lexsort(keys)], np.flatnonzero(~ok)])
     return np.sort(order[:k]).astype(np.int64)
 
 

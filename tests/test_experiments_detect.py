@@ -11,14 +11,20 @@ from paper.scores import (auroc, detection_metrics, duplicate_counts, excess, ga
                           select_top)
 
 
-class _S:
-    """A Scores stand-in with the fields the helpers read."""
+def _S(d, last, m, forgets=None):
+    """A real gdc_ext.Scores with the given difficulty, last loss and memorization [N, K]."""
+    import gdc_ext
 
-    def __init__(self, d, last, m, forgets=None):
-        self.difficulty = torch.tensor(d, dtype=torch.float64)
-        self.last_loss = torch.tensor(last, dtype=torch.float64)
-        self.memorization = torch.tensor(m, dtype=torch.float64)
-        self.forgets = torch.zeros_like(self.memorization) if forgets is None else forgets
+    d = torch.tensor(d, dtype=torch.float64)
+    m = torch.tensor(m, dtype=torch.float64)
+    m = m[:, None] if m.dim() == 1 else m
+    n, k = m.shape
+    f = torch.zeros(n, k, dtype=torch.int32) if forgets is None else torch.as_tensor(forgets).reshape(n, k)
+    return gdc_ext.Scores(difficulty=d, memorization_by_eps=m, forgets_by_eps=f,
+                          transitions=torch.ones(n, dtype=torch.int32), observed=torch.ones(n, dtype=torch.int32),
+                          last_loss=torch.tensor(last, dtype=torch.float64), min_loss=None, loss_mean=None,
+                          loss_std=None, grad_energy=None, eps=tuple(float(e) for e in range(1, k + 1)), epoch=1,
+                          burn_in=1)
 
 
 def test_auroc_known_answers():
@@ -36,11 +42,11 @@ def test_auroc_known_answers():
 
 def test_select_top_and_recall():
     v = np.array([0.5, np.nan, 3.0, 3.0, 1.0, 2.0])
-    assert select_top(v, 0.4).tolist() == [2, 3]  # round(0.4 * 5 scored) = 2
+    assert select_top(v, 0.4).tolist() == [2, 3]  # round(0.4 * N=6) = 2, as gdc_ext.prune
     # ties broken by the tie-break (higher first), then lower id
     assert select_top(v, 0.2, tiebreak=np.array([0, 0, 1, 2, 0, 0])).tolist() == [3]
     assert select_top(v, 0.2).tolist() == [2]
-    assert select_top(v, 1.0).tolist() == [0, 2, 3, 4, 5]  # NaN (unscored) never chosen
+    assert select_top(v, 1.0).tolist() == [0, 1, 2, 3, 4, 5]  # unscored (NaN) last, chosen only when all are
     assert select_top(v, 0.0).tolist() == []
     with pytest.raises(ValueError, match="fraction"):
         select_top(v, 1.5)
