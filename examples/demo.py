@@ -101,7 +101,8 @@ def detection_table(scores, is_canary: torch.Tensor, references: dict, budget: f
     N, n_can = len(is_canary), int(is_canary.sum())
     rows = [("memorization", "the paper's m_i (forget rate)", {}),
             ("loss", "difficulty d (mean burn-in loss)", {}),
-            ("gain", "d - last loss", {})]
+            ("gain", "d - last loss", {}),
+            ("last", "-last loss", {})]
     rows += [("excess", f"{name} reference - last loss", {"reference": ref}) for name, ref in references.items()]
     rows.append(("random", "random order", {}))
     lines = [f"{'score':<14}{'what':<36}{'AUROC':>7}{f'recall@{budget:.0%}':>12}"]

@@ -57,11 +57,14 @@ def test_algorithm_1_phases_and_fixed_labels():
 
 
 def test_default_score_labels_rote_learnt_samples():
-    """The default memorized axis is DEFAULT_SCORE; with the learning gain, samples that are hard
-    during burn-in and learnt at the end (rote learning, no forget event) are the ones selected."""
+    """The default memorized axis is DEFAULT_SCORE ("last", chosen by the reproduction); with the
+    learning gain, samples that are hard during burn-in and learnt at the end (rote learning, no
+    forget event) are the ones selected."""
     N = 8
-    carto = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, label_after=3)
-    assert carto.memorization == gdc_ext.DEFAULT_SCORE == "gain" and carto.config()["memorization"] == "gain"
+    default = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, label_after=3)
+    assert default.memorization == gdc_ext.DEFAULT_SCORE == "last" and default.config()["memorization"] == "last"
+    carto = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, label_after=3,
+                         memorization="gain")
     # 0-3 easy throughout; 4-5 hard, hard, then learnt (rote); 6 never learnt; 7 learnt then lost
     script = [[True] * 4 + [False, False, False, True],
               [True] * 4 + [False, False, False, True],
@@ -69,6 +72,10 @@ def test_default_score_labels_rote_learnt_samples():
     for e in range(3):
         _epoch(carto, range(N), script[e])
         carto.end_epoch()
+        _epoch(default, range(N), script[e])
+        default.end_epoch()
+    # the default, -last loss: 0-5 end equally low; ties by higher d put the rote-learnt 4-5 first
+    assert default.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
     # gain high and d high for 4-5: quadrant 3 (removed by the sampler), 6 hard without gain
     assert carto.quadrants.codes.tolist() == [0, 0, 0, 0, 3, 3, 1, 0]
     assert carto.multiplicities().tolist() == [1, 1, 1, 1, 0, 0, 2, 1]

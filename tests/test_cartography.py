@@ -69,7 +69,7 @@ def test_multiplicities_and_loss_weights():
 def _spec_score(by, d, m, last, ref):
     """The selection scores of docs/method.md, written from the definitions (random aside)."""
     return {"memorization": np.where(np.isnan(d), np.nan, m), "gain": d - last, "excess": ref - last,
-            "loss": d}[by]
+            "last": -last, "loss": d}[by]
 
 
 @given(st.integers(1, 60), st.floats(0, 1), st.integers(0, 2**31 - 1))
@@ -127,7 +127,7 @@ def test_prune_ties_broken_by_difficulty_and_bad_input():
     for bad in (1.5, -0.1, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="fraction"):
             gdc_ext.prune(s, bad)
-    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'loss', 'random'"):
+    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'last', 'loss', 'random'"):
         gdc_ext.prune(s, 0.1, by="entropy")
     with pytest.raises(ValueError, match="by must be one of"):
         gdc_ext.prune(s, 0.1, by=None)
@@ -185,10 +185,10 @@ def test_selection_order_and_score_values():
     assert s.difficulty[0] == 1.0
     r = gdc_ext.score_values(s, "random", seed=3)
     assert torch.isnan(r[1]) and sorted(r[[0, 2]].tolist()) == [1.0, 2.0]
-    assert SCORES == tuple(PRUNE_BY) == ("memorization", "gain", "excess", "loss", "random")
+    assert SCORES == tuple(PRUNE_BY) == ("memorization", "gain", "excess", "last", "loss", "random")
     assert DEFAULT_SCORE in SCORES and DEFAULT_SCORE != "excess"  # a default cannot need a reference
     assert gdc_ext.DEFAULT_SCORE == DEFAULT_SCORE and gdc_ext.SCORES == SCORES
-    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'loss', 'random'"):
+    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'last', 'loss', 'random'"):
         gdc_ext.score_values(s, "entropy")
 
 

@@ -73,11 +73,11 @@ def test_report_default_score_and_top_candidates(state_file, reference_files, ca
     assert cli.main(["report", path, "--json", "--top-k", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["by"] == gdc_ext.DEFAULT_SCORE
-    gain = scores.gain
+    default = gdc_ext.score_values(scores, gdc_ext.DEFAULT_SCORE)
     top = [h["id"] for h in out["top_candidates"]]
-    assert top == gdc_ext.selection_order(gain, scores.difficulty)[:5].tolist()
-    assert [h["score"] for h in out["top_candidates"]] == pytest.approx(gain[top].tolist())
-    q = scores.quadrants(by="gain")
+    assert top == gdc_ext.selection_order(default, scores.difficulty)[:5].tolist()
+    assert [h["score"] for h in out["top_candidates"]] == pytest.approx(default[top].tolist())
+    q = scores.quadrants(by=gdc_ext.DEFAULT_SCORE)
     assert {r["quadrant"]: r["n"] for r in out["quadrants"]} == q.counts() and out["tau_m"] == pytest.approx(q.tau_m)
     d, ref = reference_files
     assert cli.main(["report", path, "--json", "--top-k", "4", "--reference", str(d / "ref.npy")]) == 0

@@ -15,8 +15,8 @@ def test_demo_smoke(tmp_path, capsys):
         assert math.isfinite(r[k]["val_ppl"]) and r[k]["val_ppl"] > 1.0
     assert r["n_canary"] == 6
     # detection of the canaries, every score side by side, AUROC in [0, 1]
-    table = out[out.index("detection of the canaries"):].splitlines()[2:8]
-    assert [line.split()[0] for line in table] == ["memorization", "loss", "gain", "excess", "excess", "random"]
+    table = out[out.index("detection of the canaries"):].splitlines()[2:9]
+    assert [line.split()[0] for line in table] == ["memorization", "loss", "gain", "last", "excess", "excess", "random"]
     for line in table:
         auroc = float(line.split()[-2])
         assert 0.0 <= auroc <= 1.0
