@@ -1,6 +1,7 @@
 // The chunk loop of the fused linear + cross-entropy op, written once for every device (the
 // matmuls go through ATen: MKL/oneDNN on the CPU, cuBLAS on the current CUDA stream; the row
-// kernels come from the device, see csrc/linear_cross_entropy.h), and its CPU registration.
+// kernels come from the device: linear_ce_fwd_on<Device> in csrc/linear_cross_entropy.h, registered
+// next to each device's cross-entropy kernels).
 //
 // Per chunk of rows [r0, r1):
 //   L = X[r0:r1] @ W^T (+ b)         into ONE reusable [C, V] buffer in the input's dtype
@@ -13,7 +14,6 @@
 #include "linear_cross_entropy.h"
 
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -137,21 +137,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
   if (call.recording) kernels.record(call.p);
   return {call.loss, call.nll, grad_input, grad_weight, grad_bias};
 }
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_fwd_cpu(
-    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
-    const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
-    double label_smoothing, int64_t chunk_size, bool compute_grad) {
-  static const CeRowKernels kCpu{&ce_rows_cpu, &ce_record_cpu};
-  return linear_ce_fwd(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                       ignore_index, label_smoothing, chunk_size, compute_grad, kCpu);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(gdc, CPU, m) { m.impl("linear_cross_entropy_fwd", &linear_ce_fwd_cpu); }
 
 }  // namespace gdc

@@ -30,4 +30,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
     double label_smoothing, int64_t chunk_size, bool compute_grad, const CeRowKernels& kernels);
 
+// The op's kernel for one device, registered by register_ce_ops<Device> (csrc/ce_register.h)
+// with the device policy of ce_fwd<Device>: Device::rows / Device::record. The chunk loop makes
+// the input's device current, so Device::Guard is not needed here. On CUDA nothing synchronises
+// with the host: a bad target or id shows as NaN rows and a skipped recording, as for
+// gdc::cross_entropy_fwd.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_fwd_on(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
+    const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
+    double label_smoothing, int64_t chunk_size, bool compute_grad) {
+  return linear_ce_fwd(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
+                       ignore_index, label_smoothing, chunk_size, compute_grad,
+                       CeRowKernels{&Device::rows, &Device::record});
+}
+
 }  // namespace gdc

@@ -11,7 +11,8 @@ from gdc_ext import CartoLoss, CartoState, reference
 from gdc_ext.layout import ACC_COLS, ACC_COUNT
 
 __all__ = ["require_cuda_kernels", "ce_args", "loss_and_grad", "histories", "run_history",
-           "check_streaming_equals_reference", "TinyLM", "check_compile_matches_eager"]
+           "check_streaming_equals_reference", "TinyLM", "check_compile_matches_eager",
+           "TokenData", "lm_batch"]
 
 
 def require_cuda_kernels() -> None:
@@ -178,3 +179,28 @@ def check_compile_matches_eager(inplace: bool, device: str = "cpu") -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a1, a0)
     assert a0[ids, ACC_COUNT].tolist() == [L] * B
+
+
+# ------------------------------------------------------------------ language-model data (HF tests)
+class TokenData(torch.utils.data.Dataset):
+    """n random token sequences [length] over ``vocab`` ids (seed 0); item i is
+    {"input_ids": [length] int64, "sample_ids": i}."""
+
+    def __init__(self, n: int, length: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return self.tokens.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.tokens[i], "sample_ids": i}
+
+
+def lm_batch(features) -> dict:
+    """Stacks TokenData items into input_ids [B, L] and labels [B, L] (the inputs, with the last
+    token ignored (-100) as padding would be)."""
+    x = torch.stack([f["input_ids"] for f in features])
+    labels = x.clone()
+    labels[:, -1] = -100
+    return {"input_ids": x, "labels": labels}

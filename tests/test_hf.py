@@ -9,27 +9,12 @@ transformers = pytest.importorskip("transformers")
 
 import gdc_ext  # noqa: E402
 from gdc_ext.integrations.hf import STATE_FILE, CartoCallback, CartoCollator, CartoTrainer  # noqa: E402
+from helpers import TokenData, lm_batch  # noqa: E402
 
 N, L, VOCAB = 12, 8, 64
 
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, VOCAB, (N, L), generator=g)
-
-    def __len__(self):
-        return N
-
-    def __getitem__(self, i):
-        return {"input_ids": self.tokens[i], "sample_ids": i}
-
-
-def _collate(features):
-    x = torch.stack([f["input_ids"] for f in features])
-    labels = x.clone()
-    labels[:, -1] = -100  # an ignored token, as padding would be
-    return {"input_ids": x, "labels": labels}
+_Data = functools.partial(TokenData, N, L, VOCAB)
+_collate = lm_batch
 
 
 def _trainer(tmp_path, epochs, **carto):

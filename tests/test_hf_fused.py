@@ -1,6 +1,8 @@
 """CartoTrainer(fused_linear=True): the fused linear + cross-entropy path gives the unfused
 path's loss, gradients and recording on tiny GPT-2 and Llama models (no downloads), and refuses
 models whose logits are not a plain linear map of the last hidden state."""
+import functools
+
 import pytest
 import torch
 
@@ -8,30 +10,19 @@ transformers = pytest.importorskip("transformers")
 
 import gdc_ext  # noqa: E402
 from gdc_ext.integrations.hf import CartoCollator, CartoTrainer  # noqa: E402
+from helpers import TokenData, lm_batch  # noqa: E402
 
 N, L, VOCAB = 8, 7, 64
 
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(0, VOCAB, (N, L), generator=g)
-
-    def __len__(self):
-        return N
-
-    def __getitem__(self, i):
-        return {"input_ids": self.tokens[i], "sample_ids": i}
+_Data = functools.partial(TokenData, N, L, VOCAB)
 
 
 def _collate(features):
-    x = torch.stack([f["input_ids"] for f in features])
-    labels = x.clone()
-    labels[:, -1] = -100  # an ignored token, as padding would be
-    mask = torch.ones_like(x)
+    batch = lm_batch(features)
+    mask = torch.ones_like(batch["input_ids"])
     mask[0, -2:] = 0  # a padded sequence: the attention mask reaches the base model
-    labels[0, -2:] = -100
-    return {"input_ids": x, "attention_mask": mask, "labels": labels}
+    batch["labels"][0, -2:] = -100
+    return {**batch, "attention_mask": mask}
 
 
 def _gpt2():

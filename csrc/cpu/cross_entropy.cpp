@@ -10,6 +10,7 @@
 
 #include "ce_call.h"
 #include "ce_math.h"
+#include "ce_register.h"
 #include "cpu/fast_exp.h"
 
 namespace gdc {
@@ -167,8 +168,7 @@ void ce_record_cpu(const CeParams& P) {
 }
 
 TORCH_LIBRARY_IMPL(gdc, CPU, m) {
-  m.impl("cross_entropy_fwd", &ce_fwd<Cpu>);
-  m.impl("cross_entropy_fwd_inplace", &ce_fwd_inplace<Cpu>);
+  register_ce_ops<Cpu>(m);
   m.impl("scale_grad_", &scale_grad_cpu);
 }
 

@@ -34,6 +34,7 @@
 #include "ce_call.h"
 #include "ce_math.h"
 #include "ce_params.h"
+#include "ce_register.h"
 #include "static_switch.h"
 
 namespace gdc {
@@ -405,8 +406,7 @@ void ce_record_cuda(const CeParams& P, CUstream_st* stream) {
 }
 
 TORCH_LIBRARY_IMPL(gdc, CUDA, m) {
-  m.impl("cross_entropy_fwd", &ce_fwd<Cuda>);
-  m.impl("cross_entropy_fwd_inplace", &ce_fwd_inplace<Cuda>);
+  register_ce_ops<Cuda>(m);
   m.impl("scale_grad_", &scale_grad_cuda);
 }
 

@@ -33,7 +33,7 @@ import torch
 
 from gdc_ext.ops import ArgumentError
 
-__all__ = ["check_arguments", "REDUCTIONS"]
+__all__ = ["check_arguments", "checked_sample_weights", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _INDEX_DTYPES = (torch.int64, torch.uint8)
@@ -66,6 +66,29 @@ def check_arguments(input: torch.Tensor, target: torch.Tensor, weight: Optional[
     if target.dtype.is_floating_point:
         return  # class probabilities: torch's checks (the fallback runs F.cross_entropy first)
     _check_index_target(input, target)
+
+
+def checked_sample_weights(weights, state) -> Optional[torch.Tensor]:
+    """Per-sample loss weights as the loss modules store them: a float32 contiguous [N] copy
+    detached from autograd, or None (``weights`` None removes them).
+
+    weights: [N] floating-point tensor (or anything ``torch.as_tensor`` takes), finite and >= 0,
+    indexed by sample id; state: the module's CartoState or None (then N is not checked).
+    The values are checked here, once, so the per-call check in the forward pass can stay
+    shape-only (reading values synchronises with the device).
+    """
+    if weights is None:
+        return None
+    weights = torch.as_tensor(weights)
+    if weights.dim() != 1 or not weights.dtype.is_floating_point:
+        raise ArgumentError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
+                            f"{weights.dtype}")
+    if state is not None and weights.numel() != state.num_samples:
+        raise ArgumentError(f"sample weights have {weights.numel()} entries but the state has "
+                            f"N = {state.num_samples}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ArgumentError("sample weights must be finite and >= 0")
+    return weights.detach().to(torch.float32).contiguous()
 
 
 def _check_index_target(input: torch.Tensor, target: torch.Tensor) -> None:

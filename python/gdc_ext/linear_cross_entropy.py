@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gdc_ext import ops
+from gdc_ext._checks import checked_sample_weights
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
 from gdc_ext.functional import _check_sample_weight
@@ -186,19 +187,7 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
 
     def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
         """Per-sample loss weights [N] (float, finite, >= 0), indexed by sample id; None removes them."""
-        if weights is None:
-            self.sample_weight = None
-            return
-        weights = torch.as_tensor(weights)
-        if weights.dim() != 1 or not weights.dtype.is_floating_point:
-            raise ValueError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
-                             f"{weights.dtype}")
-        if self.state is not None and weights.numel() != self.state.num_samples:
-            raise ValueError(f"sample weights have {weights.numel()} entries but the state has "
-                             f"N = {self.state.num_samples}")
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError("sample weights must be finite and >= 0")
-        self.sample_weight = weights.detach().to(torch.float32).contiguous()
+        self.sample_weight = checked_sample_weights(weights, self.state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, state={self.state!r}, chunk_size={self.chunk_size}"

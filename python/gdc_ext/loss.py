@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gdc_ext import functional, ops
+from gdc_ext._checks import checked_sample_weights
 from gdc_ext.functional import expand_sample_ids
 from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
@@ -61,20 +62,8 @@ class CartoLoss(nn.CrossEntropyLoss):
         self._warned_no_ids = False
 
     def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
-        """Per-sample loss weights [N] (float), indexed by sample id; None removes them."""
-        if weights is None:
-            self.sample_weight = None
-            return
-        weights = torch.as_tensor(weights)
-        if weights.dim() != 1 or not weights.dtype.is_floating_point:
-            raise ArgumentError(f"sample weights must be a 1-D float tensor [N], got {tuple(weights.shape)} "
-                             f"{weights.dtype}")
-        if self.state is not None and weights.numel() != self.state.num_samples:
-            raise ArgumentError(f"sample weights have {weights.numel()} entries but the state has "
-                             f"N = {self.state.num_samples}")
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ArgumentError("sample weights must be finite and >= 0")
-        self.sample_weight = weights.detach().to(torch.float32).contiguous()
+        """Per-sample loss weights [N] (float, finite, >= 0), indexed by sample id; None removes them."""
+        self.sample_weight = checked_sample_weights(weights, self.state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, state={self.state!r}, inplace_grad={self.inplace_grad}".lstrip(", ")

@@ -41,11 +41,7 @@ class ArgumentError(ValueError, RuntimeError):
 # bad call at trace time with the same type of error eager mode gives.
 def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing):
     """The shape and dtype contract of gdc::cross_entropy_fwd(_inplace) (csrc/checks.h)."""
-    torch._check_value(logits.dim() == 2,
-                       lambda: f"gdc.cross_entropy: input (logits) must be 2-D [rows, classes], got {logits.shape}")
-    torch._check_value(logits.dtype in _LOGITS_DTYPES,
-                       lambda: f"gdc.cross_entropy: input (logits) must be float32, bfloat16, float16 or float64, "
-                               f"got {logits.dtype}")
+    _check_float_matrix(logits, "gdc.cross_entropy: input (logits)", "rows, classes")
     R, V = logits.shape
     torch._check_value(target.dim() == 1 and target.shape[0] == R,
                        lambda: f"gdc.cross_entropy: target must be 1-D with one class index per row ({R}), "
@@ -77,6 +73,13 @@ def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, gr
             torch._check_value(sample_weight.shape[0] == acc.shape[0],
                                lambda: f"gdc.cross_entropy: sample_weight has {sample_weight.shape[0]} entries but "
                                        f"the CartoState has N = {acc.shape[0]}")
+
+
+def _check_float_matrix(x, what: str, dims: str) -> None:
+    """``x`` must be a 2-D [dims] tensor of a float dtype the kernels take (``what`` names it)."""
+    torch._check_value(x.dim() == 2, lambda: f"{what} must be 2-D [{dims}], got {x.shape}")
+    torch._check_value(x.dtype in _LOGITS_DTYPES,
+                       lambda: f"{what} must be float32, bfloat16, float16 or float64, got {x.dtype}")
 
 
 @torch.library.register_fake("gdc::cross_entropy_fwd")
@@ -243,16 +246,28 @@ class _FusedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        # The gradient was computed in forward and is scaled in place here, so a second backward
-        # over the same graph (retain_graph=True) would scale it twice: refuse it.
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("gdc_ext cross_entropy (CartoLoss): backward ran twice over one forward pass; the "
-                               "gradient is precomputed and scaled in place, so call the loss again instead of "
-                               "retain_graph=True")
-        ctx.consumed = True
+        _consume_once(ctx, "cross_entropy (CartoLoss)")
         (grad,) = ctx.saved_tensors
-        scale_grad_(grad, grad_out.to(torch.float32).contiguous())
+        _scale_grads_((grad,), grad_out)
         return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _consume_once(ctx, op: str) -> None:
+    """Refuses a second backward over one forward pass of a fused op (``op`` names it).
+
+    The gradients were computed in forward and are scaled in place in backward, so a second
+    backward over the same graph (retain_graph=True) would scale them twice."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(f"gdc_ext {op}: backward ran twice over one forward pass; the gradients are "
+                           f"precomputed and scaled in place, so call the loss again instead of retain_graph=True")
+    ctx.consumed = True
+
+
+def _scale_grads_(grads: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> None:
+    """Scales each precomputed gradient in place by the scalar grad_output of the reduced loss."""
+    go = grad_out.to(torch.float32).contiguous()
+    for g in grads:
+        scale_grad_(g, go)
 
 
 # ------------------------------------------------------------------ fused linear + cross-entropy
@@ -264,26 +279,14 @@ def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_
                   ignore_index, label_smoothing, chunk_size, compute_grad):
     """The contract of gdc::linear_cross_entropy_fwd (csrc/linear_cross_entropy.cpp): input [R, H],
     weight [V, H] and bias [V] of one float dtype, then the cross-entropy contract on [R, V]."""
-    torch._check_value(input.dim() == 2,
-                       lambda: f"gdc.linear_cross_entropy: input must be 2-D [rows, hidden], got {input.shape}")
-    torch._check_value(input.dtype in _LOGITS_DTYPES,
-                       lambda: f"gdc.linear_cross_entropy: input must be float32, bfloat16, float16 or float64, "
-                               f"got {input.dtype}")
+    _check_float_matrix(input, "gdc.linear_cross_entropy: input", "rows, hidden")
     R, H = input.shape
-    torch._check_value(weight.dim() == 2 and weight.shape[1] == H,
-                       lambda: f"gdc.linear_cross_entropy: linear_weight must be 2-D [classes, hidden] with hidden = "
-                               f"{H} (the input's last dimension), got {weight.shape}")
-    torch._check_value(weight.dtype == input.dtype,
-                       lambda: f"gdc.linear_cross_entropy: linear_weight is {weight.dtype} but input is {input.dtype} "
-                               f"(expected the same dtype)")
+    _check_linear_param(weight, "linear_weight", weight.dim() == 2 and weight.shape[1] == H,
+                        f"2-D [classes, hidden] with hidden = {H} (the input's last dimension)", input)
     V = weight.shape[0]
     if bias is not None:
-        torch._check_value(bias.dim() == 1 and bias.shape[0] == V,
-                           lambda: f"gdc.linear_cross_entropy: linear_bias must be 1-D with one value per class ({V}), "
-                                   f"got {bias.shape}")
-        torch._check_value(bias.dtype == input.dtype,
-                           lambda: f"gdc.linear_cross_entropy: linear_bias is {bias.dtype} but input is {input.dtype} "
-                                   f"(expected the same dtype)")
+        _check_linear_param(bias, "linear_bias", bias.dim() == 1 and bias.shape[0] == V,
+                            f"1-D with one value per class ({V})", input)
     torch._check_value(chunk_size >= 0, lambda: f"gdc.linear_cross_entropy: chunk_size must be >= 0 (0: automatic), "
                                                 f"got {chunk_size}")
     # The [R, V] logits the kernel never builds: a fake stands in for them in the shared checks.
@@ -295,6 +298,16 @@ def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_
         return loss, nll, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
     grad_bias = input.new_empty((V,)) if bias is not None else input.new_empty((0,))
     return loss, nll, input.new_empty((R, H)), weight.new_empty((V, H)), grad_bias
+
+
+def _check_linear_param(param, name: str, shape_ok: bool, expected_shape: str, input) -> None:
+    """A parameter of the linear layer (``name``): the shape described by ``expected_shape``
+    (``shape_ok`` says whether it has it) and the input's dtype."""
+    torch._check_value(shape_ok, lambda: f"gdc.linear_cross_entropy: {name} must be {expected_shape}, "
+                                         f"got {param.shape}")
+    torch._check_value(param.dtype == input.dtype,
+                       lambda: f"gdc.linear_cross_entropy: {name} is {param.dtype} but input is {input.dtype} "
+                               f"(expected the same dtype)")
 
 
 def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -354,20 +367,12 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("gdc_ext linear_cross_entropy: backward ran twice over one forward pass; the "
-                               "gradients are precomputed and scaled in place, so call the loss again instead of "
-                               "retain_graph=True")
-        ctx.consumed = True
+        _consume_once(ctx, "linear_cross_entropy")
         if ctx.per_row:
             gx, gw, gb = _per_row_backward(ctx, grad_out)
         else:
             gx, gw, gb = ctx.saved_tensors
-            go = grad_out.to(torch.float32).contiguous()
-            scale_grad_(gx, go)
-            scale_grad_(gw, go)
-            if ctx.has_bias:
-                scale_grad_(gb, go)
+            _scale_grads_((gx, gw, gb) if ctx.has_bias else (gx, gw), grad_out)
         nones = (None,) * 11
         return (gx, gw, gb if ctx.has_bias else None) + nones
 

@@ -73,16 +73,13 @@ class CartoSampler(Sampler[int]):
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
         self.weights = w                     # [N] float64 multiplicities
+        # N, the number of sample ids (not the epoch's length: see len()); fixed by weights' shape.
+        self.num_samples = int(w.numel())
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
         self._cache: Optional[tuple] = None  # (epoch, padded list over all ranks)
-
-    @property
-    def num_samples(self) -> int:
-        """N, the number of sample ids (not the epoch's length: see ``len()``)."""
-        return int(self.weights.numel())
 
     @property
     def expected_total(self) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from gdc_ext import ops
+from gdc_ext._io import write_atomic
 from gdc_ext.layout import (ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
                             I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
 
@@ -420,18 +420,7 @@ class CartoState:
         path = os.fspath(path)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
         meta = {"gdc_ext": json.dumps(self._meta())}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".gdc-state-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), prefix=".gdc-state-")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "CartoState":

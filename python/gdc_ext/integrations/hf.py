@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -63,6 +62,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from gdc_ext._io import write_atomic
 from gdc_ext.cartographer import Cartographer
 from gdc_ext.loss import CartoLoss
 from gdc_ext.state import CartoState
@@ -192,18 +192,12 @@ class CartoCallback(TrainerCallback):
 
 # --------------------------------------------------------------------------------------- checkpoints
 def _write_json_atomic(path: str, obj: dict) -> None:
-    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=".gdc-meta-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as fh:
+    """Writes ``obj`` as JSON atomically: a reader sees the old file or the new one."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
             json.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, write, prefix=".gdc-meta-")
 
 
 def save_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional[Cartographer] = None,
