@@ -115,8 +115,11 @@ class _StopAt(transformers.TrainerCallback):
 def _make_target(kind, label_after):
     if kind == "state":
         return {"state": gdc_ext.CartoState(N, burn_in=2, eps=[2.0, 3.5])}
+    # carto_excess: a score that needs a per-sample reference, which the checkpoint must carry too
+    score = dict(memorization="excess", reference=torch.linspace(3.0, 5.0, N, dtype=torch.float64)) \
+        if kind == "carto_excess" else {}
     return {"cartographer": gdc_ext.Cartographer(num_samples=N, burn_in=2, eps=3.5, alpha_d=0.5, alpha_m=0.5,
-                                                 label_after=label_after)}
+                                                 label_after=label_after, **score)}
 
 
 def _assert_scores_equal(a, b):
@@ -133,6 +136,7 @@ def _state_of(target):
 @pytest.mark.parametrize("kind,label_after,stop", [("state", None, dict(epoch=3)),
                                                    ("carto", 2, dict(epoch=3)),   # labels fixed before the stop
                                                    ("carto", 4, dict(epoch=3)),   # labels fixed after the resume
+                                                   ("carto_excess", 2, dict(epoch=3)),  # score with a reference
                                                    ("state", None, dict(step=4))])  # mid-epoch checkpoint
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, kind, label_after, stop):
     full_t = _make_target(kind, label_after)
@@ -163,7 +167,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, kind, label_a
     _assert_scores_equal(a.scores(), b.scores())
     qa, qb = a.scores().quadrants(0.5, 0.5), b.scores().quadrants(0.5, 0.5)
     assert torch.equal(qa.codes, qb.codes)
-    if kind == "carto":
+    if kind.startswith("carto"):
         ca, cb = full_t["cartographer"], resumed_t["cartographer"]
         assert ca.intervening and cb.intervening
         assert torch.equal(ca.quadrants.codes, cb.quadrants.codes)

@@ -206,11 +206,9 @@ def save_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional
     os.makedirs(folder, exist_ok=True)
     state.save(os.path.join(folder, STATE_FILE))
     carto = None
-    if cartographer is not None:
-        q = cartographer.quadrants
-        carto = {"config": cartographer.config(),
-                 "codes": None if q is None else q.codes.tolist(),
-                 "tau_d": None if q is None else q.tau_d, "tau_m": None if q is None else q.tau_m}
+    if cartographer is not None:  # Cartographer.state_dict() but the CartoState (in STATE_FILE), as JSON
+        carto = {k: (v.tolist() if torch.is_tensor(v) else v)
+                 for k, v in cartographer.state_dict().items() if k != "state"}
     _write_json_atomic(os.path.join(folder, META_FILE),
                        {"format": "gdc_ext.hf", "version": _META_VERSION, "epochs_done": state.epochs_done,
                         "sampler_active": bool(sampler_active), "cartographer": carto})
@@ -242,10 +240,10 @@ def load_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional
     if carto is None:
         raise ValueError(f"checkpoint {folder!r} was written without a Cartographer: its labels and configuration "
                          f"are missing")
-    codes = carto["codes"]
-    cartographer.load_state_dict({"state": sd, "config": carto["config"],
+    codes, ref = carto["codes"], carto.get("reference")
+    cartographer.load_state_dict({**carto, "state": sd,
                                   "codes": None if codes is None else torch.tensor(codes, dtype=torch.int8),
-                                  "tau_d": carto["tau_d"], "tau_m": carto["tau_m"]})
+                                  "reference": None if ref is None else torch.tensor(ref, dtype=torch.float64)})
     return meta
 
 
