@@ -12,9 +12,9 @@ namespace gdc {
 enum FCol { kDiffSum = 0, kLast = 1, kMin = 2, kMean = 3, kM2 = 4, kEnergy = 5, kNumFColsExtras = 6 };
 // Without extras only the first two columns exist.
 constexpr int64_t kNumFColsBasic = kLast + 1;
-// Column layout of the int32 statistics istats[N, 3].
+// Column layout of the int32 statistics istats[N, kNumICols].
 enum ICol { kDiffCount = 0, kObserved = 1, kTransitions = 2, kNumICols = 3 };
-// Column layout of the epoch accumulator acc[N, 3].
+// Column layout of the epoch accumulator acc[N, kNumACols].
 enum ACol { kLossSum = 0, kCount = 1, kEnergySum = 2, kNumACols = 3 };
 
 // epoch: the 1-based epoch being closed.

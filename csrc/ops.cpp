@@ -6,7 +6,7 @@
 TORCH_LIBRARY(gdc, m) {
   // Fused cross-entropy over [R, V] logits. Returns per-row training loss (float32, sample weight
   // applied), per-row recorded NLL (float32, 0 where ignored) and, if compute_grad, the gradient
-  // of sum(loss * grad_scale) w.r.t. the logits (logits' dtype). When acc is non-empty ([N, 3]
+  // of sum(loss * grad_scale) w.r.t. the logits (logits' dtype). When acc is non-empty ([N, kNumACols]
   // float64), each non-ignored row's NLL, a token count and its logit-gradient energy are added
   // to acc[sample_ids[r]] in place.
   m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? class_weight, Tensor sample_ids, "

@@ -68,8 +68,10 @@ def test_multiplicities_and_loss_weights():
 
 def _spec_score(by, d, m, last, ref):
     """The selection scores of docs/method.md, written from the definitions (random aside)."""
-    return {"memorization": np.where(np.isnan(d), np.nan, m), "gain": d - last, "excess": ref - last,
-            "last": -last, "loss": d}[by]
+    unscored = np.isnan(d)  # no burn-in epoch: every score selects them last
+    return {"memorization": np.where(unscored, np.nan, m), "gain": d - last,
+            "excess": np.where(unscored, np.nan, ref - last), "last": np.where(unscored, np.nan, -last),
+            "loss": d}[by]
 
 
 @given(st.integers(1, 60), st.floats(0, 1), st.integers(0, 2**31 - 1))

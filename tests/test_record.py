@@ -124,7 +124,7 @@ def test_record_is_detached_and_grad_mode_free():
     (dict(losses=torch.tensor([1.0]), sample_ids=torch.tensor([0]), counts=torch.tensor([-1])), r"counts\[0\]"),
     (dict(losses=torch.tensor([1.0]), sample_ids=torch.tensor([0.0])), "sample_ids must be an integer"),
     (dict(losses=torch.tensor([1, 2]), sample_ids=torch.tensor([0, 1])), "losses must be a floating"),
-    (dict(losses=torch.ones(2, 3), sample_ids=torch.tensor([0, 1, 2])), "sample_ids must have the shape"),
+    (dict(losses=torch.ones(2, 3), sample_ids=torch.tensor([0, 1, 2, 3])), "sample_ids must have the shape"),
     (dict(losses=torch.ones(2), sample_ids=torch.tensor([0, 1]), counts=torch.ones(3)), "counts must have the shape"),
 ])
 def test_invalid_input_raises_and_leaves_the_state_unchanged(kw, match):
@@ -171,3 +171,13 @@ def test_record_on_cuda_never_synchronises_and_skips_a_bad_batch():
     s.end_epoch()
     d = s.scores().difficulty
     assert d[0].item() == 1.0 and d[1].item() == 2.5 and torch.isnan(d[2]) and d[3].item() == 7.0 / 3
+
+
+def test_per_sequence_ids_read_like_cartoloss():
+    """[B] ids with flat [B*L] losses are read as CartoLoss reads them: B equal consecutive groups."""
+    losses = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    a, b = CartoState(3, burn_in=1, eps=1.0), CartoState(3, burn_in=1, eps=1.0)
+    a.record(losses, torch.tensor([2, 0]))
+    b.record(losses.reshape(-1), torch.tensor([2, 0]))
+    assert torch.equal(a.acc, b.acc)
+    assert a.acc[2, 0].item() == 0 + 1 + 2 and a.acc[0, 0].item() == 3 + 4 + 5 and a.acc[1].sum().item() == 0

@@ -32,8 +32,10 @@ def test_gain_excess_and_selection_equal_reference(h, device):
     np.testing.assert_allclose(reference.scores_from_matrix(L, h["burn_in"], h["eps"])["gain"], gain, **tol)
     assert s.gain.shape == s.excess(ref).shape == (h["N"],)
     d = s.difficulty.numpy()
-    for by, spec in (("gain", s.gain.numpy()), ("excess", s.excess(ref).numpy()), ("loss", d),
-                     ("memorization", np.where(np.isnan(d), np.nan, s.memorization_at().numpy()))):
+    unscored = np.isnan(d)  # selection treats samples without a burn-in epoch as unscored, for every score
+    for by, spec in (("gain", s.gain.numpy()), ("excess", np.where(unscored, np.nan, excess)), ("loss", d),
+                     ("last", np.where(unscored, np.nan, -reference.last_observed(L))),
+                     ("memorization", np.where(unscored, np.nan, s.memorization_at().numpy()))):
         for fraction in (0.0, 0.3, 0.5, 1.0):
             kept = gdc_ext.prune(s, fraction, by=by, reference=ref).tolist()
             removed = reference.select(spec, fraction, d)

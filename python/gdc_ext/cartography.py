@@ -143,12 +143,12 @@ def _by_excess(scores, eps, seed, reference):
     if reference is None:
         raise ValueError("by='excess' needs reference=: a 1-D [N] array of per-sample reference losses in nats "
                          "per token (e.g. gdc_ext.unigram_reference(samples))")
-    return _as_f64(scores.excess(reference), "excess")
+    return _masked(scores.excess(reference), scores)
 
 
 def _by_last(scores, eps, seed, reference):
     # lowest last loss first: what the model fits best at the end of the run
-    return -_as_f64(scores.last_loss, "last_loss")
+    return _masked(-_as_f64(scores.last_loss, "last_loss"), scores)
 
 
 def _by_loss(scores, eps, seed, reference):
@@ -213,8 +213,10 @@ def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Option
             first); NaN where there is no burn-in difficulty.
         "gain": :attr:`Scores.gain`, difficulty - last loss; NaN where there is no difficulty.
         "excess": :meth:`Scores.excess`, reference - last loss; needs ``reference`` [N] (nats
-            per token, finite); NaN where the sample was never observed.
-        "last": -last loss, lowest last loss first (NaN where never observed)
+            per token, finite); NaN where there is no difficulty.
+        "last": -last loss, lowest last loss first; NaN where there is no difficulty.
+    Every score marks the same samples unscored (no burn-in epoch observed, as the quadrants do),
+    so every ``by`` selects them last and prunes the same budget.
         "loss": the difficulty d (mean burn-in loss), highest first: the paper's loss baseline
             (hard samples first, not the lowest loss).
         "random": a uniform order of the scored samples, seeded by ``seed``.

@@ -4,7 +4,7 @@
     gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
     gdc select STATE (--quadrant Q | --prune FRACTION) [--by SCORE] [--reference FILE] [--seed S] [-o ids.txt]
 
-SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, loss, random): the score
+SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, last, loss, random): the score
 of the memorized axis (report, plot, --quadrant) and of pruning. The default is
 gdc_ext.cartography.DEFAULT_SCORE, or "excess" when --reference is given. FILE holds one
 reference loss per sample (nats per token): a .npy array, a .pt tensor, or text with one float

@@ -40,7 +40,7 @@ class ArgumentError(ValueError, RuntimeError):
 # The fakes raise ValueError, like the kernels' TORCH_CHECK_VALUE, so a compiled graph rejects a
 # bad call at trace time with the same type of error eager mode gives.
 def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing):
-    """The shape and dtype contract of gdc::cross_entropy_fwd(_inplace) (csrc/checks.h)."""
+    """The shape and dtype contract of gdc::cross_entropy_fwd(_inplace) (csrc/ce_call.cpp)."""
     _check_float_matrix(logits, "gdc.cross_entropy: input (logits)", "rows, classes")
     R, V = logits.shape
     torch._check_value(target.dim() == 1 and target.shape[0] == R,

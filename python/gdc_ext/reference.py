@@ -8,7 +8,7 @@ from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "gain", "excess", "quadrants",
+__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "last_observed", "gain", "excess", "quadrants",
            "prune_order", "selection_order", "select"]
 
 
@@ -94,7 +94,7 @@ def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[f
     return out
 
 
-def _last_observed(L: np.ndarray) -> np.ndarray:
+def last_observed(L: np.ndarray) -> np.ndarray:
     """last_i = L[t, i] at the last epoch t in which sample i was observed; NaN if never."""
     L = np.asarray(L, dtype=np.float64)
     last = np.full(L.shape[1], np.nan)
@@ -114,13 +114,13 @@ def gain(L: np.ndarray, burn_in: int) -> np.ndarray:
         burn = [L[t, i] for t in range(min(burn_in, L.shape[0])) if not np.isnan(L[t, i])]
         if burn:
             d[i] = np.mean(burn)
-    return d - _last_observed(L)
+    return d - last_observed(L)
 
 
 def excess(L: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Reference-calibrated excess [N]: excess_i = ref_i - last_i (nats per token); NaN where
     sample i was never observed."""
-    return np.asarray(reference, dtype=np.float64) - _last_observed(L)
+    return np.asarray(reference, dtype=np.float64) - last_observed(L)
 
 
 def quadrants(difficulty: np.ndarray, memorization: np.ndarray, alpha_d: float = 0.75, alpha_m: float = 0.75):

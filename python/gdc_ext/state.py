@@ -16,7 +16,7 @@ import torch
 
 from gdc_ext import ops
 from gdc_ext._io import write_atomic
-from gdc_ext.layout import (ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
+from gdc_ext.layout import (ACC_COLS, ACC_COUNT, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
                             I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
 
 __all__ = ["CartoState", "Scores", "FORMAT_VERSION", "check_reference"]
@@ -266,7 +266,7 @@ class CartoState:
         # An epoch that recorded nothing is almost always a wiring mistake (no sample ids, the loss
         # in eval mode, ...). The check reads the accumulator, which is free on the CPU; on a GPU it
         # would cost a host synchronisation every epoch, so there it is skipped.
-        if self.acc.device.type == "cpu" and not bool((self.acc[:, 1] > 0).any()):
+        if self.acc.device.type == "cpu" and not bool((self.acc[:, ACC_COUNT] > 0).any()):
             warnings.warn(f"CartoState.end_epoch: nothing was recorded in epoch {self.epochs_done + 1}: no loss "
                           f"was recorded with sample ids since the last end_epoch(), so no sample is observed in "
                           f"it (were sample_ids passed to the loss, or record() called?)", UserWarning,
@@ -285,10 +285,11 @@ class CartoState:
 
         Args:
             losses: float tensor of any shape S, one loss per row (a token, a sample, ...).
-            sample_ids: integer tensor of shape S (one id per row), or 1-D [S[0]] (one id per
-                leading row, shared by the trailing dimensions: per-sequence ids of [B, L] losses).
+            sample_ids: integer tensor of shape S (one id per row), or 1-D [B] with one id per
+                sequence, the flattened losses being B equal consecutive groups (per-sequence ids of
+                [B, L] or flat [B*L] losses), exactly as CartoLoss reads sample ids.
             counts: how many tokens each loss averages over (a per-sample mean loss over n tokens
-                counts as n rows of that loss); a tensor of shape S or [S[0]] (a bool mask counts
+                counts as n rows of that loss); a tensor of shape S or [B] like sample_ids (a bool mask counts
                 True as 1), or a number. None:
                 each row counts once. A count of 0 skips its row (its id and loss are not read),
                 so a padding mask can be passed as ``counts``.
@@ -469,7 +470,7 @@ def _check_consistent(t: dict) -> None:
 
 def _rows_like(name: str, value, losses: torch.Tensor, dev: torch.device, integer: bool) -> torch.Tensor:
     """``value`` as a flat tensor with one entry per element of ``losses``: either of the shape of
-    ``losses``, or 1-D [losses.shape[0]] broadcast over its trailing dimensions."""
+    ``losses``, or 1-D [B] repeated over B equal consecutive groups of the flattened losses."""
     if not isinstance(value, torch.Tensor):
         try:
             value = torch.as_tensor(value)
@@ -482,7 +483,10 @@ def _rows_like(name: str, value, losses: torch.Tensor, dev: torch.device, intege
     value = value.detach().to(dev, torch.int64 if integer else torch.float64)
     if value.shape == losses.shape:
         return value.reshape(-1)
-    if value.dim() == 1 and losses.dim() >= 1 and value.shape[0] == losses.shape[0]:
-        return value.reshape((-1,) + (1,) * (losses.dim() - 1)).expand(losses.shape).reshape(-1)
+    if value.dim() == 1 and value.numel() > 0 and losses.numel() % value.numel() == 0:
+        # one entry per sequence, as CartoLoss reads per-sequence ids (gdc_ext.expand_sample_ids): the
+        # flattened losses are equal consecutive groups ([B, L] losses with [B] ids, or flat [B*L] ones)
+        return value.repeat_interleave(losses.numel() // value.numel())
     raise ValueError(f"{name} must have the shape of losses {tuple(losses.shape)} or be 1-D with one entry per "
-                     f"leading row ({losses.shape[0] if losses.dim() else 'n/a'}), got shape {tuple(value.shape)}")
+                     f"sequence, dividing the {losses.numel()} losses into equal consecutive groups; got shape "
+                     f"{tuple(value.shape)}")
