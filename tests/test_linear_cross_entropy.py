@@ -298,6 +298,27 @@ def test_bad_arguments_name_the_argument():
     assert not state.acc.any()
 
 
+
+@pytest.mark.parametrize("change,name", [
+    (dict(linear_weight=torch.randn(50, 15)), "linear_weight"),  # torch: RuntimeError
+    (dict(state="nope"), "state"),
+    (dict(weight=torch.rand(3)), "weight"),  # was an IndexError from the 'mean' denominator's gather
+    (dict(weight=torch.ones(50, dtype=torch.int64)), "weight"),  # torch: RuntimeError; was accepted
+    (dict(weight=torch.rand(3), reduction="sum"), "weight"),
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_argument_errors_are_argument_errors(change, name):
+    """Bad arguments raise gdc_ext.ArgumentError (a ValueError and a RuntimeError, so code written
+    against torch's RuntimeError for these catches it) naming the argument, before any kernel."""
+    x, W, b, t, ids = _problem()
+    kw = dict(input=x.requires_grad_(), linear_weight=W, target=t, sample_ids=ids, linear_bias=b)
+    kw.update(change)
+    with pytest.raises(gdc_ext.ArgumentError, match=name) as info:
+        linear_cross_entropy(**kw)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+
 def test_backward_twice_is_refused():
     x, W, b, t, _ = _problem()
     loss = linear_cross_entropy(x.requires_grad_(), W, t)

@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from gdc_ext import ops
-from gdc_ext._checks import checked_sample_weights
+from gdc_ext._checks import check_class_weight, check_reduction_and_smoothing, checked_sample_weights
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
 from gdc_ext.functional import _check_sample_weight
 from gdc_ext.layout import ACC_COLS
+from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
 
 __all__ = ["linear_cross_entropy", "CartoLinearCrossEntropyLoss"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -69,17 +69,17 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     forward (the gradients are scaled in place).
     """
     if state is not None and not isinstance(state, CartoState):
-        raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    check_reduction_and_smoothing(reduction, label_smoothing)
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     _check_shapes(input, linear_weight, target, linear_bias)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    # before anything indexes it (the 'mean' denominator gathers the class weights by target)
+    check_class_weight(weight, linear_weight.shape[0], input.device)
+    _check_chunk_size(chunk_size)
     recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
     weighted = sample_weight is not None and sample_ids is not None
     if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
-        raise ValueError("sample_ids is required: per-sample loss weights (sample_weight) are set")
+        raise ArgumentError("sample_ids is required: per-sample loss weights (sample_weight) are set")
     if weighted:
         _check_sample_weight(sample_weight, state)
 
@@ -117,27 +117,33 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
 
 
 def _check_shapes(input, linear_weight, target, linear_bias) -> None:
-    """The checks that must precede flattening (the op checks the rest, naming each argument)."""
+    """The checks that must precede flattening (the op checks the rest, naming each argument);
+    ArgumentError, like every argument check of the package."""
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+            raise ArgumentError(f"{name} must be a tensor, got {type(t).__name__}")
     if input.dim() < 1:
-        raise ValueError("input must have a last (hidden) dimension: [..., H], got a 0-d tensor")
+        raise ArgumentError("input must have a last (hidden) dimension: [..., H], got a 0-d tensor")
     if input.dtype not in _DTYPES:
-        raise ValueError(f"input must be float32, bfloat16, float16 or float64, got {input.dtype}")
+        raise ArgumentError(f"input must be float32, bfloat16, float16 or float64, got {input.dtype}")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_weight must be 2-D [classes, hidden] with hidden = {input.shape[-1]} (the input's "
+        raise ArgumentError(f"linear_weight must be 2-D [classes, hidden] with hidden = {input.shape[-1]} (the input's "
                          f"last dimension), got {tuple(linear_weight.shape)}")
     if target.dtype != torch.int64:
-        raise ValueError(f"target must hold int64 class indices, got {target.dtype} (class-probability targets "
+        raise ArgumentError(f"target must hold int64 class indices, got {target.dtype} (class-probability targets "
                          f"are not supported by the fused path)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target must have the shape of input without its last dimension "
+        raise ArgumentError(f"target must have the shape of input without its last dimension "
                          f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+        raise ArgumentError(f"target is on {target.device} but input is on {input.device}")
     if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
-        raise ValueError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+        raise ArgumentError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ArgumentError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
 def _empty(dev, dtype):
@@ -169,18 +175,16 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  state: Optional[CartoState] = None, chunk_size: Optional[int] = None):
         if tuple(out_features) != ():
-            raise ValueError(f"out_features must be () (K-dimensional losses are not supported by the fused path), "
+            raise ArgumentError(f"out_features must be () (K-dimensional losses are not supported by the fused path), "
                              f"got {out_features}")
         super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
                          reduction=reduction, weight=weight, ignore_index=ignore_index,
                          label_smoothing=label_smoothing, options=options)
         if state is not None and not isinstance(state, CartoState):
-            raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+            raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
         if chunk_size is None and options is not None:
             chunk_size = getattr(options, "batch_chunk_size", None)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+        _check_chunk_size(chunk_size)
         self.state = state
         self.chunk_size = chunk_size
         self.sample_weight: Optional[torch.Tensor] = None
