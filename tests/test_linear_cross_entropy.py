@@ -255,6 +255,46 @@ def test_recording_rule_and_sample_weights_do_not_change_it():
     assert not s.acc.any()
 
 
+
+def test_record_argument_as_functional_cross_entropy():
+    """record=None: the grad-mode rule; True: records under no_grad too (scoring a held-out set),
+    equal to what a training step records; needs a state and ids; False: never."""
+    x, W, b, t, ids = _problem()
+    trained = CartoState(N, burn_in=1, eps=1.0)
+    linear_cross_entropy(x.clone().requires_grad_(), W, t, ids, linear_bias=b, state=trained).backward()
+    scored = CartoState(N, burn_in=1, eps=1.0)
+    with torch.no_grad():
+        linear_cross_entropy(x, W, t, ids, linear_bias=b, state=scored, record=True)
+    torch.testing.assert_close(scored.acc, trained.acc)
+    off = CartoState(N, burn_in=1, eps=1.0)
+    linear_cross_entropy(x.clone().requires_grad_(), W, t, ids, linear_bias=b, state=off, record=False).backward()
+    assert not off.acc.any()
+    with pytest.raises(gdc_ext.ArgumentError, match="state"):
+        linear_cross_entropy(x, W, t, ids, record=True)
+    with pytest.raises(gdc_ext.ArgumentError, match="sample_ids"):
+        linear_cross_entropy(x, W, t, state=off, record=True)
+    with pytest.raises(gdc_ext.ArgumentError, match="record"):
+        linear_cross_entropy(x, W, t, ids, state=off, record=1)
+
+
+def test_module_records_like_cartoloss():
+    """The module records in training mode only (eval passes with grad enabled record nothing),
+    and a state but no ids in a training step warns once, as CartoLoss does."""
+    x, _, _, t, ids = _problem()
+    state = CartoState(N, burn_in=1, eps=1.0)
+    mod = CartoLinearCrossEntropyLoss(16, 50, state=state)
+    mod.eval()
+    mod(x, t, ids)  # grad mode on (the parameters need grad), eval mode: no recording
+    assert not state.acc.any()
+    mod.train()
+    with pytest.warns(UserWarning, match="without sample_ids") as caught:
+        mod(x, t)
+        mod(x, t)
+    assert len([w for w in caught if "without sample_ids" in str(w.message)]) == 1
+    assert not state.acc.any()
+    mod(x, t, ids).backward()
+    assert state.acc[:, ACC_COUNT].sum() == int((t != -100).sum())
+
 def test_rejected_batch_leaves_state_unchanged():
     x, W, b, t, ids = _problem()
     state = CartoState(N, burn_in=1, eps=1.0)

@@ -8,9 +8,10 @@ weight and the bias are accumulated with matmuls before the next chunk. The grad
 computed in forward and only scaled in backward (as :class:`gdc_ext.CartoLoss` does), so the
 step's extra memory is one chunk of logits plus the gradients themselves.
 
-What is recorded, and when, is exactly :func:`gdc_ext.functional.cross_entropy`'s rule: the
-plain token NLL of each non-ignored row, when a state and sample ids are given and grad mode is
-enabled.
+What is recorded, and when, is exactly :func:`gdc_ext.functional.cross_entropy`'s rule (and the
+module's is :class:`gdc_ext.CartoLoss`'s): the plain token NLL of each non-ignored row, when a
+state and sample ids are given and grad mode is enabled (``record=`` overrides it), and for the
+module only in training mode.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from gdc_ext import ops
 from gdc_ext._checks import check_class_weight, check_reduction_and_smoothing, checked_sample_weights
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
-from gdc_ext.functional import _check_sample_weight
+from gdc_ext.functional import _check_sample_weight, _wants_record
 from gdc_ext.layout import ACC_COLS
+from gdc_ext.loss import no_ids_warning, warn_no_ids_once
 from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
 
@@ -38,7 +40,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
                          state: Optional[CartoState] = None, sample_weight: Optional[torch.Tensor] = None,
-                         chunk_size: Optional[int] = None) -> torch.Tensor:
+                         chunk_size: Optional[int] = None, record: Optional[bool] = None) -> torch.Tensor:
     """``F.cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits,
     recording per-sample training dynamics.
 
@@ -59,6 +61,11 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             max(64 MiB, min(V H, R V / 4) elements) on the CPU, where the matmuls need large
             chunks, and max(64 MiB, input bytes / 8) on CUDA, where memory is the scarce
             resource; see csrc/linear_cross_entropy.cpp).
+        record: whether to record into ``state``, as in :func:`gdc_ext.functional.cross_entropy`.
+            None (default): when a state and sample ids are given and grad mode is enabled. True:
+            always, also under ``torch.no_grad()``; needs ``state`` and ``sample_ids``. False:
+            never. (:class:`CartoLinearCrossEntropyLoss` passes None in training mode and False in
+            eval mode.)
 
     Returns: the loss (0-d, or the shape of ``target`` for 'none') in the dtype of ``input``
     (under autocast: the matmul runs in the autocast dtype and the loss is float32, as for
@@ -76,9 +83,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # before anything indexes it (the 'mean' denominator gathers the class weights by target)
     check_class_weight(weight, linear_weight.shape[0], input.device)
     _check_chunk_size(chunk_size)
-    recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
+    wants = _wants_record(record, state, sample_ids)
+    recording = wants and sample_ids is not None
     weighted = sample_weight is not None and sample_ids is not None
-    if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
+    if wants and sample_ids is None and sample_weight is not None:
         raise ArgumentError("sample_ids is required: per-sample loss weights (sample_weight) are set")
     if weighted:
         _check_sample_weight(sample_weight, state)
@@ -166,8 +174,10 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
     chunks, and ``options.batch_chunk_size`` is used as ``chunk_size`` when that is None; its other
     fields do not apply. K-dimensional losses (``out_features != ()``) are not supported.
 
-    ``forward(input [..., in_features], target [...], sample_ids=None)``. Per-sample loss weights
-    are set with :meth:`set_sample_weights`, as for :class:`gdc_ext.CartoLoss`.
+    ``forward(input [..., in_features], target [...], sample_ids=None)``. Recording follows
+    :class:`gdc_ext.CartoLoss`: in training mode with grad enabled, when a state and sample ids
+    are given (a state but no ids in a training step warns once); never in eval mode. Per-sample
+    loss weights are set with :meth:`set_sample_weights`, as for :class:`gdc_ext.CartoLoss`.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
@@ -188,6 +198,7 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
         self.state = state
         self.chunk_size = chunk_size
         self.sample_weight: Optional[torch.Tensor] = None
+        self._warned_no_ids = False
 
     def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
         """Per-sample loss weights [N] (float, finite, >= 0), indexed by sample id; None removes them."""
@@ -198,8 +209,15 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 sample_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The loss of ``nn.LinearCrossEntropyLoss``; records when a state and ``sample_ids`` are given."""
+        """The loss of ``nn.LinearCrossEntropyLoss``; records into the state in training mode with
+        grad enabled when ``sample_ids`` are given (a state but no ids while training warns once)."""
+        if self.training and self.state is not None and sample_ids is None and torch.is_grad_enabled():
+            warn_no_ids_once(self, input, NO_IDS_WARNING)
         return linear_cross_entropy(input, self.linear.weight, target, sample_ids, linear_bias=self.linear.bias,
                                     weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, state=self.state,
-                                    sample_weight=self.sample_weight, chunk_size=self.chunk_size)
+                                    sample_weight=self.sample_weight, chunk_size=self.chunk_size,
+                                    record=None if self.training else False)
+
+
+NO_IDS_WARNING = no_ids_warning("CartoLinearCrossEntropyLoss")
