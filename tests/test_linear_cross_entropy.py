@@ -462,3 +462,34 @@ def test_compile_fullgraph_matches_eager(device, reduction):
     torch.testing.assert_close(a1, a0)
     assert a0[:, ACC_COUNT].sum() == 4 * 6
     assert gdc_ext.CartoLinearCrossEntropyLoss is CartoLinearCrossEntropyLoss
+
+
+def test_mean_denominator_only_for_mean(monkeypatch):
+    """The 'mean' denominator (a reduction over the targets) is computed for reduction='mean'
+    only, by the fused linear path and by functional.cross_entropy; 'sum' and 'none' skip it."""
+    import sys
+
+    import gdc_ext.functional as functional
+    from gdc_ext._reduction import mean_denominator
+    lce = sys.modules["gdc_ext.linear_cross_entropy"]  # the package attribute is the function
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return mean_denominator(*args, **kwargs)
+
+    monkeypatch.setattr(lce, "mean_denominator", counting)
+    monkeypatch.setattr(functional, "mean_denominator", counting)
+    x, W, b, t, _ = _problem()
+    logits = (x @ W.t() + b).detach()
+    for reduction in ("sum", "none"):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                linear_cross_entropy(x.clone().requires_grad_(grad), W, t, linear_bias=b, reduction=reduction,
+                                     weight=torch.rand(50))
+                functional.cross_entropy(logits.clone().requires_grad_(grad).reshape(-1, 50), t.reshape(-1),
+                                         reduction=reduction, weight=torch.rand(50))
+    assert not calls
+    linear_cross_entropy(x, W, t, linear_bias=b)
+    functional.cross_entropy(logits.reshape(-1, 50), t.reshape(-1))
+    assert len(calls) == 2

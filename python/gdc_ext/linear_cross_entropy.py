@@ -106,7 +106,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
     acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
     sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
-    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32)
+    # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
+    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
     chunk = 0 if chunk_size is None else int(chunk_size)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
@@ -116,7 +117,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                                                              False)
         out = reduce_rows(loss_rows, reduction, denom)
     else:
-        grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
+        grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
         out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
                                        ignore_index, label_smoothing, reduction, chunk, denom)
     if reduction == "none":
