@@ -102,3 +102,25 @@ def test_refuses_models_it_cannot_handle(tmp_path):
         _trainer(tmp_path, cls, state=gdc_ext.CartoState(N, 1, 1.0), fused_linear=True)
     # the unfused trainer still accepts them
     _trainer(tmp_path, capped, state=gdc_ext.CartoState(N, 1, 1.0))
+
+
+def test_head_loss_without_ids_is_the_unweighted_smoothed_loss():
+    """head_loss(head, fn, hidden, labels, train_ids, reduction): without ids (an evaluation batch of
+    a run with per-sample weights) the loss keeps fn's smoothing and class weight, drops the sample
+    weights and records nothing; with ids it applies them and records."""
+    from gdc_ext.integrations import hf_fused
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB, bias=True)
+    state = gdc_ext.CartoState(N, burn_in=1, eps=1.0)
+    fn = gdc_ext.CartoLoss(state=state, label_smoothing=0.2, weight=torch.rand(VOCAB) + 0.5)
+    fn.set_sample_weights(torch.full((N,), 0.5))
+    hidden, labels = torch.randn(10, 16), torch.randint(0, VOCAB, (10,))
+    logits = head(hidden)
+    want = torch.nn.functional.cross_entropy(logits, labels, weight=fn.weight, label_smoothing=0.2)
+    torch.testing.assert_close(hf_fused.head_loss(head, fn, hidden, labels, None, "mean"), want)
+    assert not state.acc.any()
+    ids = torch.arange(10) % N
+    weighted = hf_fused.head_loss(head, fn, hidden, labels, ids, "sum")
+    want = torch.nn.functional.cross_entropy(logits, labels, weight=fn.weight, label_smoothing=0.2, reduction="sum")
+    torch.testing.assert_close(weighted, 0.5 * want)
+    assert state.acc.any()

@@ -134,6 +134,34 @@ def test_bfloat16_as_accurate_as_torch_bfloat16():
         assert err <= 1.5 * (theirs.float() - want).abs().max() + 1e-3 * want.abs().max()
 
 
+@pytest.mark.parametrize("chunk", [8, None])
+def test_bfloat16_weight_and_bias_gradients_do_not_degrade_with_many_chunks(chunk):
+    """The weight and bias gradients are sums over chunks: accumulated in bfloat16, their error
+    grew with the chunk count (512 chunks of 8 rows: ~40x torch's). They are accumulated in
+    float32 and rounded once, so many small chunks stay as accurate as torch's bfloat16 matmul
+    + F.cross_entropy (within 2x) against a float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    R, H, V = 4096, 16, 32
+    x = torch.randn(R, H, generator=g).bfloat16()
+    W = (torch.randn(V, H, generator=g) / H ** 0.5 * 2).bfloat16()
+    b = torch.randn(V, generator=g).bfloat16()
+    t = torch.randint(0, V, (R,), generator=g)
+
+    def grads(fn, dtype):
+        leaves = [z.detach().to(dtype).requires_grad_() for z in (x, W, b)]
+        fn(*leaves).backward()
+        return [z.grad for z in leaves[1:]]
+
+    ours = grads(lambda a, w, c: linear_cross_entropy(a, w, t, linear_bias=c, reduction="sum", chunk_size=chunk),
+                 torch.bfloat16)
+    theirs = grads(lambda a, w, c: F.cross_entropy(a @ w.t() + c, t, reduction="sum"), torch.bfloat16)
+    exact = grads(lambda a, w, c: F.cross_entropy(a @ w.t() + c, t, reduction="sum"), torch.float64)
+    for name, o, th, want in zip(("dW", "db"), ours, theirs, exact):
+        err = (o.double() - want).abs().max() / want.abs().max()
+        torch_err = (th.double() - want).abs().max() / want.abs().max()
+        assert err <= 2 * torch_err, f"{name}: relative max error {err:.2e} vs torch's bfloat16 {torch_err:.2e}"
+
+
 def test_unbatched_and_2d_inputs_and_no_grad():
     x, W, b, t, _ = _problem()
     x2, t2 = x.reshape(-1, x.shape[-1]), t.reshape(-1)
@@ -227,6 +255,46 @@ def test_recording_rule_and_sample_weights_do_not_change_it():
     assert not s.acc.any()
 
 
+
+def test_record_argument_as_functional_cross_entropy():
+    """record=None: the grad-mode rule; True: records under no_grad too (scoring a held-out set),
+    equal to what a training step records; needs a state and ids; False: never."""
+    x, W, b, t, ids = _problem()
+    trained = CartoState(N, burn_in=1, eps=1.0)
+    linear_cross_entropy(x.clone().requires_grad_(), W, t, ids, linear_bias=b, state=trained).backward()
+    scored = CartoState(N, burn_in=1, eps=1.0)
+    with torch.no_grad():
+        linear_cross_entropy(x, W, t, ids, linear_bias=b, state=scored, record=True)
+    torch.testing.assert_close(scored.acc, trained.acc)
+    off = CartoState(N, burn_in=1, eps=1.0)
+    linear_cross_entropy(x.clone().requires_grad_(), W, t, ids, linear_bias=b, state=off, record=False).backward()
+    assert not off.acc.any()
+    with pytest.raises(gdc_ext.ArgumentError, match="state"):
+        linear_cross_entropy(x, W, t, ids, record=True)
+    with pytest.raises(gdc_ext.ArgumentError, match="sample_ids"):
+        linear_cross_entropy(x, W, t, state=off, record=True)
+    with pytest.raises(gdc_ext.ArgumentError, match="record"):
+        linear_cross_entropy(x, W, t, ids, state=off, record=1)
+
+
+def test_module_records_like_cartoloss():
+    """The module records in training mode only (eval passes with grad enabled record nothing),
+    and a state but no ids in a training step warns once, as CartoLoss does."""
+    x, _, _, t, ids = _problem()
+    state = CartoState(N, burn_in=1, eps=1.0)
+    mod = CartoLinearCrossEntropyLoss(16, 50, state=state)
+    mod.eval()
+    mod(x, t, ids)  # grad mode on (the parameters need grad), eval mode: no recording
+    assert not state.acc.any()
+    mod.train()
+    with pytest.warns(UserWarning, match="without sample_ids") as caught:
+        mod(x, t)
+        mod(x, t)
+    assert len([w for w in caught if "without sample_ids" in str(w.message)]) == 1
+    assert not state.acc.any()
+    mod(x, t, ids).backward()
+    assert state.acc[:, ACC_COUNT].sum() == int((t != -100).sum())
+
 def test_rejected_batch_leaves_state_unchanged():
     x, W, b, t, ids = _problem()
     state = CartoState(N, burn_in=1, eps=1.0)
@@ -269,6 +337,27 @@ def test_bad_arguments_name_the_argument():
         linear_cross_entropy(x, W, bad, ids, state=state)
     assert not state.acc.any()
 
+
+
+@pytest.mark.parametrize("change,name", [
+    (dict(linear_weight=torch.randn(50, 15)), "linear_weight"),  # torch: RuntimeError
+    (dict(state="nope"), "state"),
+    (dict(weight=torch.rand(3)), "weight"),  # was an IndexError from the 'mean' denominator's gather
+    (dict(weight=torch.ones(50, dtype=torch.int64)), "weight"),  # torch: RuntimeError; was accepted
+    (dict(weight=torch.rand(3), reduction="sum"), "weight"),
+    (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_argument_errors_are_argument_errors(change, name):
+    """Bad arguments raise gdc_ext.ArgumentError (a ValueError and a RuntimeError, so code written
+    against torch's RuntimeError for these catches it) naming the argument, before any kernel."""
+    x, W, b, t, ids = _problem()
+    kw = dict(input=x.requires_grad_(), linear_weight=W, target=t, sample_ids=ids, linear_bias=b)
+    kw.update(change)
+    with pytest.raises(gdc_ext.ArgumentError, match=name) as info:
+        linear_cross_entropy(**kw)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
 
 def test_backward_twice_is_refused():
     x, W, b, t, _ = _problem()
@@ -373,3 +462,34 @@ def test_compile_fullgraph_matches_eager(device, reduction):
     torch.testing.assert_close(a1, a0)
     assert a0[:, ACC_COUNT].sum() == 4 * 6
     assert gdc_ext.CartoLinearCrossEntropyLoss is CartoLinearCrossEntropyLoss
+
+
+def test_mean_denominator_only_for_mean(monkeypatch):
+    """The 'mean' denominator (a reduction over the targets) is computed for reduction='mean'
+    only, by the fused linear path and by functional.cross_entropy; 'sum' and 'none' skip it."""
+    import sys
+
+    import gdc_ext.functional as functional
+    from gdc_ext._reduction import mean_denominator
+    lce = sys.modules["gdc_ext.linear_cross_entropy"]  # the package attribute is the function
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return mean_denominator(*args, **kwargs)
+
+    monkeypatch.setattr(lce, "mean_denominator", counting)
+    monkeypatch.setattr(functional, "mean_denominator", counting)
+    x, W, b, t, _ = _problem()
+    logits = (x @ W.t() + b).detach()
+    for reduction in ("sum", "none"):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                linear_cross_entropy(x.clone().requires_grad_(grad), W, t, linear_bias=b, reduction=reduction,
+                                     weight=torch.rand(50))
+                functional.cross_entropy(logits.clone().requires_grad_(grad).reshape(-1, 50), t.reshape(-1),
+                                         reduction=reduction, weight=torch.rand(50))
+    assert not calls
+    linear_cross_entropy(x, W, t, linear_bias=b)
+    functional.cross_entropy(logits.reshape(-1, 50), t.reshape(-1))
+    assert len(calls) == 2

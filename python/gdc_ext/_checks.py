@@ -33,7 +33,8 @@ import torch
 
 from gdc_ext.ops import ArgumentError
 
-__all__ = ["check_arguments", "checked_sample_weights", "REDUCTIONS"]
+__all__ = ["check_arguments", "check_class_weight", "check_reduction_and_smoothing", "checked_sample_weights",
+           "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _INDEX_DTYPES = (torch.int64, torch.uint8)
@@ -47,25 +48,36 @@ def check_arguments(input: torch.Tensor, target: torch.Tensor, weight: Optional[
     [B, d1, ..., dk]) or class probabilities (the shape of ``input``); weight: [V] or None.
     Inputs torch rejects for other reasons (0-d or integer logits) are left to torch.
     """
+    check_reduction_and_smoothing(reduction, label_smoothing)
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor) or input.dim() == 0:
+        return
+    check_class_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], input.device)
+    if target.dtype.is_floating_point:
+        return  # class probabilities: torch's checks (the fallback runs F.cross_entropy first)
+    _check_index_target(input, target)
+
+
+def check_reduction_and_smoothing(reduction: str, label_smoothing: float) -> None:
+    """``reduction`` one of :data:`REDUCTIONS`, ``label_smoothing`` a number in [0, 1] (ArgumentError)."""
     if reduction not in REDUCTIONS:
         raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or math.isnan(label_smoothing) \
             or not 0.0 <= label_smoothing <= 1.0:
         raise ArgumentError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor) or input.dim() == 0:
+
+
+def check_class_weight(weight: Optional[torch.Tensor], num_classes: int, device: torch.device) -> None:
+    """The class ``weight`` (None, or a floating-point [num_classes] tensor on ``device``), as
+    ``F.cross_entropy`` requires it (ArgumentError naming ``weight`` otherwise)."""
+    if weight is None:
         return
-    V = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != V:
-            raise ArgumentError(f"weight must be a 1-D tensor with one value per class ({V}), got "
-                                f"{_shape(weight)}")
-        if not weight.dtype.is_floating_point:
-            raise ArgumentError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if weight.device != input.device:
-            raise ArgumentError(f"weight is on {weight.device} but input is on {input.device}")
-    if target.dtype.is_floating_point:
-        return  # class probabilities: torch's checks (the fallback runs F.cross_entropy first)
-    _check_index_target(input, target)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ArgumentError(f"weight must be a 1-D tensor with one value per class ({num_classes}), got "
+                            f"{_shape(weight)}")
+    if not weight.dtype.is_floating_point:
+        raise ArgumentError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ArgumentError(f"weight is on {weight.device} but input is on {device}")
 
 
 def checked_sample_weights(weights, state) -> Optional[torch.Tensor]:

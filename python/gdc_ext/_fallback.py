@@ -44,7 +44,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     flat = per.reshape(-1)
     if weighted:
         flat = flat * sample_weight.to(flat.device, flat.dtype)[ids.clamp(0, N - 1)] * valid
-    denom = mean_denominator(tgt, valid, weight, logits.shape[1], flat.dtype)
+    denom = mean_denominator(tgt, valid, weight, logits.shape[1], flat.dtype) if reduction == "mean" else None
     return reduce_rows(flat, reduction, denom).reshape(per.shape if reduction == "none" else ())
 
 

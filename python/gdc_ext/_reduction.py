@@ -23,8 +23,9 @@ def mean_denominator(target: torch.Tensor, valid: torch.Tensor, weight: Optional
     return (weight.to(dtype).gather(0, target.clamp(0, max(num_classes - 1, 0))) * valid).sum()
 
 
-def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom: torch.Tensor) -> torch.Tensor:
-    """'mean' (sum / denom), 'sum' or 'none' over per-row losses [R]."""
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, denom: Optional[torch.Tensor]) -> torch.Tensor:
+    """'mean' (sum / denom), 'sum' or 'none' over per-row losses [R]; ``denom`` (0-d, from
+    :func:`mean_denominator`) is used, and needed, for 'mean' only."""
     if reduction == "mean":
         return loss_rows.sum() / denom
     if reduction == "sum":

@@ -125,14 +125,15 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
     ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
     acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
     sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
-    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32)
+    # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
+    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     if not needs_grad:
         loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc, ignore_index,
                                                 label_smoothing, False)
         out = reduce_rows(loss_rows, reduction, denom)
     else:
-        grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
+        grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
         out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
                                  reduction, _inplace_allowed(inplace_grad, logits), denom)
     if reduction == "none":

@@ -8,9 +8,10 @@ weight and the bias are accumulated with matmuls before the next chunk. The grad
 computed in forward and only scaled in backward (as :class:`gdc_ext.CartoLoss` does), so the
 step's extra memory is one chunk of logits plus the gradients themselves.
 
-What is recorded, and when, is exactly :func:`gdc_ext.functional.cross_entropy`'s rule: the
-plain token NLL of each non-ignored row, when a state and sample ids are given and grad mode is
-enabled.
+What is recorded, and when, is exactly :func:`gdc_ext.functional.cross_entropy`'s rule (and the
+module's is :class:`gdc_ext.CartoLoss`'s): the plain token NLL of each non-ignored row, when a
+state and sample ids are given and grad mode is enabled (``record=`` overrides it), and for the
+module only in training mode.
 """
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ import torch
 from torch import nn
 
 from gdc_ext import ops
-from gdc_ext._checks import checked_sample_weights
+from gdc_ext._checks import check_class_weight, check_reduction_and_smoothing, checked_sample_weights
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
-from gdc_ext.functional import _check_sample_weight
+from gdc_ext.functional import _check_sample_weight, _wants_record
 from gdc_ext.layout import ACC_COLS
+from gdc_ext.loss import no_ids_warning, warn_no_ids_once
+from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
 
 __all__ = ["linear_cross_entropy", "CartoLinearCrossEntropyLoss"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -38,7 +40,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                          weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
                          state: Optional[CartoState] = None, sample_weight: Optional[torch.Tensor] = None,
-                         chunk_size: Optional[int] = None) -> torch.Tensor:
+                         chunk_size: Optional[int] = None, record: Optional[bool] = None) -> torch.Tensor:
     """``F.cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits,
     recording per-sample training dynamics.
 
@@ -59,6 +61,11 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
             max(64 MiB, min(V H, R V / 4) elements) on the CPU, where the matmuls need large
             chunks, and max(64 MiB, input bytes / 8) on CUDA, where memory is the scarce
             resource; see csrc/linear_cross_entropy.cpp).
+        record: whether to record into ``state``, as in :func:`gdc_ext.functional.cross_entropy`.
+            None (default): when a state and sample ids are given and grad mode is enabled. True:
+            always, also under ``torch.no_grad()``; needs ``state`` and ``sample_ids``. False:
+            never. (:class:`CartoLinearCrossEntropyLoss` passes None in training mode and False in
+            eval mode.)
 
     Returns: the loss (0-d, or the shape of ``target`` for 'none') in the dtype of ``input``
     (under autocast: the matmul runs in the autocast dtype and the loss is float32, as for
@@ -69,17 +76,18 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     forward (the gradients are scaled in place).
     """
     if state is not None and not isinstance(state, CartoState):
-        raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    check_reduction_and_smoothing(reduction, label_smoothing)
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     _check_shapes(input, linear_weight, target, linear_bias)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
-    recording = state is not None and sample_ids is not None and torch.is_grad_enabled()
+    # before anything indexes it (the 'mean' denominator gathers the class weights by target)
+    check_class_weight(weight, linear_weight.shape[0], input.device)
+    _check_chunk_size(chunk_size)
+    wants = _wants_record(record, state, sample_ids)
+    recording = wants and sample_ids is not None
     weighted = sample_weight is not None and sample_ids is not None
-    if sample_ids is None and sample_weight is not None and state is not None and torch.is_grad_enabled():
-        raise ValueError("sample_ids is required: per-sample loss weights (sample_weight) are set")
+    if wants and sample_ids is None and sample_weight is not None:
+        raise ArgumentError("sample_ids is required: per-sample loss weights (sample_weight) are set")
     if weighted:
         _check_sample_weight(sample_weight, state)
 
@@ -98,7 +106,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
     acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
     sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
-    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32)
+    # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
+    denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
     chunk = 0 if chunk_size is None else int(chunk_size)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
@@ -108,7 +117,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                                                              False)
         out = reduce_rows(loss_rows, reduction, denom)
     else:
-        grad_scale = (1.0 / denom).reshape(1) if reduction == "mean" else _ones(dev)
+        grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
         out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
                                        ignore_index, label_smoothing, reduction, chunk, denom)
     if reduction == "none":
@@ -117,27 +126,33 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
 
 
 def _check_shapes(input, linear_weight, target, linear_bias) -> None:
-    """The checks that must precede flattening (the op checks the rest, naming each argument)."""
+    """The checks that must precede flattening (the op checks the rest, naming each argument);
+    ArgumentError, like every argument check of the package."""
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+            raise ArgumentError(f"{name} must be a tensor, got {type(t).__name__}")
     if input.dim() < 1:
-        raise ValueError("input must have a last (hidden) dimension: [..., H], got a 0-d tensor")
+        raise ArgumentError("input must have a last (hidden) dimension: [..., H], got a 0-d tensor")
     if input.dtype not in _DTYPES:
-        raise ValueError(f"input must be float32, bfloat16, float16 or float64, got {input.dtype}")
+        raise ArgumentError(f"input must be float32, bfloat16, float16 or float64, got {input.dtype}")
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_weight must be 2-D [classes, hidden] with hidden = {input.shape[-1]} (the input's "
+        raise ArgumentError(f"linear_weight must be 2-D [classes, hidden] with hidden = {input.shape[-1]} (the input's "
                          f"last dimension), got {tuple(linear_weight.shape)}")
     if target.dtype != torch.int64:
-        raise ValueError(f"target must hold int64 class indices, got {target.dtype} (class-probability targets "
+        raise ArgumentError(f"target must hold int64 class indices, got {target.dtype} (class-probability targets "
                          f"are not supported by the fused path)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"target must have the shape of input without its last dimension "
+        raise ArgumentError(f"target must have the shape of input without its last dimension "
                          f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}")
     if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+        raise ArgumentError(f"target is on {target.device} but input is on {input.device}")
     if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
-        raise ValueError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+        raise ArgumentError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ArgumentError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
 def _empty(dev, dtype):
@@ -160,8 +175,10 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
     chunks, and ``options.batch_chunk_size`` is used as ``chunk_size`` when that is None; its other
     fields do not apply. K-dimensional losses (``out_features != ()``) are not supported.
 
-    ``forward(input [..., in_features], target [...], sample_ids=None)``. Per-sample loss weights
-    are set with :meth:`set_sample_weights`, as for :class:`gdc_ext.CartoLoss`.
+    ``forward(input [..., in_features], target [...], sample_ids=None)``. Recording follows
+    :class:`gdc_ext.CartoLoss`: in training mode with grad enabled, when a state and sample ids
+    are given (a state but no ids in a training step warns once); never in eval mode. Per-sample
+    loss weights are set with :meth:`set_sample_weights`, as for :class:`gdc_ext.CartoLoss`.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
@@ -169,21 +186,20 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  state: Optional[CartoState] = None, chunk_size: Optional[int] = None):
         if tuple(out_features) != ():
-            raise ValueError(f"out_features must be () (K-dimensional losses are not supported by the fused path), "
+            raise ArgumentError(f"out_features must be () (K-dimensional losses are not supported by the fused path), "
                              f"got {out_features}")
         super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
                          reduction=reduction, weight=weight, ignore_index=ignore_index,
                          label_smoothing=label_smoothing, options=options)
         if state is not None and not isinstance(state, CartoState):
-            raise ValueError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+            raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
         if chunk_size is None and options is not None:
             chunk_size = getattr(options, "batch_chunk_size", None)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+        _check_chunk_size(chunk_size)
         self.state = state
         self.chunk_size = chunk_size
         self.sample_weight: Optional[torch.Tensor] = None
+        self._warned_no_ids = False
 
     def set_sample_weights(self, weights: Optional[torch.Tensor]) -> None:
         """Per-sample loss weights [N] (float, finite, >= 0), indexed by sample id; None removes them."""
@@ -194,8 +210,15 @@ class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 sample_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The loss of ``nn.LinearCrossEntropyLoss``; records when a state and ``sample_ids`` are given."""
+        """The loss of ``nn.LinearCrossEntropyLoss``; records into the state in training mode with
+        grad enabled when ``sample_ids`` are given (a state but no ids while training warns once)."""
+        if self.training and self.state is not None and sample_ids is None and torch.is_grad_enabled():
+            warn_no_ids_once(self, input, NO_IDS_WARNING)
         return linear_cross_entropy(input, self.linear.weight, target, sample_ids, linear_bias=self.linear.bias,
                                     weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, state=self.state,
-                                    sample_weight=self.sample_weight, chunk_size=self.chunk_size)
+                                    sample_weight=self.sample_weight, chunk_size=self.chunk_size,
+                                    record=None if self.training else False)
+
+
+NO_IDS_WARNING = no_ids_warning("CartoLinearCrossEntropyLoss")

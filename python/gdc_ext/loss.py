@@ -80,14 +80,25 @@ class CartoLoss(nn.CrossEntropyLoss):
                                         inplace_grad=self.inplace_grad, record=None if self.training else False)
 
     def _warn_no_ids(self, input: torch.Tensor) -> None:
-        """Once per loss object (under torch.compile: once per process, while tracing)."""
-        if torch.compiler.is_compiling():
-            ops.warn_while_tracing(input, NO_IDS_WARNING)
-        elif not self._warned_no_ids:
-            self._warned_no_ids = True
-            warnings.warn(NO_IDS_WARNING, UserWarning, stacklevel=3)
+        warn_no_ids_once(self, input, NO_IDS_WARNING)
 
 
-NO_IDS_WARNING = ("gdc_ext.CartoLoss has a CartoState but was called without sample_ids in training mode: nothing "
-                  "is recorded. Pass sample_ids (one per row or per sequence), or call loss_fn.eval() (or the "
-                  "model's .eval()) for passes that should not record.")
+def warn_no_ids_once(module: nn.Module, input: torch.Tensor, message: str) -> None:
+    """The "a state but no ids in a training step" warning of a recording loss module: once per
+    module (its ``_warned_no_ids`` flag), under torch.compile once per process, while tracing.
+    ``input``: any tensor of the call (the traced warning needs one)."""
+    if torch.compiler.is_compiling():
+        ops.warn_while_tracing(input, message)
+    elif not module._warned_no_ids:
+        module._warned_no_ids = True
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def no_ids_warning(name: str) -> str:
+    """The no-ids warning of the loss module class ``name``."""
+    return (f"gdc_ext.{name} has a CartoState but was called without sample_ids in training mode: nothing is "
+            f"recorded. Pass sample_ids (one per row or per sequence), or call loss_fn.eval() (or the model's "
+            f".eval()) for passes that should not record.")
+
+
+NO_IDS_WARNING = no_ids_warning("CartoLoss")

@@ -228,7 +228,7 @@ class _FusedCE(torch.autograd.Function):
 
     forward(logits [R, V], target [R], weight [V] or None, ids [R] or empty, sw [N] or empty,
     grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index, smoothing, reduction, inplace,
-    denom 0-d) -> the reduced loss (0-d, or [R] for 'none').
+    denom 0-d for 'mean', else None) -> the reduced loss (0-d, or [R] for 'none').
     """
 
     @staticmethod
@@ -346,7 +346,8 @@ class _FusedLinearCE(torch.autograd.Function):
 
     forward(input [R, H], weight [V, H], bias [V] or None, target [R], class_weight [V] or None,
     ids [R] or empty, sw [N] or empty, grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index,
-    smoothing, reduction, chunk_size, denom 0-d) -> the reduced loss (0-d, or [R] for 'none').
+    smoothing, reduction, chunk_size, denom (0-d for 'mean', else None)) -> the reduced loss (0-d, or [R] for
+    'none').
     """
 
     @staticmethod

@@ -405,7 +405,7 @@ class CartoTrainer(Trainer):
         plain = train_ids is None and fn.sample_weight is not None
         reduction = "sum" if num_items_in_batch is not None else "mean"
         if self.fused_linear:  # flat_logits are the hidden states [R, H] here
-            loss = hf_fused.head_loss(head, fn, flat_logits, flat_labels, train_ids, reduction, plain)
+            loss = hf_fused.head_loss(head, fn, flat_logits, flat_labels, train_ids, reduction)
         elif plain:
             loss = torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, weight=fn.weight,
                                                      ignore_index=fn.ignore_index, reduction=reduction,

@@ -119,17 +119,13 @@ def hidden_states(model: nn.Module, inputs: dict):
     return outputs, hidden, head
 
 
-def head_loss(head: nn.Linear, fn, hidden: torch.Tensor, labels: torch.Tensor, train_ids, reduction: str,
-              plain: bool) -> torch.Tensor:
-    """The CartoLoss ``fn``'s loss of ``head(hidden)`` against ``labels`` ([R, H] and [R], already
-    shifted) with the fused linear + cross-entropy: class weight, ignore_index and smoothing of
-    ``fn``; with ``train_ids`` ([R] or None) it records into ``fn.state`` and applies
-    ``fn.sample_weight``; ``plain`` (evaluation batches of a weighted run) gives the unweighted,
-    unsmoothed loss the unfused path reports."""
-    if plain:
-        return linear_cross_entropy(hidden, head.weight, labels, linear_bias=head.bias, weight=fn.weight,
-                                    ignore_index=fn.ignore_index, label_smoothing=fn.label_smoothing,
-                                    reduction=reduction)
+def head_loss(head: nn.Linear, fn, hidden: torch.Tensor, labels: torch.Tensor, train_ids,
+              reduction: str) -> torch.Tensor:
+    """The CartoLoss ``fn``'s loss of ``head(hidden)`` against ``labels`` (hidden [R, H] in the
+    head's dtype, labels [R] int64, already shifted) with the fused linear + cross-entropy: class
+    weight, ignore_index and label smoothing of ``fn`` always; with ``train_ids`` ([R] int64 or
+    None) it also records into ``fn.state`` and applies ``fn.sample_weight``. Without ids
+    (evaluation batches) the loss is unweighted and nothing is recorded, as on the unfused path."""
     kw = dict(linear_bias=head.bias, weight=fn.weight, ignore_index=fn.ignore_index, label_smoothing=fn.label_smoothing,
               reduction=reduction)
     if train_ids is not None:
