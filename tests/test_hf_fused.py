@@ -124,3 +124,14 @@ def test_head_loss_without_ids_is_the_unweighted_smoothed_loss():
     want = torch.nn.functional.cross_entropy(logits, labels, weight=fn.weight, label_smoothing=0.2, reduction="sum")
     torch.testing.assert_close(weighted, 0.5 * want)
     assert state.acc.any()
+
+
+def test_refuses_peft_wrapped_models():
+    """A PEFT wrapper's base_model is the whole causal LM: refused before training, clearly."""
+    from gdc_ext.integrations.hf_fused import check_fused_model
+
+    class PeftModelForCausalLM(torch.nn.Module):  # the name and attribute PEFT's wrapper has
+        peft_config = {"default": None}
+
+    with pytest.raises(ValueError, match="PEFT"):
+        check_fused_model(PeftModelForCausalLM())

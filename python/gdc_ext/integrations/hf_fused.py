@@ -71,6 +71,10 @@ def check_fused_model(model: nn.Module) -> None:
     logits as ``hidden @ lm_head.weight.T (+ bias)``."""
     model = _unwrap(model)
     name = type(model).__name__
+    if name.startswith("Peft") or hasattr(model, "peft_config"):
+        # a PeftModel's base_model is the whole causal LM (LM head included), not its decoder
+        raise ValueError(f"fused_linear=True does not handle PEFT-wrapped models ({name}) yet: train without "
+                         f"fused_linear, or merge the adapters first")
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"fused_linear=True needs a transformers model with a config, got {name}")
@@ -102,6 +106,10 @@ def check_fused_trainer(trainer) -> None:
     if getattr(trainer.args, "world_size", 1) > 1:
         raise ValueError("fused_linear=True does not support multi-process (DDP) training yet: the base model would "
                          "be called past the DistributedDataParallel wrapper")
+    if getattr(trainer.args, "n_gpu", 1) > 1:
+        raise ValueError("fused_linear=True does not support single-process multi-GPU (nn.DataParallel) training: "
+                         "the base model would be called past the DataParallel wrapper, on one GPU; use one GPU "
+                         "per process")
 
 
 def hidden_states(model: nn.Module, inputs: dict):
