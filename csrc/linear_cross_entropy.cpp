@@ -6,8 +6,8 @@
 // Per chunk of rows [r0, r1):
 //   L = X[r0:r1] @ W^T (+ b)         into ONE reusable [C, V] buffer in the input's dtype
 //   row kernel: loss, NLL, energy and the logit gradient G, written over L in place
-//   dX[r0:r1] = G @ W;  dW += G^T @ X[r0:r1];  db += sum_rows(G)   (dW, db summed in float32 for
-//   bfloat16 / float16 inputs)
+//   dX[r0:r1] = G @ W;  dW += G^T @ X[r0:r1];  db += sum_rows(G)   (each only if its
+//   compute_grad_* flag is set; dW, db summed in float32 for bfloat16 / float16 inputs)
 // and, after the last chunk, the recording of every row at once (a rejected batch leaves the
 // CartoState unchanged). The gradients are those of sum(loss_rows * grad_scale); autograd only
 // scales them (python/gdc_ext/ops.py). No host synchronisation anywhere: on CUDA every step is
@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
-    double label_smoothing, int64_t chunk_size, bool compute_grad, const CeRowKernels& kernels) {
+    double label_smoothing, int64_t chunk_size, bool compute_grad_input, bool compute_grad_weight,
+    bool compute_grad_bias, const CeRowKernels& kernels) {
   check_lce_inputs(input, weight, bias, chunk_size);
   const int64_t R = input.size(0), H = input.size(1), V = weight.size(0);
   // Every input check (targets and ids included) runs here, before anything is written.
@@ -94,21 +95,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
                                 acc, ignore_index, label_smoothing);
   const c10::DeviceGuard guard(input.device());
   const bool has_bias = bias.has_value() && bias->defined();
+  // Each gradient only when asked for: a frozen weight (LoRA fine-tuning) skips the dW matmul of
+  // every chunk (a third of the flops) and the [V, H] buffer. A bias gradient needs a bias.
+  const bool want_gx = compute_grad_input;
+  const bool want_gw = compute_grad_weight;
+  const bool want_gb = compute_grad_bias && has_bias;
+  // The logit gradient G is needed by any of them.
+  const bool compute_grad = want_gx || want_gw || want_gb;
   const at::Tensor X = input.contiguous();
   const at::Tensor Wt = weight.t();
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (compute_grad) {
-    grad_input = at::empty({R, H}, input.options());
-    grad_weight = R == 0 ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
-                         : at::empty({V, H}, weight.options());  // the first chunk overwrites it
-    grad_bias = !has_bias ? at::empty({0}, input.options())
-                          : R == 0 ? at::zeros({V}, input.options()) : at::empty({V}, input.options());
-  } else {
-    // Three distinct empty tensors: outputs must not alias (the schema says so).
-    grad_input = at::empty({0}, input.options());
-    grad_weight = at::empty({0}, input.options());
-    grad_bias = at::empty({0}, input.options());
-  }
+  // A gradient not computed is a distinct empty tensor: outputs must not alias (the schema says so).
+  at::Tensor grad_input = want_gx ? at::empty({R, H}, input.options()) : at::empty({0}, input.options());
+  at::Tensor grad_weight = !want_gw ? at::empty({0}, input.options())
+                           : R == 0 ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
+                                    : at::empty({V, H}, weight.options());  // the first chunk overwrites it
+  at::Tensor grad_bias = !want_gb ? at::empty({0}, input.options())
+                         : R == 0 ? at::zeros({V}, input.options()) : at::empty({V}, input.options());
   if (R == 0) return {call.loss, call.nll, grad_input, grad_weight, grad_bias};
 
   const int64_t C = linear_ce_chunk_rows(R, V, H, input.element_size(), input.is_cuda(), chunk_size);
@@ -120,10 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
   // grad_weight, which serves as the scratch buffer, and added into the float32 sum; with one
   // chunk nothing is summed and grad_weight is the product itself.
   const bool half = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
-  const bool sum_w_f32 = compute_grad && half && C < R;
+  const bool sum_w_f32 = want_gw && half && C < R;
   at::Tensor gw_sum = sum_w_f32 ? at::empty({V, H}, input.options().dtype(at::kFloat)) : grad_weight;
-  at::Tensor gb_sum = compute_grad && has_bias && half ? at::empty({V}, input.options().dtype(at::kFloat))
-                                                       : grad_bias;
+  at::Tensor gb_sum = want_gb && half ? at::empty({V}, input.options().dtype(at::kFloat)) : grad_bias;
   at::Tensor buf = at::empty({C, V}, input.options());
   for (int64_t r0 = 0; r0 < R; r0 += C) {
     const int64_t n = std::min(C, R - r0);
@@ -135,23 +136,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
       at::mm_out(L, x, Wt);
     }
     kernels.rows(call.p.rows(r0, r0 + n, input.scalar_type(), L.data_ptr(), compute_grad ? L.data_ptr() : nullptr));
-    if (!compute_grad) continue;
-    at::Tensor gx = grad_input.narrow(0, r0, n);
-    at::mm_out(gx, L, weight);
-    const at::Tensor Lt = L.t();
-    if (sum_w_f32) {
-      at::mm_out(grad_weight, Lt, x);
-      if (r0 == 0) {
-        gw_sum.copy_(grad_weight);
-      } else {
-        gw_sum.add_(grad_weight);
-      }
-    } else if (r0 == 0) {
-      at::mm_out(grad_weight, Lt, x);
-    } else {
-      grad_weight.addmm_(Lt, x);
+    if (want_gx) {
+      at::Tensor gx = grad_input.narrow(0, r0, n);
+      at::mm_out(gx, L, weight);
     }
-    if (has_bias) {
+    if (want_gw) {
+      const at::Tensor Lt = L.t();
+      if (sum_w_f32) {
+        at::mm_out(grad_weight, Lt, x);
+        if (r0 == 0) {
+          gw_sum.copy_(grad_weight);
+        } else {
+          gw_sum.add_(grad_weight);
+        }
+      } else if (r0 == 0) {
+        at::mm_out(grad_weight, Lt, x);
+      } else {
+        grad_weight.addmm_(Lt, x);
+      }
+    }
+    if (want_gb) {
       if (r0 == 0) {
         at::sum_out(gb_sum, L, at::IntArrayRef{0}, false, gb_sum.scalar_type());
       } else {
@@ -160,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     }
   }
   if (sum_w_f32) grad_weight.copy_(gw_sum);
-  if (compute_grad && has_bias && half) grad_bias.copy_(gb_sum);
+  if (want_gb && half) grad_bias.copy_(gb_sum);
   if (call.recording) kernels.record(call.p);
   return {call.loss, call.nll, grad_input, grad_weight, grad_bias};
 }

@@ -22,13 +22,15 @@ struct CeRowKernels {
 int64_t linear_ce_chunk_rows(int64_t R, int64_t V, int64_t H, int64_t elem_size, bool cuda, int64_t requested);
 
 // gdc::linear_cross_entropy_fwd (schema in csrc/ops.cpp): returns loss_rows [R] float32,
-// nll_rows [R] float32, and, if compute_grad, the gradients of sum(loss_rows * grad_scale) with
-// respect to input [R, H], weight [V, H] and bias [V] (empty tensors otherwise / without bias).
+// nll_rows [R] float32, and the gradients of sum(loss_rows * grad_scale) with respect to input
+// [R, H] (if compute_grad_input), weight [V, H] (if compute_grad_weight) and bias [V] (if
+// compute_grad_bias and there is a bias); each gradient not computed is an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_fwd(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
-    double label_smoothing, int64_t chunk_size, bool compute_grad, const CeRowKernels& kernels);
+    double label_smoothing, int64_t chunk_size, bool compute_grad_input, bool compute_grad_weight,
+    bool compute_grad_bias, const CeRowKernels& kernels);
 
 // The op's kernel for one device, registered by register_ce_ops<Device> (csrc/ce_register.h)
 // with the device policy of ce_fwd<Device>: Device::rows / Device::record. The chunk loop makes
@@ -40,9 +42,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
-    double label_smoothing, int64_t chunk_size, bool compute_grad) {
+    double label_smoothing, int64_t chunk_size, bool compute_grad_input, bool compute_grad_weight,
+    bool compute_grad_bias) {
   return linear_ce_fwd(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                       ignore_index, label_smoothing, chunk_size, compute_grad,
+                       ignore_index, label_smoothing, chunk_size, compute_grad_input, compute_grad_weight,
+                       compute_grad_bias,
                        CeRowKernels{&Device::rows, &Device::record});
 }
 

@@ -23,12 +23,14 @@ TORCH_LIBRARY(gdc, m) {
         "Tensor(e!) epoch, Tensor eps, int burn_in) -> ()");
   // Fused linear + cross-entropy over input [R, H] and weight [V, H] (+ bias [V]) without the
   // [R, V] logits: chunks of chunk_size rows (0: automatic, see csrc/linear_cross_entropy.cpp).
-  // Returns loss_rows [R], nll_rows [R] (float32, as cross_entropy_fwd) and, if compute_grad,
-  // the gradients of sum(loss_rows * grad_scale) w.r.t. input [R, H], weight [V, H] and bias [V]
-  // (else, and for an absent bias, empty). Records into acc as cross_entropy_fwd does.
+  // Returns loss_rows [R], nll_rows [R] (float32, as cross_entropy_fwd) and the gradients of
+  // sum(loss_rows * grad_scale) w.r.t. input [R, H], weight [V, H] and bias [V], each only if its
+  // compute_grad_* flag is set (else, and for an absent bias, empty): a frozen weight (LoRA) skips
+  // the dW matmuls and the [V, H] buffer. Records into acc as cross_entropy_fwd does.
   m.def("linear_cross_entropy_fwd(Tensor input, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
         "Tensor sample_ids, Tensor sample_weight, Tensor grad_scale, Tensor(a!) acc, int ignore_index, "
-        "float label_smoothing, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float label_smoothing, int chunk_size, bool compute_grad_input, bool compute_grad_weight, "
+        "bool compute_grad_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // Importing gdc_ext._C loads this library, which registers the ops above.

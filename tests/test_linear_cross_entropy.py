@@ -205,9 +205,9 @@ def test_chunk_rule():
     acc = torch.empty(0, ACC_COLS, dtype=torch.float64)
     # Same results whatever the chunking (the automatic one uses several chunks here).
     auto = torch.ops.gdc.linear_cross_entropy_fwd(x, W, None, t, None, e, torch.empty(0), torch.ones(1), acc, -100,
-                                                  0.0, 0, False)[0]
+                                                  0.0, 0, False, False, False)[0]
     one = torch.ops.gdc.linear_cross_entropy_fwd(x, W, None, t, None, e, torch.empty(0), torch.ones(1), acc, -100,
-                                                 0.0, 100, False)[0]
+                                                 0.0, 100, False, False, False)[0]
     torch.testing.assert_close(auto, one)
 
 
@@ -408,10 +408,12 @@ def test_opcheck(device, dtype, recording, weighted, with_bias):
     acc = (torch.zeros(N, ACC_COLS, dtype=torch.float64, device=device) if recording
            else torch.empty(0, ACC_COLS, dtype=torch.float64, device=device))
     cw = torch.rand(W.shape[0], device=device) if weighted else None
-    for compute_grad in (True, False):
+    # all, none, frozen weight (LoRA), frozen input, bias only
+    for flags in ((True, True, True), (False, False, False), (True, False, True), (False, True, True),
+                  (False, False, True)):
         torch.library.opcheck(torch.ops.gdc.linear_cross_entropy_fwd,
                               (x.reshape(R, -1), W, b, t.reshape(-1), cw, rid, sw, torch.tensor([0.5], device=device),
-                               acc, -100, 0.1, 3, compute_grad))
+                               acc, -100, 0.1, 3, *flags))
 
 
 def test_fake_rejects_like_the_kernel():
@@ -421,11 +423,100 @@ def test_fake_rejects_like_the_kernel():
     e = torch.empty(0, dtype=torch.long)
     acc = torch.empty(0, ACC_COLS, dtype=torch.float64)
     args = [x.reshape(21, -1), torch.randn(50, 15), b, t.reshape(-1), None, e, torch.empty(0), torch.ones(1), acc,
-            -100, 0.0, 0, True]
+            -100, 0.0, 0, True, True, True]
     with pytest.raises(ValueError, match="linear_weight"):
         torch.ops.gdc.linear_cross_entropy_fwd(*args)
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match="linear_weight"):
         torch.ops.gdc.linear_cross_entropy_fwd(*args)
+
+
+# ------------------------------------------------------------- frozen parameters (per-output flags)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("frozen", ["weight", "input", "bias", "weight+bias"])
+def test_frozen_parameters_get_no_gradient_and_the_others_are_unchanged(device, reduction, dtype, frozen,
+                                                                        monkeypatch):
+    """A frozen parameter (requires_grad False, e.g. the LM head under LoRA) keeps grad None, its
+    gradient is not computed by the op, and the loss and the other gradients are bit-identical
+    to those with every parameter trainable."""
+    from gdc_ext import ops
+    real, asked = ops.linear_cross_entropy_fwd, []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        asked.append(tuple(g.numel() > 0 for g in out[2:]))
+        return out
+
+    monkeypatch.setattr(ops, "linear_cross_entropy_fwd", spy)
+    x, W, b, t, ids = _problem(dtype=dtype, device=device)
+    sw = torch.rand(N, device=device)
+
+    def run(trainable):
+        leaves = [z.detach().clone().requires_grad_(name in trainable)
+                  for name, z in zip(("input", "weight", "bias"), (x, W, b))]
+        out = linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction,
+                                   label_smoothing=0.1, sample_ids=ids, sample_weight=sw, chunk_size=4)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)) if out.dim() else torch.tensor(1.7)
+        (out * g.to(out.dtype).to(out.device)).sum().backward()
+        return out.detach(), [z.grad for z in leaves]
+
+    names = ("input", "weight", "bias")
+    l_all, g_all = run(names)
+    assert any(asked) and all(a == (True, True, True) for a in asked if any(a))
+    asked.clear()
+    l_frz, g_frz = run(tuple(n for n in names if n not in frozen.split("+")))
+    # the gradients the op computed (forward for 'mean'/'sum', the backward recompute for 'none')
+    computed = [a for a in asked if any(a)]
+    assert computed and all(a == tuple(n not in frozen.split("+") for n in names) for a in computed)
+    assert torch.equal(l_frz, l_all)
+    for name, got, full in zip(names, g_frz, g_all):
+        if name in frozen.split("+"):
+            assert got is None, name
+        else:
+            assert got is not None and torch.equal(got, full), name
+
+
+def test_op_computes_only_the_gradients_asked_for():
+    """The op returns an empty tensor for each gradient not asked for and the same values as with
+    every flag set for the others (a bias gradient needs a bias)."""
+    x, W, b, t, _ = _problem()
+    e = torch.empty(0, dtype=torch.long)
+    acc = torch.empty(0, ACC_COLS, dtype=torch.float64)
+    args = (x.reshape(21, -1), W, b, t.reshape(-1), None, e, torch.empty(0), torch.tensor([0.5]), acc, -100, 0.1, 4)
+    full = torch.ops.gdc.linear_cross_entropy_fwd(*args, True, True, True)
+    for flags in ((True, False, False), (False, True, False), (False, False, True), (True, False, True)):
+        out = torch.ops.gdc.linear_cross_entropy_fwd(*args, *flags)
+        assert torch.equal(out[0], full[0]) and torch.equal(out[1], full[1])
+        for got, want, flag in zip(out[2:], full[2:], flags):
+            assert torch.equal(got, want) if flag else got.numel() == 0
+    no_bias = torch.ops.gdc.linear_cross_entropy_fwd(args[0], W, None, *args[3:], False, False, True)
+    assert no_bias[4].numel() == 0
+    # the Python wrapper: compute_grad is the default of the three flags
+    from gdc_ext import ops
+    kw = ops.linear_cross_entropy_fwd(*args, True, compute_grad_weight=False)
+    assert torch.equal(kw[2], full[2]) and kw[3].numel() == 0 and torch.equal(kw[4], full[4])
+
+
+def test_frozen_head_under_compile_matches_eager(device):
+    """torch.compile(fullgraph=True) with a frozen LM head: same loss and input gradient as
+    eager, and the head's weight gets no gradient."""
+    x, W, b, t, _ = _problem(device=device)
+
+    def step(compiled):
+        xi = x.detach().clone().requires_grad_()
+
+        def f(xi):
+            return linear_cross_entropy(xi, W, t, linear_bias=b, chunk_size=4)
+
+        loss = (torch.compile(f, fullgraph=True) if compiled else f)(xi)
+        loss.backward()
+        return loss.detach(), xi.grad
+
+    l0, g0 = step(False)
+    l1, g1 = step(True)
+    torch.testing.assert_close(l1, l0)
+    torch.testing.assert_close(g1, g0)
+    assert W.grad is None and b.grad is None
 
 
 class _TinyLM(torch.nn.Module):

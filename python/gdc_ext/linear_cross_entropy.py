@@ -109,9 +109,11 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
     denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
     chunk = 0 if chunk_size is None else int(chunk_size)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
-    if not needs_grad:
+    # Which gradients the op computes (input, weight, bias): a frozen LM head (LoRA fine-tuning)
+    # skips the weight gradient's matmuls and its [V, H] buffer.
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                  for t in (x, linear_weight, linear_bias))
+    if not any(needs):
         loss_rows, _, _, _, _ = ops.linear_cross_entropy_fwd(x, linear_weight, linear_bias, tgt, weight, ids, sw,
                                                              _ones(dev), acc, ignore_index, label_smoothing, chunk,
                                                              False)
@@ -119,7 +121,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     else:
         grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
         out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
-                                       ignore_index, label_smoothing, reduction, chunk, denom)
+                                       ignore_index, label_smoothing, reduction, chunk, denom, needs)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out.to(out_dtype)

@@ -276,7 +276,8 @@ __all__ += ["linear_cross_entropy_fwd"]
 
 @torch.library.register_fake("gdc::linear_cross_entropy_fwd")
 def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                  ignore_index, label_smoothing, chunk_size, compute_grad):
+                  ignore_index, label_smoothing, chunk_size, compute_grad_input, compute_grad_weight,
+                  compute_grad_bias):
     """The contract of gdc::linear_cross_entropy_fwd (csrc/linear_cross_entropy.cpp): input [R, H],
     weight [V, H] and bias [V] of one float dtype, then the cross-entropy contract on [R, V]."""
     _check_float_matrix(input, "gdc.linear_cross_entropy: input", "rows, hidden")
@@ -294,10 +295,11 @@ def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_
                      label_smoothing)
     loss = input.new_empty((R,), dtype=torch.float32)
     nll = input.new_empty((R,), dtype=torch.float32)
-    if not compute_grad:
-        return loss, nll, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
-    grad_bias = input.new_empty((V,)) if bias is not None else input.new_empty((0,))
-    return loss, nll, input.new_empty((R, H)), weight.new_empty((V, H)), grad_bias
+    # each gradient only if its flag is set (a bias gradient also needs a bias), else empty
+    grad_input = input.new_empty((R, H)) if compute_grad_input else input.new_empty((0,))
+    grad_weight = weight.new_empty((V, H)) if compute_grad_weight else input.new_empty((0,))
+    grad_bias = input.new_empty((V,)) if compute_grad_bias and bias is not None else input.new_empty((0,))
+    return loss, nll, grad_input, grad_weight, grad_bias
 
 
 def _check_linear_param(param, name: str, shape_ok: bool, expected_shape: str, input) -> None:
@@ -314,7 +316,9 @@ def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Op
                              target: torch.Tensor, class_weight: Optional[torch.Tensor], sample_ids: torch.Tensor,
                              sample_weight: torch.Tensor, grad_scale: torch.Tensor, acc: torch.Tensor,
                              ignore_index: int, label_smoothing: float, chunk_size: int,
-                             compute_grad: bool) -> tuple[torch.Tensor, ...]:
+                             compute_grad: bool = False, *, compute_grad_input: Optional[bool] = None,
+                             compute_grad_weight: Optional[bool] = None,
+                             compute_grad_bias: Optional[bool] = None) -> tuple[torch.Tensor, ...]:
     """Fused linear + cross-entropy over rows, without the [R, V] logits.
 
     Args:
@@ -325,13 +329,18 @@ def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Op
         chunk_size: rows per chunk; 0 chooses it from the shapes (the logits chunk takes at most
             CPU: max(64 MiB, min(weight bytes, logits bytes / 4)); CUDA: max(64 MiB, input bytes
             / 8); see csrc/linear_cross_entropy.cpp).
-        compute_grad: also return the gradients of sum(loss_rows * grad_scale).
+        compute_grad: also return the gradients of sum(loss_rows * grad_scale) (the default of
+            each of the three flags below).
+        compute_grad_input, compute_grad_weight, compute_grad_bias: compute that gradient (None:
+            ``compute_grad``). A frozen weight (LoRA) skips the dW matmuls and the [V, H] buffer.
     Returns:
         loss_rows [R] float32, nll_rows [R] float32, grad_input [R, H], grad_weight [V, H] and
-        grad_bias [V] (input's dtype; empty without compute_grad, grad_bias empty without bias).
+        grad_bias [V] (input's dtype; each empty when not computed, grad_bias empty without bias).
     """
+    flags = tuple(compute_grad if f is None else f
+                  for f in (compute_grad_input, compute_grad_weight, compute_grad_bias))
     return _call(torch.ops.gdc.linear_cross_entropy_fwd, input, weight, bias, target, class_weight, sample_ids,
-                 sample_weight, grad_scale, acc, ignore_index, label_smoothing, chunk_size, compute_grad)
+                 sample_weight, grad_scale, acc, ignore_index, label_smoothing, chunk_size, *flags)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -344,21 +353,32 @@ class _FusedLinearCE(torch.autograd.Function):
     loop again with grad_output folded in as per-row sample weights (ids = 0..R-1), without
     recording: one more forward's worth of matmuls, still without the [R, V] logits.
 
+    Only the gradients asked for are computed (``needs``: input, weight, bias; the functional
+    derives it from requires_grad, so a frozen LM head skips the dW matmuls and the [V, H]
+    buffer); backward returns None for the others.
+
     forward(input [R, H], weight [V, H], bias [V] or None, target [R], class_weight [V] or None,
     ids [R] or empty, sw [N] or empty, grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index,
-    smoothing, reduction, chunk_size, denom (0-d for 'mean', else None)) -> the reduced loss (0-d, or [R] for
-    'none').
+    smoothing, reduction, chunk_size, denom (0-d for 'mean', else None), needs (three bools, or
+    None: ctx.needs_input_grad of input, weight, bias)) -> the reduced loss (0-d, or [R] for 'none').
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, target, class_weight, ids, sw, grad_scale, acc, ignore_index, smoothing,
-                reduction, chunk_size, denom):
+                reduction, chunk_size, denom, needs=None):
         per_row = reduction == "none"
+        if needs is None:
+            needs = tuple(ctx.needs_input_grad[:3])
+        # a bias gradient needs a bias
+        needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
+        flags = (False, False, False) if per_row else needs
         loss_rows, _, gx, gw, gb = linear_cross_entropy_fwd(input, weight, bias, target, class_weight, ids, sw,
                                                             grad_scale, acc, ignore_index, smoothing, chunk_size,
-                                                            not per_row)
+                                                            compute_grad_input=flags[0],
+                                                            compute_grad_weight=flags[1],
+                                                            compute_grad_bias=flags[2])
         ctx.per_row = per_row
-        ctx.has_bias = bias is not None
+        ctx.needs = needs
         if per_row:
             ctx.args = (ignore_index, smoothing, chunk_size)
             ctx.save_for_backward(input, weight, bias, target, class_weight, ids, sw)
@@ -370,12 +390,13 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         _consume_once(ctx, "linear_cross_entropy")
         if ctx.per_row:
-            gx, gw, gb = _per_row_backward(ctx, grad_out)
+            grads = _per_row_backward(ctx, grad_out)
         else:
-            gx, gw, gb = ctx.saved_tensors
-            _scale_grads_((gx, gw, gb) if ctx.has_bias else (gx, gw), grad_out)
-        nones = (None,) * 11
-        return (gx, gw, gb if ctx.has_bias else None) + nones
+            grads = ctx.saved_tensors
+            _scale_grads_(tuple(g for g, need in zip(grads, ctx.needs) if need), grad_out)
+        gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs))
+        nones = (None,) * 12
+        return (gx, gw, gb) + nones
 
 
 def _per_row_backward(ctx, grad_out):
@@ -389,7 +410,9 @@ def _per_row_backward(ctx, grad_out):
     row_ids = torch.arange(R, device=input.device)
     no_acc = torch.empty((0, ACC_COLS), dtype=torch.float64, device=input.device)
     ones = torch.ones(1, dtype=torch.float32, device=input.device)
+    need_x, need_w, need_b = ctx.needs
     _, _, gx, gw, gb = linear_cross_entropy_fwd(input, weight, bias, target, class_weight, row_ids,
                                                 row_w.contiguous(), ones, no_acc, ignore_index, smoothing,
-                                                chunk_size, True)
+                                                chunk_size, compute_grad_input=need_x,
+                                                compute_grad_weight=need_w, compute_grad_bias=need_b)
     return gx, gw, gb
