@@ -368,15 +368,57 @@ def test_backward_twice_is_refused():
 
 
 # ------------------------------------------------------------------------------------- module
-def test_module_mirrors_torch_module():
+def _module_pair(ref_cls):
+    """A CartoLinearCrossEntropyLoss and a ref_cls module with the same weights."""
     torch.manual_seed(0)
-    ref = torch.nn.LinearCrossEntropyLoss(16, 50, bias=True, reduction="sum", label_smoothing=0.1)
+    ref = ref_cls(16, 50, bias=True, reduction="sum", label_smoothing=0.1)
     state = CartoState(N, burn_in=1, eps=1.0)
     mod = CartoLinearCrossEntropyLoss(16, 50, bias=True, reduction="sum", label_smoothing=0.1, state=state,
                                       chunk_size=4)
-    assert isinstance(mod, torch.nn.LinearCrossEntropyLoss)
-    assert mod.state_dict().keys() == ref.state_dict().keys()
+    assert mod.state_dict().keys() == ref.state_dict().keys() == {"linear.weight", "linear.bias"}
     mod.load_state_dict(ref.state_dict())
+    return mod, ref, state
+
+
+def test_module_equals_matmul_and_cross_entropy():
+    """On every torch version (torch < 2.13 has no nn.LinearCrossEntropyLoss: the base class is
+    the stand-in): loss, gradients and recording of the module against matmul + F.cross_entropy."""
+    from gdc_ext._torch_compat import LinearCrossEntropyLossBase
+
+    mod, _, state = _module_pair(CartoLinearCrossEntropyLoss)
+    assert isinstance(mod, LinearCrossEntropyLossBase)
+    assert (mod.num_classes, mod.out_features, mod.ignore_index, mod.label_smoothing, mod.reduction) == \
+        (50, (), None, 0.1, "sum")
+    x, _, _, t, ids = _problem()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    Wb = mod.linear.weight.detach().clone().requires_grad_()
+    bb = mod.linear.bias.detach().clone().requires_grad_()
+    la = mod(xa, t, ids)
+    lb = F.cross_entropy((xb @ Wb.t() + bb).reshape(-1, 50), t.reshape(-1), reduction="sum", label_smoothing=0.1)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(mod.linear.weight.grad, Wb.grad)
+    torch.testing.assert_close(mod.linear.bias.grad, bb.grad)
+    assert state.acc[:, ACC_COUNT].sum() == int((t != -100).sum())
+    assert "num_classes=50" in repr(mod) and "chunk_size=4" in repr(mod)
+    with pytest.raises(ValueError, match="out_features"):
+        CartoLinearCrossEntropyLoss(16, 50, out_features=(2,))
+    with pytest.raises(ValueError, match="chunk_size"):
+        CartoLinearCrossEntropyLoss(16, 50, chunk_size=0)
+    with pytest.raises(RuntimeError, match="weight shape"):
+        CartoLinearCrossEntropyLoss(16, 50, weight=torch.ones(49))
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        CartoLinearCrossEntropyLoss(16, 50, label_smoothing=1.5)
+    mod.set_sample_weights(torch.zeros(N))
+    assert float(mod(x, t, ids)) == 0.0
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13: no nn.LinearCrossEntropyLoss")
+def test_module_mirrors_torch_module():
+    mod, ref, state = _module_pair(torch.nn.LinearCrossEntropyLoss)
+    assert isinstance(mod, torch.nn.LinearCrossEntropyLoss)
     x, _, _, t, ids = _problem()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     la, lb = mod(xa, t, ids), ref(xb.reshape(-1, 16), t.reshape(-1))  # torch's takes 1-D or 2-D input
@@ -389,12 +431,28 @@ def test_module_mirrors_torch_module():
     assert state.acc[:, ACC_COUNT].sum() == int((t != -100).sum())
     opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3)
     assert CartoLinearCrossEntropyLoss(16, 50, options=opts).chunk_size == 3
-    with pytest.raises(ValueError, match="out_features"):
-        CartoLinearCrossEntropyLoss(16, 50, out_features=(2,))
-    with pytest.raises(ValueError, match="chunk_size"):
-        CartoLinearCrossEntropyLoss(16, 50, chunk_size=0)
-    mod.set_sample_weights(torch.zeros(N))
-    assert float(mod(x, t, ids)) == 0.0
+
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13: no nn.LinearCrossEntropyLoss")
+@pytest.mark.parametrize("kwargs", [{}, {"bias": True, "reduction": "none", "ignore_index": 3, "label_smoothing": 0.2,
+                                         "weight": torch.rand(50)}])
+def test_stand_in_base_matches_torch_module(kwargs):
+    """The torch < 2.13 stand-in has torch's constructor, attributes, state_dict, repr and errors."""
+    from gdc_ext._torch_compat import _LinearCrossEntropyLossStandIn
+
+    torch.manual_seed(0)
+    a = torch.nn.LinearCrossEntropyLoss(16, 50, **kwargs)
+    b = _LinearCrossEntropyLossStandIn(16, 50, **kwargs)
+    assert a.extra_repr().replace(" ", "") == b.extra_repr().replace(" ", "")
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    for attr in ("num_classes", "out_features", "reduction", "ignore_index", "label_smoothing", "options"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+    for bad in ({"weight": torch.ones(3)}, {"label_smoothing": -0.1}):
+        with pytest.raises(RuntimeError) as ea:
+            torch.nn.LinearCrossEntropyLoss(16, 50, **bad)
+        with pytest.raises(RuntimeError) as eb:
+            _LinearCrossEntropyLossStandIn(16, 50, **bad)
+        assert str(ea.value) == str(eb.value)
 
 
 # ------------------------------------------------------------------------------ op registration

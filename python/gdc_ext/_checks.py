@@ -19,6 +19,7 @@ class-index target of the wrong batch size              ValueError
 class-index target of the wrong shape otherwise         RuntimeError
   (but [B] for unbatched [V] input: ValueError)
 class-index target neither int64 nor uint8              RuntimeError
+probability (float) target not of input's shape         RuntimeError
 =====================================================  ============
 
 ``label_smoothing`` below 0 or NaN is refused too (torch accepts it and trains as if it were 0).
@@ -53,7 +54,14 @@ def check_arguments(input: torch.Tensor, target: torch.Tensor, weight: Optional[
         return
     check_class_weight(weight, input.shape[1] if input.dim() >= 2 else input.shape[0], input.device)
     if target.dtype.is_floating_point:
-        return  # class probabilities: torch's checks (the fallback runs F.cross_entropy first)
+        # Class probabilities: torch checks the values (the fallback runs F.cross_entropy first);
+        # the shape is checked here because torch's message for a mismatch depends on its version
+        # (2.11: "expected scalar type Long but found Float") and does not name the argument.
+        if target.shape != input.shape:
+            raise ArgumentError(f"target: a floating-point target holds class probabilities and must have input's "
+                                f"shape {tuple(input.shape)}, got {tuple(target.shape)} ({target.dtype}); class "
+                                f"indices must be int64")
+        return
     _check_index_target(input, target)
 
 

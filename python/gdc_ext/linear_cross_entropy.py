@@ -24,6 +24,7 @@ from gdc_ext import ops
 from gdc_ext._checks import check_class_weight, check_reduction_and_smoothing, checked_sample_weights
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
+from gdc_ext._torch_compat import LinearCrossEntropyLossBase
 from gdc_ext.functional import _check_sample_weight, _wants_record
 from gdc_ext.layout import ACC_COLS
 from gdc_ext.loss import no_ids_warning, warn_no_ids_once
@@ -165,12 +166,13 @@ def _ones(dev):
     return torch.ones(1, dtype=torch.float32, device=dev)
 
 
-class CartoLinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+class CartoLinearCrossEntropyLoss(LinearCrossEntropyLossBase):
     """``nn.LinearCrossEntropyLoss`` on :func:`linear_cross_entropy`: the logits are never
     materialised, and per-sample dynamics are recorded into ``state``.
 
     Constructor: ``nn.LinearCrossEntropyLoss``'s arguments (the module owns ``self.linear``, an
-    ``nn.Linear(in_features, num_classes)``), plus keyword-only
+    ``nn.Linear(in_features, num_classes)``; on torch < 2.13, which lacks that class, the base is a
+    stand-in with the same constructor and attributes), plus keyword-only
         state: a :class:`CartoState` to record into (None: no recording).
         chunk_size: rows per chunk (None: automatic; see :func:`linear_cross_entropy`).
     ``options`` (a ``LinearCrossEntropyOptions``) is accepted for drop-in use: this path always
