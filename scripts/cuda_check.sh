@@ -33,10 +33,5 @@ fi
 
 GDC_CUDA=ON "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir="$CUDA_BUILD_DIR" .
 # From /tmp, so the installed package is imported, not python/ of the source tree.
-cd /tmp && "$PY" -c '
-import torch, gdc_ext
-ops = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "scale_grad_", "end_epoch_", "linear_cross_entropy_fwd"]
-missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("gdc::" + o, "CUDA")]
-assert not missing, f"no CUDA kernel registered for {missing}"
-print(f"cuda-check: OK: gdc_ext imports with torch {torch.__version__}; CUDA kernels registered for {ops}")
-'
+script="$(pwd)/scripts/check_cuda_ops.py"
+cd /tmp && "$PY" "$script" | sed 's/^/cuda-check: /'
