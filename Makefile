@@ -14,7 +14,7 @@ SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
 # Test workers: CI has 2 cores.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint install bench clean cuda-check
+.PHONY: demo test lint install bench clean cuda-check compat-check
 
 # torch first (the extension builds against the installed torch, without build isolation), then
 # the build requirements; the package and its extras come with the editable install below.
@@ -33,13 +33,17 @@ install: $(VENV)/.built
 demo: install
 	$(PY) -m examples.demo
 
-# The CUDA compile-and-link check (no GPU needed; see cuda-check below), lint, the README's install
-# lines in a fresh venv (scripts/install_check.sh), then the suite,
-# whose summary stays the last line. CUDA_CHECK=0 skips the former for a quick local run.
+# The CUDA compile-and-link check (no GPU needed; see cuda-check below), lint, the suite against the
+# oldest supported torch (compat-check), the README's install lines in a fresh venv
+# (scripts/install_check.sh), then the suite, whose summary stays the last line.
+# CUDA_CHECK=0 / COMPAT_CHECK=0 skip the first / the compat check for a quick local run.
 CUDA_CHECK_ENABLED ?= $(if $(filter 0,$(CUDA_CHECK)),,yes)
+# The suite against the oldest supported torch (scripts/torch_compat_check.sh); COMPAT_CHECK=0 skips it.
+COMPAT_CHECK_ENABLED ?= $(if $(filter 0,$(COMPAT_CHECK)),,yes)
 test: install
 	$(if $(CUDA_CHECK_ENABLED),$(MAKE) --no-print-directory cuda-check,@echo "cuda-check: skipped (CUDA_CHECK=0)")
 	$(MAKE) --no-print-directory lint
+	$(if $(COMPAT_CHECK_ENABLED),$(MAKE) --no-print-directory compat-check,@echo "compat-check: skipped (COMPAT_CHECK=0)")
 	TORCH_SPEC="$(TORCH_SPEC)" PYTHON=$(PYTHON) bash scripts/install_check.sh
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
@@ -58,6 +62,9 @@ clean:
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_DEPS := scikit-build-core pybind11 cmake ninja numpy safetensors
+
+compat-check:
+	PYTHON="$(PYTHON)" PYTEST_WORKERS=$(PYTEST_WORKERS) bash scripts/torch_compat_check.sh
 
 cuda-check:
 	PYTHON="$(PYTHON)" CUDA_VENV="$(CUDA_VENV)" CUDA_TORCH_SPEC="$(CUDA_TORCH_SPEC)" CUDA_DEPS="$(CUDA_DEPS)" \
