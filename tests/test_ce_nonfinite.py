@@ -43,10 +43,19 @@ def _run(logits, acc, inplace=False):
     return loss.cpu()
 
 
+def _copy(logits):
+    """A copy at the same storage offset (so at the same 16-byte alignment): a plain clone()
+    starts at offset 0, which would silently drop the unaligned-head case."""
+    off = logits.storage_offset()
+    out = logits.new_empty(logits.numel() + off)[off:].view(logits.shape)
+    out.copy_(logits)
+    return out
+
+
 def _check(logits, bad_row, device, inplace=False):
     """The row `bad_row` holds a NaN: loss NaN there and finite elsewhere without recording; with
     recording, a ValueError (CPU) or a skipped batch (CUDA), and the state unchanged either way."""
-    loss = _run(logits.clone(), torch.empty(0, dtype=torch.float64, device=device), inplace)
+    loss = _run(_copy(logits), torch.empty(0, dtype=torch.float64, device=device), inplace)
     assert torch.isnan(loss[bad_row]), f"row {bad_row}: a NaN logit gave the finite loss {loss[bad_row]}"
     ok = torch.ones(len(loss), dtype=torch.bool)
     ok[bad_row] = False
@@ -55,9 +64,9 @@ def _check(logits, bad_row, device, inplace=False):
     acc = _acc(device)
     if device == "cpu":
         with pytest.raises(ValueError, match="non-finite loss"):
-            _run(logits.clone(), acc, inplace)
+            _run(_copy(logits), acc, inplace)
     else:
-        loss = _run(logits.clone(), acc, inplace)  # no host sync, so no raise: NaN loss instead
+        loss = _run(_copy(logits), acc, inplace)  # no host sync, so no raise: NaN loss instead
         assert torch.isnan(loss[bad_row])
     assert torch.equal(acc.cpu(), _acc("cpu")), "a batch with a NaN row changed the CartoState"
 
@@ -81,7 +90,7 @@ def test_nan_in_head_of_unaligned_row(device, dtype):
     R, V = 5, 40
     for r in range(R):
         x = _rows(R, V, dtype, device, offset=1)
-        assert x.is_contiguous() and x.storage_offset() == 1
+        assert x.is_contiguous() and x.storage_offset() == 1 and _copy(x).storage_offset() == 1
         x[r, 1] = float("nan")
         _check(x, r, device)
 

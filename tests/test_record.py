@@ -159,13 +159,19 @@ def test_end_epoch_warns_when_nothing_was_recorded():
 def test_record_on_cuda_never_synchronises_and_skips_a_bad_batch():
     s = CartoState(4, burn_in=1, eps=1.0, device="cuda")
     losses = torch.tensor([1.0, 2.0, 3.0], device="cuda")
+    # Every input is built before sync-debug mode is on: torch.tensor(list, device="cuda") is a
+    # blocking host-to-device copy, which "error" mode rejects (the test's sync, not record()'s).
+    ids_ok, ids_bad, ids_nan, ids_cnt = (torch.tensor(i, device="cuda") for i in
+                                         ([0, 1, 1], [0, 9, 1], [2, 2, 3], [3, 3, 3]))
+    nan_losses = torch.tensor([1.0, float("nan"), 1.0], device="cuda")
+    counts = torch.tensor([1, 0, 2], device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        s.record(losses, torch.tensor([0, 1, 1], device="cuda"))
-        s.record(losses, torch.tensor([0, 9, 1], device="cuda"))  # out of range: the whole batch is skipped
-        s.record(torch.tensor([1.0, float("nan"), 1.0], device="cuda"), torch.tensor([2, 2, 3], device="cuda"))
-        s.record(losses, torch.tensor([3, 3, 3], device="cuda"), counts=torch.tensor([1, 0, 2], device="cuda"))
+        s.record(losses, ids_ok)
+        s.record(losses, ids_bad)  # out of range: the whole batch is skipped
+        s.record(nan_losses, ids_nan)
+        s.record(losses, ids_cnt, counts=counts)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     s.end_epoch()
