@@ -156,8 +156,12 @@ __device__ __forceinline__ void fill_row(T* g, int64_t V, float v) {
 // carry no per-element branch on them: kHasCw (class weights), kSmooth (label smoothing > 0, the
 // only case that needs sum_c w[c] z[c]), kRecord (flag rows that must not be recorded).
 // grad_vec: logits and grad rows share their 16-byte alignment (vector stores for the gradient).
+// __launch_bounds__: launched with up to kMaxThreads threads (threads_for), so the compiler must
+// keep to 65536 / 512 = 128 registers per thread; without the bound a later change could make it
+// use more, and a 512-thread launch would then fail with "too many resources requested for
+// launch". (Today: 27-40 registers, no spills, 272 B shared memory; ptxas -v, sm_90.)
 template <typename T, bool kHasCw, bool kSmooth, bool kRecord>
-__global__ void ce_rows_kernel(CeParams P, bool grad_vec) {
+__global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool grad_vec) {
   constexpr int n = Vec<T>::n;
   const T* logits = static_cast<const T*>(P.logits);
   T* grad = static_cast<T*>(P.grad);
@@ -327,9 +331,9 @@ __global__ void scale_all_kernel(T* grad, int64_t numel, const double* s) {
              static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
-// One factor per row, one block per row.
+// One factor per row, one block per row (up to kMaxThreads threads: see ce_rows_kernel).
 template <typename T>
-__global__ void scale_rows_kernel(T* grad, int64_t R, int64_t V, const double* s) {
+__global__ void __launch_bounds__(kMaxThreads) scale_rows_kernel(T* grad, int64_t R, int64_t V, const double* s) {
   using opmath_t = at::opmath_type<T>;
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     scale_span(grad + r * V, V, static_cast<opmath_t>(static_cast<T>(s[r])), threadIdx.x, blockDim.x);
