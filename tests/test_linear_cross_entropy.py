@@ -455,6 +455,36 @@ def test_stand_in_base_matches_torch_module(kwargs):
         assert str(ea.value) == str(eb.value)
 
 
+def test_works_without_torch_linear_cross_entropy_loss():
+    """torch < 2.13 (no nn.LinearCrossEntropyLoss; the GPU machines run 2.11), simulated on any
+    torch by deleting the class before the import, in a fresh interpreter: ``import gdc_ext``
+    works and CartoLinearCrossEntropyLoss trains and records on the stand-in base."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+    del torch.nn.LinearCrossEntropyLoss
+import gdc_ext
+from gdc_ext._torch_compat import _LinearCrossEntropyLossStandIn
+from gdc_ext.layout import ACC_COUNT
+m = gdc_ext.CartoLinearCrossEntropyLoss(8, 20, bias=True, state=gdc_ext.CartoState(3, burn_in=1), chunk_size=2)
+assert isinstance(m, _LinearCrossEntropyLossStandIn)
+x = torch.randn(3, 4, 8, requires_grad=True)
+t = torch.randint(0, 20, (3, 4))
+m(x, t, torch.tensor([0, 1, 2])).backward()
+ref = torch.nn.functional.cross_entropy(x.detach().reshape(-1, 8) @ m.linear.weight.detach().t()
+                                        + m.linear.bias.detach(), t.reshape(-1))
+torch.testing.assert_close(m(x, t).detach(), ref)
+assert x.grad is not None and m.linear.weight.grad is not None
+assert m.state.acc[:, ACC_COUNT].sum() == 12
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------ op registration
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recording,weighted,with_bias", [(True, True, True), (False, False, False)])
