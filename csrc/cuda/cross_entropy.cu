@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -395,7 +396,9 @@ void ce_rows_cuda(const CeParams& P, CUstream_st* stream) {
 void ce_record_cuda(const CeParams& P, CUstream_st* stream) {
   if (P.R == 0) return;
   if (at::globalContext().deterministicAlgorithms()) {
-    // at::sort (stable) runs on the stream without host synchronisation.
+    // at::sort (stable) runs on the stream without host synchronisation. The ATen calls run on
+    // the current stream: make it `stream` so they are ordered with the kernel below.
+    const c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromExternal(stream, c10::cuda::current_device()));
     const auto lopts = at::TensorOptions().dtype(at::kLong).device(at::kCUDA, c10::cuda::current_device());
     const at::Tensor target = at::from_blob(const_cast<int64_t*>(P.target), {P.R}, lopts);
     const at::Tensor ids = at::from_blob(const_cast<int64_t*>(P.ids), {P.R}, lopts);
