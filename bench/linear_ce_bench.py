@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss_bench import (Timer, device_name, git_commit, maxrss_bytes, reset_hwm, slug,  # noqa: E402
-                        sync)
+from loss_bench import (Timer, device_name, git_commit, maxrss_bytes, replace_file, reset_hwm,  # noqa: E402
+                        slug, sync)
 
 METHODS = ("gdc_flce", "carto_inplace", "torch_ce", "torch_chunked", "liger", "cce")
 CUDA_ONLY = ("liger", "cce")
@@ -272,13 +272,26 @@ def plot(result: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ main
+def write_outputs(result: dict, out: str) -> None:
+    """linear_ce.{json,md,png}. Called after every case, so a run stopped by a time limit (a lent
+    GPU machine's call) keeps what it measured."""
+    for c in result["cases"]:
+        c["targets"] = targets(c)
+    replace_file(os.path.join(out, "linear_ce.json"), json.dumps(result, indent=1))
+    replace_file(os.path.join(out, "linear_ce.md"), markdown(result))
+    try:
+        replace_file(os.path.join(out, "linear_ce.png"), lambda tmp: plot(result, tmp))
+    except ImportError as e:
+        print(f"no plot: {e}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--shapes", nargs="+", type=parse_shape, help="RxHxV (rows x hidden x vocabulary)")
     p.add_argument("--large", action="store_true", help=f"add the large shapes (CPU {' '.join(CPU_LARGE)}; CUDA "
                                                         f"{' '.join(CUDA_LARGE)})")
-    p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default CPU float32; CUDA float32 bfloat16")
+    p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default CPU float32; CUDA bfloat16 float32")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -298,7 +311,7 @@ def main(argv=None) -> int:
     shapes = args.shapes or [parse_shape(s) for s in (CUDA_SHAPES if cuda else CPU_SHAPES)]
     if args.large:
         shapes += [parse_shape(s) for s in (CUDA_LARGE if cuda else CPU_LARGE)]
-    dtypes = args.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
+    dtypes = args.dtypes or (["bfloat16", "float32"] if cuda else ["float32"])
     name = device_name(device)
     env = {"device": device.type, "device_name": name, "torch": torch.__version__, "gdc_ext": gdc_ext.__version__,
            "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -342,22 +355,14 @@ def main(argv=None) -> int:
                         rows[m]["memory_error"] = str(e)[:300]
             result["cases"].append({"R": R, "H": H, "V": V, "dtype": dt, "device": device.type,
                                     "rows": [rows[m] for m in args.methods if m in rows]})
+            write_outputs(result, out)
             del inp, fns
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
     env["uptime_end"] = uptime()
-    for c in result["cases"]:
-        c["targets"] = targets(c)
-    with open(os.path.join(out, "linear_ce.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_outputs(result, out)
     md = markdown(result)
-    with open(os.path.join(out, "linear_ce.md"), "w") as fh:
-        fh.write(md)
-    try:
-        plot(result, os.path.join(out, "linear_ce.png"))
-    except ImportError as e:
-        print(f"no plot: {e}", file=sys.stderr)
     print(md)
     return 0
 

@@ -593,6 +593,28 @@ def plot(result: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ main
+def replace_file(path: str, content) -> None:
+    """Writes ``content`` (a str, or a function that writes a given path) to a temporary file
+    beside ``path`` and renames it over ``path``: a reader never sees half a file."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{name}")  # keeps the extension savefig reads
+    if isinstance(content, str):
+        with open(tmp, "w") as fh:
+            fh.write(content)
+    else:
+        content(tmp)
+    os.replace(tmp, path)
+
+
+def write_outputs(result: dict, out: str) -> None:
+    """results.json, results.md and (with cases) results.png. Called after every case, so a run
+    stopped by a time limit (a lent GPU machine's call) keeps what it measured."""
+    replace_file(os.path.join(out, "results.json"), json.dumps(result, indent=1))
+    replace_file(os.path.join(out, "results.md"), markdown(result))
+    if result["cases"]:
+        replace_file(os.path.join(out, "results.png"), lambda tmp: plot(result, tmp))
+
+
 def parse_shape(s: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)x(\d+)", s)
     if not m:
@@ -605,7 +627,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--shapes", nargs="+", type=parse_shape, help=f"RxV (default CPU {' '.join(CPU_SHAPES)}; "
                    f"CUDA {' '.join(CUDA_SHAPES)})")
-    p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default CPU float32; CUDA float32 bfloat16")
+    p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), help="default CPU float32; CUDA bfloat16 float32")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -639,7 +661,7 @@ def main(argv=None) -> int:
                           else "cpu")
     cuda = device.type == "cuda"
     shapes = args.shapes or [parse_shape(s) for s in (CUDA_SHAPES if cuda else CPU_SHAPES)]
-    dtypes = args.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
+    dtypes = args.dtypes or (["bfloat16", "float32"] if cuda else ["float32"])
     env = environment(device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    slug(("" if cuda else "cpu-") + env["device_name"]))
@@ -656,6 +678,11 @@ def main(argv=None) -> int:
     total += 0 if ee_sizes is None else len(ee_sizes) * (args.repeats + 1)
     bar = tqdm(total=total, desc="bench", unit="step")
 
+    # end_epoch first: it is quick, and a run stopped by a time limit still has it.
+    if ee_sizes is not None:
+        bar.set_description("end_epoch")
+        result["end_epoch"] = bench_end_epoch(ee_sizes, device, args.repeats, bar)
+        write_outputs(result, out)
     for R, V, dt in cases:
         if R % args.seq_len:
             raise SystemExit(f"--shapes: rows {R} must be a multiple of --seq-len {args.seq_len}")
@@ -724,25 +751,17 @@ def main(argv=None) -> int:
                                 "num_samples": case.num_samples, "epochs": case.epochs, "seq_len": case.seq_len,
                                 "plain_leaf": case.plain_leaf, "copy_bw": copy_bw,
                                 "rows": [rows[n] for n in args.methods if n in rows]})
+        write_outputs(result, out)
         del methods, inp
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
 
-    if ee_sizes is not None:
-        bar.set_description("end_epoch")
-        result["end_epoch"] = bench_end_epoch(ee_sizes, device, args.repeats, bar)
     bar.close()
     env["loadavg_end"] = os.getloadavg()  # other work on the machine skews CPU timings
 
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    md = markdown(result)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(md)
-    if result["cases"]:
-        plot(result, os.path.join(out, "results.png"))
-    print(md)
+    write_outputs(result, out)
+    print(markdown(result))
     print(f"wrote {out}/results.{{json,md" + (",png}" if result["cases"] else "}"))
     return 0
 
