@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from gdc_ext import ops
 from gdc_ext._checks import check_class_weight, check_reduction_and_smoothing, checked_sample_weights
