@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_session.sh check     # build, CUDA tests, compute-sanitizer      (first call)
 #   bash scripts/gpu_session.sh bench     # loss_bench + linear_ce_bench on CUDA     (second call, back to back)
+#   bash scripts/gpu_session.sh all       # build, tests, both benchmarks, sanitizers (one call, when only one fits)
 #   bash scripts/gpu_session.sh STEP...   # any of: build tests sanitize loss linear suite
 #
 # Steps: build (CUDA build of this tree against the installed torch, only for the local GPU's
@@ -69,9 +70,11 @@ expanded=()
 for s in "${steps[@]}"; do
   case "$s" in
     check) expanded+=(build tests sanitize) ;;
-    bench) expanded+=(loss linear) ;;
+    # build again: skipped in seconds when the warm machine still has this tree's build
+    bench) expanded+=(build loss linear) ;;
+    all) expanded+=(build tests loss linear sanitize) ;;
     build|tests|sanitize|loss|linear|suite) expanded+=("$s") ;;
-    *) echo "gpu_session: unknown step '$s' (expected check, bench, build, tests, sanitize, loss, linear, suite)"
+    *) echo "gpu_session: unknown step '$s' (expected check, bench, all, build, tests, sanitize, loss, linear, suite)"
        return 2 ;;
   esac
 done
