@@ -177,7 +177,9 @@ def check_compile_matches_eager(inplace: bool, device: str = "cpu") -> None:
     torch.testing.assert_close(l1, l0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a1, a0)
+    # The accumulators are float64 sums of float32 NLLs: compare at float32's precision (the
+    # compiled logits may differ from eager by an ulp on CUDA, where inductor generates the code).
+    torch.testing.assert_close(a1, a0, rtol=1.3e-6, atol=1e-5)
     assert a0[ids, ACC_COUNT].tolist() == [L] * B
 
 

@@ -638,7 +638,8 @@ def test_compile_fullgraph_matches_eager(device, reduction):
     torch.testing.assert_close(l1, l0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a1, a0)
+    # float64 sums of float32 NLLs: compared at float32's precision (see helpers.check_compile_matches_eager)
+    torch.testing.assert_close(a1, a0, rtol=1.3e-6, atol=1e-5)
     assert a0[:, ACC_COUNT].sum() == 4 * 6
     assert gdc_ext.CartoLinearCrossEntropyLoss is CartoLinearCrossEntropyLoss
 
