@@ -96,11 +96,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 "$PY" -c "
 import importlib
-for m in ('liger_kernel', 'cut_cross_entropy', 'triton'):
+for m in ('liger_kernel', 'cut_cross_entropy', 'triton', 'scikit_build_core'):
     try:
-        mod = importlib.import_module(m); print('peer', m, getattr(mod, '__version__', 'importable'))
+        mod = importlib.import_module(m); print('package', m, getattr(mod, '__version__', 'importable'))
     except Exception as e:
-        print('peer', m, 'NOT importable:', type(e).__name__, e)
+        print('package', m, 'NOT importable:', type(e).__name__, e)
 "
 
 # The local GPU's compute capability, e.g. 9.0 on an H100/H200: one architecture keeps the build short.
