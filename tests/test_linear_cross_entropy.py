@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import gdc_ext
 from gdc_ext import CartoLinearCrossEntropyLoss, CartoLoss, CartoState, TargetIndexError, linear_cross_entropy
+from gdc_ext._torch_compat import HAS_TORCH_LINEAR_CE
 from gdc_ext.layout import ACC_COLS, ACC_COUNT
 
 N = 6  # samples of the state / sample weights
@@ -415,7 +416,7 @@ def test_module_equals_matmul_and_cross_entropy():
     assert float(mod(x, t, ids)) == 0.0
 
 
-@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13: no nn.LinearCrossEntropyLoss")
+@pytest.mark.skipif(not HAS_TORCH_LINEAR_CE, reason="torch < 2.13: no nn.LinearCrossEntropyLoss")
 def test_module_mirrors_torch_module():
     mod, ref, state = _module_pair(torch.nn.LinearCrossEntropyLoss)
     assert isinstance(mod, torch.nn.LinearCrossEntropyLoss)
@@ -433,7 +434,7 @@ def test_module_mirrors_torch_module():
     assert CartoLinearCrossEntropyLoss(16, 50, options=opts).chunk_size == 3
 
 
-@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch < 2.13: no nn.LinearCrossEntropyLoss")
+@pytest.mark.skipif(not HAS_TORCH_LINEAR_CE, reason="torch < 2.13: no nn.LinearCrossEntropyLoss")
 @pytest.mark.parametrize("kwargs", [{}, {"bias": True, "reduction": "none", "ignore_index": 3, "label_smoothing": 0.2,
                                          "weight": torch.rand(50)}])
 def test_stand_in_base_matches_torch_module(kwargs):
