@@ -21,15 +21,9 @@ if [ -z "$NVCC" ]; then
   exit 0
 fi
 
-# The venv is (re)filled when the requested packages change, not on every run.
-test -x "$CUDA_VENV/bin/python" || "$PYTHON" -m venv "$CUDA_VENV"
-PY="$(cd "$CUDA_VENV" && pwd)/bin/python"
-wanted="$CUDA_TORCH_SPEC $CUDA_DEPS"
-if [ "$(cat "$CUDA_VENV/.deps" 2>/dev/null)" != "$wanted" ]; then
-  # shellcheck disable=SC2086  # CUDA_DEPS is a list of package names
-  "$PY" -m pip install -q "$CUDA_TORCH_SPEC" $CUDA_DEPS
-  echo "$wanted" > "$CUDA_VENV/.deps"
-fi
+source scripts/venv_fill.sh
+# shellcheck disable=SC2086  # CUDA_DEPS is a list of package names
+fill_venv "$CUDA_VENV" "$CUDA_TORCH_SPEC" $CUDA_DEPS
 
 GDC_CUDA=ON "$PY" -m pip install -q --no-build-isolation --no-deps -C build-dir="$CUDA_BUILD_DIR" .
 # From /tmp, so the installed package is imported, not python/ of the source tree.

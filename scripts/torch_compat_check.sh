@@ -14,16 +14,10 @@ COMPAT_VENV=${COMPAT_VENV:-.venv-compat}
 COMPAT_TORCH_SPEC=${COMPAT_TORCH_SPEC:-torch==2.11.0}
 COMPAT_EXTRAS=${COMPAT_EXTRAS:-test,hf}
 
-test -x "$COMPAT_VENV/bin/python" || "$PYTHON" -m venv "$COMPAT_VENV"
-PY="$(cd "$COMPAT_VENV" && pwd)/bin/python"
-build_requires=$("$PY" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
-wanted="$COMPAT_TORCH_SPEC $build_requires"
-if [ "$(cat "$COMPAT_VENV/.deps" 2>/dev/null)" != "$wanted" ]; then
-  "$PY" -m pip install -q "$COMPAT_TORCH_SPEC"
-  # shellcheck disable=SC2086  # a list of requirement specifiers
-  "$PY" -m pip install -q -c constraints.txt $build_requires
-  echo "$wanted" > "$COMPAT_VENV/.deps"
-fi
+source scripts/venv_fill.sh
+# shellcheck disable=SC2046  # the build requirements, a list of requirement specifiers
+fill_venv "$COMPAT_VENV" "$COMPAT_TORCH_SPEC" $("$PYTHON" -c 'import tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 # A regular (not editable) install: the tests import the installed package, as a user would.
 GDC_CUDA=OFF "$PY" -m pip install -q -c constraints.txt --no-build-isolation -C build-dir=build/compat \
   ".[$COMPAT_EXTRAS]"
