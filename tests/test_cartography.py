@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import gdc_ext
 from gdc_ext import reference
-from gdc_ext.cartography import DEFAULT_SCORE, PRUNE_BY, SCORES
+from gdc_ext.cartography import DEFAULT_SCORE, NEEDS_REFERENCE, PRUNE_BY, SCORES
 from gdc_ext.state import Scores
 
 
@@ -70,7 +70,8 @@ def _spec_score(by, d, m, last, ref):
     """The selection scores of docs/method.md, written from the definitions (random aside)."""
     unscored = np.isnan(d)  # no burn-in epoch: every score selects them last
     return {"memorization": np.where(unscored, np.nan, m), "gain": d - last,
-            "excess": np.where(unscored, np.nan, ref - last), "last": np.where(unscored, np.nan, -last),
+            "excess": np.where(unscored, np.nan, ref - last),
+            "relative_excess": np.where(unscored, np.nan, 1.0 - last / ref), "last": np.where(unscored, np.nan, -last),
             "loss": d}[by]
 
 
@@ -129,7 +130,7 @@ def test_prune_ties_broken_by_difficulty_and_bad_input():
     for bad in (1.5, -0.1, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="fraction"):
             gdc_ext.prune(s, bad)
-    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'last', 'loss', 'random'"):
+    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'relative_excess', 'last', 'loss', 'random'"):
         gdc_ext.prune(s, 0.1, by="entropy")
     with pytest.raises(ValueError, match="by must be one of"):
         gdc_ext.prune(s, 0.1, by=None)
@@ -187,10 +188,11 @@ def test_selection_order_and_score_values():
     assert s.difficulty[0] == 1.0
     r = gdc_ext.score_values(s, "random", seed=3)
     assert torch.isnan(r[1]) and sorted(r[[0, 2]].tolist()) == [1.0, 2.0]
-    assert SCORES == tuple(PRUNE_BY) == ("memorization", "gain", "excess", "last", "loss", "random")
-    assert DEFAULT_SCORE in SCORES and DEFAULT_SCORE != "excess"  # a default cannot need a reference
+    assert SCORES == tuple(PRUNE_BY) == ("memorization", "gain", "excess", "relative_excess", "last", "loss",
+                                                    "random")
+    assert DEFAULT_SCORE in SCORES and DEFAULT_SCORE not in NEEDS_REFERENCE  # a default cannot need a reference
     assert gdc_ext.DEFAULT_SCORE == DEFAULT_SCORE and gdc_ext.SCORES == SCORES
-    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'last', 'loss', 'random'"):
+    with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'relative_excess', 'last', 'loss', 'random'"):
         gdc_ext.score_values(s, "entropy")
 
 

@@ -31,13 +31,18 @@ def test_gain_excess_and_selection_equal_reference(h, device):
     np.testing.assert_allclose(s.excess(torch.from_numpy(ref).float()).numpy(), excess, **tol)  # float32 too
     np.testing.assert_allclose(reference.scores_from_matrix(L, h["burn_in"], h["eps"])["gain"], gain, **tol)
     assert s.gain.shape == s.excess(ref).shape == (h["N"],)
+    pref = ref + 0.5  # relative_excess divides by the reference: positive
+    rel = reference.relative_excess(L, pref)
+    np.testing.assert_allclose(s.relative_excess(pref).numpy(), rel, **tol)
+    np.testing.assert_allclose(s.relative_excess(torch.from_numpy(pref)).numpy(), rel, **tol)
     d = s.difficulty.numpy()
     unscored = np.isnan(d)  # selection treats samples without a burn-in epoch as unscored, for every score
     for by, spec in (("gain", s.gain.numpy()), ("excess", np.where(unscored, np.nan, excess)), ("loss", d),
                      ("last", np.where(unscored, np.nan, -reference.last_observed(L))),
-                     ("memorization", np.where(unscored, np.nan, s.memorization_at().numpy()))):
+                     ("memorization", np.where(unscored, np.nan, s.memorization_at().numpy())),
+                     ("relative_excess", np.where(unscored, np.nan, rel))):
         for fraction in (0.0, 0.3, 0.5, 1.0):
-            kept = gdc_ext.prune(s, fraction, by=by, reference=ref).tolist()
+            kept = gdc_ext.prune(s, fraction, by=by, reference=pref if by == "relative_excess" else ref).tolist()
             removed = reference.select(spec, fraction, d)
             assert len(kept) == h["N"] - len(removed) == h["N"] - round(fraction * h["N"])
             assert sorted(set(range(h["N"])) - set(removed.tolist())) == kept

@@ -33,6 +33,10 @@ from gdc_ext.references import unigram_reference, zlib_reference  # noqa: E402
 
 __all__ += ["unigram_reference", "zlib_reference"]
 
+from gdc_ext.counterfactual import crossfit_split, duplicate_groups, reference_losses  # noqa: E402
+
+__all__ += ["crossfit_split", "duplicate_groups", "reference_losses"]
+
 # gdc_ext.plot (matplotlib), gdc_ext.cli and gdc_ext.integrations.hf (transformers) are imported
 # on use, never here: `import gdc_ext` stays light. gdc_ext.reference (the NumPy specification,
 # the tests' oracle) is loaded on first access of `gdc_ext.reference`, so the library itself

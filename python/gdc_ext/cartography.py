@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
-           "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "score_values", "selection_order", "resolve_eps"]
+           "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "NEEDS_REFERENCE", "score_values", "selection_order", "resolve_eps"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -146,6 +146,13 @@ def _by_excess(scores, eps, seed, reference):
     return _masked(scores.excess(reference), scores)
 
 
+def _by_relative_excess(scores, eps, seed, reference):
+    if reference is None:
+        raise ValueError("by='relative_excess' needs reference=: a 1-D [N] array of positive per-sample reference "
+                         "losses in nats per token (e.g. gdc_ext.reference_losses(model_that_did_not_train_on_it, ...))")
+    return _masked(scores.relative_excess(reference), scores)
+
+
 def _by_last(scores, eps, seed, reference):
     # lowest last loss first: what the model fits best at the end of the run
     return _masked(-_as_f64(scores.last_loss, "last_loss"), scores)
@@ -170,7 +177,10 @@ def _by_random(scores, eps, seed, reference):
 # more memorized / selected first, NaN = unscored (selected last). A new score is one entry here
 # (and one line in SCORE_LABELS).
 PRUNE_BY: Dict[str, Callable] = {"memorization": _by_memorization, "gain": _by_gain, "excess": _by_excess,
-                                 "last": _by_last, "loss": _by_loss, "random": _by_random}
+                                 "relative_excess": _by_relative_excess, "last": _by_last, "loss": _by_loss,
+                                 "random": _by_random}
+# The scores that need a per-sample reference (reference=).
+NEEDS_REFERENCE = ("excess", "relative_excess")
 SCORES = tuple(PRUNE_BY)  # the `by=` vocabulary, in the order the CLI lists it
 
 # What each score is, for axis labels and reports.
@@ -178,6 +188,7 @@ SCORE_LABELS: Dict[str, str] = {
     "memorization": "memorization m (forget rate)",
     "gain": "learning gain d - last loss (nats)",
     "excess": "excess: reference - last loss (nats)",
+    "relative_excess": "relative excess: 1 - last loss / reference",
     "last": "-last loss (nats; lowest last loss first)",
     "loss": "difficulty d (mean burn-in loss, nats)",
     "random": "random order (seeded)",
@@ -214,13 +225,16 @@ def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Option
         "gain": :attr:`Scores.gain`, difficulty - last loss; NaN where there is no difficulty.
         "excess": :meth:`Scores.excess`, reference - last loss; needs ``reference`` [N] (nats
             per token, finite); NaN where there is no difficulty.
+        "relative_excess": :meth:`Scores.relative_excess`, 1 - last loss / reference; needs
+            ``reference`` [N] (nats per token, finite, > 0); NaN where there is no difficulty.
         "last": -last loss, lowest last loss first; NaN where there is no difficulty.
     Every score marks the same samples unscored (no burn-in epoch observed, as the quadrants do),
     so every ``by`` selects them last and prunes the same budget.
         "loss": the difficulty d (mean burn-in loss), highest first: the paper's loss baseline
             (hard samples first, not the lowest loss).
         "random": a uniform order of the scored samples, seeded by ``seed``.
-    reference: checked whenever given (a ValueError for a wrong length or a NaN), used by "excess".
+    reference: checked whenever given (a ValueError for a wrong length or a NaN), used by "excess" and
+        "relative_excess".
     """
     _check_by(by)
     if reference is not None:

@@ -8,8 +8,8 @@ from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "last_observed", "gain", "excess", "quadrants",
-           "prune_order", "selection_order", "select"]
+__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "last_observed", "gain", "excess", "relative_excess",
+           "quadrants", "prune_order", "selection_order", "select"]
 
 
 def token_nll(logits: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -121,6 +121,11 @@ def excess(L: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Reference-calibrated excess [N]: excess_i = ref_i - last_i (nats per token); NaN where
     sample i was never observed."""
     return np.asarray(reference, dtype=np.float64) - last_observed(L)
+
+
+def relative_excess(L: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Relative excess [N]: 1 - last_i / ref_i (ref_i > 0); NaN where sample i was never observed."""
+    return 1.0 - last_observed(L) / np.asarray(reference, dtype=np.float64)
 
 
 def quadrants(difficulty: np.ndarray, memorization: np.ndarray, alpha_d: float = 0.75, alpha_m: float = 0.75):

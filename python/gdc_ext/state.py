@@ -25,14 +25,16 @@ FORMAT_VERSION = 1
 _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
 
 
-def check_reference(reference, num_samples: int) -> torch.Tensor:
+def check_reference(reference, num_samples: int, positive: bool = False) -> torch.Tensor:
     """A per-sample reference loss (nats per token) as a CPU float64 tensor [N], checked.
 
-    reference: [N] real numbers (a tensor, NumPy array or sequence), all finite. Raises a
-    ValueError naming ``reference`` and what was expected for None, a non-numeric or
-    non-1-D input, a wrong length or a NaN/inf value.
+    reference: [N] real numbers (a tensor, NumPy array or sequence), all finite (and > 0 with
+    ``positive``, as a ratio needs). Raises a ValueError naming ``reference`` and what was
+    expected for None, a non-numeric or non-1-D input, a wrong length, a NaN/inf value or (with
+    ``positive``) a value <= 0.
     """
-    what = f"a 1-D [N = {num_samples}] array of finite per-sample reference losses (nats per token)"
+    what = (f"a 1-D [N = {num_samples}] array of finite{' positive' if positive else ''} per-sample reference "
+            f"losses (nats per token)")
     if reference is None:
         raise ValueError(f"reference is required here: expected {what}")
     if isinstance(reference, torch.Tensor):
@@ -54,6 +56,11 @@ def check_reference(reference, num_samples: int) -> torch.Tensor:
     bad = np.flatnonzero(~np.isfinite(a))
     if bad.size:
         raise ValueError(f"reference must be {what}, got {bad.size} NaN/inf value(s) (first at id {int(bad[0])})")
+    if positive:
+        bad = np.flatnonzero(a <= 0)
+        if bad.size:
+            raise ValueError(f"reference must be {what} (relative_excess divides by it), got {bad.size} value(s) <= 0 "
+                             f"(first at id {int(bad[0])}: {a[bad[0]]!r})")
     return torch.from_numpy(a.copy())
 
 
@@ -155,6 +162,19 @@ class Scores:
         """
         ref = check_reference(reference, self.difficulty.shape[0])
         return ref - self.last_loss.double()
+
+    def relative_excess(self, reference) -> torch.Tensor:
+        """[N] float64 relative excess ``1 - last_loss / reference``: the fraction of the reference's
+        loss that the model no longer pays on the sample. Where the model fits everything (every
+        last loss far below every reference) the absolute excess is large for ordinary samples too;
+        the ratio divides that out (docs/method.md, "Counterfactual references").
+
+        reference: [N] per-sample reference losses in nats per token, finite and > 0 (the loss of
+            a model that did not train on the sample, e.g. :func:`gdc_ext.reference_losses`).
+        NaN where the sample was never observed (no last loss).
+        """
+        ref = check_reference(reference, self.difficulty.shape[0], positive=True)
+        return 1.0 - self.last_loss.double() / ref
 
     @property
     def confidence(self) -> Optional[torch.Tensor]:

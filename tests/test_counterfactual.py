@@ -1,0 +1,140 @@
+"""Counterfactual references (gdc_ext.counterfactual): reference_losses, crossfit_split,
+duplicate_groups, and the relative_excess score."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import gdc_ext
+from gdc_ext import reference
+from gdc_ext.counterfactual import crossfit_split, duplicate_groups, reference_losses
+from helpers import TinyLM
+
+
+def _lm_batches(n=12, L=7, V=50, B=4, seed=0, per_token=False):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (n, L + 1), generator=g)
+    out = []
+    for s in range(0, n, B):
+        x = tokens[s:s + B, :-1]
+        y = tokens[s:s + B, 1:].clone()
+        y[0, -2:] = -100  # some ignored targets
+        ids = torch.arange(s, min(s + B, n))
+        out.append((x, y, ids[:, None].expand_as(y).clone() if per_token else ids))
+    return out
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_reference_losses_equal_the_recorded_nll_bit_for_bit(per_token):
+    torch.manual_seed(0)
+    model = TinyLM()
+    batches = _lm_batches(per_token=per_token)
+    ref = reference_losses(model, batches, 12, progress=False)
+    # the same model, the same batches, recorded by a training-style CartoLoss pass: last_loss
+    state = gdc_ext.CartoState(12, burn_in=1)
+    loss_fn = gdc_ext.CartoLoss(state=state)
+    for x, y, ids in batches:
+        logits = model(x)
+        loss_fn(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ids).backward()
+    state.end_epoch()
+    assert ref.dtype == torch.float64 and ref.shape == (12,)
+    assert torch.equal(ref, state.scores().last_loss)  # bit for bit: one kernel, one division
+    # and the plain definition: mean token NLL of each sample's non-ignored targets
+    spec = np.zeros(12)
+    for x, y, ids in batches:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(x).double(), -1)
+        for b in range(x.shape[0]):
+            keep = y[b] != -100
+            spec[int(ids[b] if ids.dim() == 1 else ids[b, 0])] = float(-lp[b][keep].gather(1, y[b][keep, None]).mean())
+    np.testing.assert_allclose(ref.numpy(), spec, rtol=1e-5)
+
+
+def test_reference_losses_restores_mode_and_does_not_touch_grads():
+    model = TinyLM().train()
+    reference_losses(model, _lm_batches(), 12, progress=False)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    model.eval()
+    reference_losses(model, _lm_batches(), 12, progress=False)
+    assert not model.training
+
+
+def test_reference_losses_forward_hook_missing_samples_and_errors():
+    model = TinyLM()
+    dict_batches = [{"x": x, "y": y, "ids": i} for x, y, i in _lm_batches()]
+    with pytest.warns(UserWarning, match="2 of 14 samples had no scored token"):
+        ref = reference_losses(model, dict_batches, 14, progress=False,
+                               forward=lambda m, b: (m(b["x"]), b["y"], b["ids"]))
+    assert torch.isnan(ref[12:]).all() and torch.isfinite(ref[:12]).all()
+    with pytest.raises(ValueError, match="relative_excess divides by it|NaN"):
+        gdc_ext.CartoState(14, burn_in=1).scores().relative_excess(ref)
+    with pytest.raises(ValueError, match="forward="):
+        reference_losses(model, dict_batches, 14, progress=False)
+    with pytest.raises(ValueError, match="num_samples"):
+        reference_losses(model, _lm_batches(), 0, progress=False)
+    with pytest.raises(ValueError, match="model"):
+        reference_losses(lambda x: x, _lm_batches(), 12, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        reference_losses(model, [], 12, progress=False)
+    with pytest.raises(ValueError, match="out of range|sample id"):
+        reference_losses(model, _lm_batches(), 5, progress=False)
+
+
+@settings(deadline=None)
+@given(st.integers(2, 200), st.integers(0, 2**31 - 1), st.integers(1, 30))
+def test_crossfit_split_keeps_groups_together_and_is_seeded(n, seed, n_groups):
+    groups = np.random.default_rng(seed).integers(0, n_groups, size=n) * 7 - 3  # any integer labels
+    if len(np.unique(groups)) < 2:
+        with pytest.raises(ValueError, match="one group"):
+            crossfit_split(n, groups, seed=seed)
+        return
+    a, b = crossfit_split(n, groups, seed=seed)
+    assert a.dtype == b.dtype == torch.int64
+    assert sorted(a.tolist() + b.tolist()) == list(range(n)) and len(a) and len(b)
+    assert not set(groups[a.numpy()]) & set(groups[b.numpy()])  # no group on both sides
+    _, sizes = np.unique(groups, return_counts=True)
+    assert abs(len(a) - len(b)) <= sizes.max()  # balanced up to one group
+    a2, b2 = crossfit_split(n, torch.from_numpy(groups), seed=seed)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_crossfit_split_without_groups_and_errors():
+    a, b = crossfit_split(10, seed=1)
+    assert len(a) == len(b) == 5
+    c, d = crossfit_split(10, seed=2)
+    assert not torch.equal(a, c)  # another seed, another split
+    for bad, match in ((dict(num_samples=1), "num_samples"), (dict(num_samples=4, groups=[0, 1]), "groups"),
+                       (dict(num_samples=2, groups=[0.5, 1.5]), "integer"), (dict(num_samples=4, seed=-1), "seed"),
+                       (dict(num_samples=4, seed=1.5), "seed")):
+        with pytest.raises(ValueError, match=match):
+            crossfit_split(**bad)
+
+
+def test_duplicate_groups_per_sample_and_batch_forms():
+    samples = [[1, 2, 3], [4, 5], [1, 2, 3], [4, 5, -100], [9]]
+    assert duplicate_groups(samples).tolist() == [0, 1, 0, 1, 4]
+    tokens = torch.tensor([[1, 2, 3], [4, 5, -100], [1, 2, 3], [7, 7, 7]])
+    assert duplicate_groups([(tokens, torch.tensor([0, 1, 2, 3]))]).tolist() == [0, 1, 0, 3]
+    a, b = crossfit_split(5, duplicate_groups(samples), seed=0)
+    assert ({0, 2} <= set(a.tolist()) or {0, 2} <= set(b.tolist()))
+    assert ({1, 3} <= set(a.tolist()) or {1, 3} <= set(b.tolist()))
+
+
+def test_relative_excess_values_and_checks():
+    L = np.array([[2.0, 1.0, np.nan], [0.5, 1.0, np.nan]])
+    ref = np.array([2.0, 4.0, 1.0])
+    np.testing.assert_allclose(reference.relative_excess(L, ref), [0.75, 0.75, np.nan])
+    state = gdc_ext.CartoState(3, burn_in=1)
+    for row in L:
+        seen = ~np.isnan(row)
+        state.record(torch.tensor(row[seen]), torch.tensor(np.flatnonzero(seen)))
+        state.end_epoch() if seen.any() else None
+    s = state.scores()
+    np.testing.assert_allclose(s.relative_excess(ref).numpy(), [0.75, 0.75, np.nan])
+    v = gdc_ext.score_values(s, "relative_excess", reference=ref)
+    assert v[0] == v[1] == 0.75 and torch.isnan(v[2])
+    for bad in ([2.0, 0.0, 1.0], [2.0, -1.0, 1.0]):
+        with pytest.raises(ValueError, match="reference.*positive"):
+            s.relative_excess(bad)
+    with pytest.raises(ValueError, match="relative_excess' needs reference"):
+        gdc_ext.score_values(s, "relative_excess")
