@@ -50,6 +50,18 @@ def test_reference_losses_equal_the_recorded_nll_bit_for_bit(per_token):
     np.testing.assert_allclose(ref.numpy(), spec, rtol=1e-5)
 
 
+def test_reference_losses_fused_linear_head_equals_the_logits_path():
+    torch.manual_seed(0)
+    model = TinyLM()
+    batches = _lm_batches()
+    plain = reference_losses(model, batches, 12, progress=False)
+    hidden = reference_losses(model, batches, 12, progress=False, linear_head=model.head,
+                              forward=lambda m, b: (torch.tanh(m.emb(b[0])), b[1], b[2]))
+    torch.testing.assert_close(hidden, plain, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="linear_head"):
+        reference_losses(model, batches, 12, progress=False, linear_head=model)
+
+
 def test_reference_losses_restores_mode_and_does_not_touch_grads():
     model = TinyLM().train()
     reference_losses(model, _lm_batches(), 12, progress=False)

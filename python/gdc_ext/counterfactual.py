@@ -30,6 +30,7 @@ import torch
 
 from gdc_ext import functional
 from gdc_ext.layout import ACC_COUNT, ACC_LOSS_SUM
+from gdc_ext.linear_cross_entropy import linear_cross_entropy
 from gdc_ext.references import _chunks, _classify
 from gdc_ext.state import CartoState
 
@@ -57,7 +58,8 @@ def _device_of(model: torch.nn.Module) -> Optional[torch.device]:
 
 @torch.no_grad()
 def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int, *, ignore_index: int = -100,
-                     forward: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
+                     forward: Optional[Callable] = None, linear_head: Optional[torch.nn.Linear] = None,
+                     progress: bool = True) -> torch.Tensor:
     """Each sample's mean token NLL (nats) under ``model``: a no-grad pass through the fused kernel.
 
     The pass records exactly as training does (the same kernel, token and id rules: per-sequence
@@ -74,6 +76,11 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
         ignore_index: targets with this value are not scored (their ids are not read).
         forward: ``(model, batch) -> (logits, targets, sample_ids)`` for other batch shapes (a
             Hugging Face batch dict, say: shift the labels yourself).
+        linear_head: the model's output projection (an ``nn.Linear`` [V, H]) for the fused linear
+            path: ``forward`` then returns hidden states [..., H] in place of logits, and each
+            batch's loss runs through :func:`gdc_ext.linear_cross_entropy` without materializing
+            the logits (a large vocabulary, or a Hugging Face model; see
+            :func:`gdc_ext.integrations.hf.reference_losses`).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -85,6 +92,9 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if linear_head is not None and not isinstance(linear_head, torch.nn.Linear):
+        raise ValueError(f"linear_head must be an nn.Linear (the output projection) or None, "
+                         f"got {type(linear_head).__name__}")
     if forward is None:
         forward = default_forward
     elif not callable(forward):
@@ -99,14 +109,21 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     try:
         for batch in tqdm(batches, total=total, desc="reference losses", unit="batch", disable=not progress):
             logits, targets, ids = forward(model, batch)
+            what = "hidden states [..., H]" if linear_head is not None else "logits [..., V]"
             if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
-                raise ValueError(f"forward must return logits as a tensor [..., V], got {type(logits).__name__}")
+                raise ValueError(f"forward must return {what} as a tensor, got {type(logits).__name__}")
             if state is None:  # on the logits' device, so the kernel records where it computes
                 state = CartoState(int(num_samples), burn_in=1, eps=1.0, device=logits.device, extras=False)
             targets = torch.as_tensor(targets, device=logits.device)
             ids = torch.as_tensor(ids, device=logits.device)
-            functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ids, state=state,
-                                     ignore_index=ignore_index, reduction="sum", record=True)
+            flat = logits.reshape(-1, logits.shape[-1])
+            if linear_head is None:
+                functional.cross_entropy(flat, targets.reshape(-1), ids, state=state, ignore_index=ignore_index,
+                                         reduction="sum", record=True)
+            else:
+                linear_cross_entropy(flat.to(linear_head.weight.dtype), linear_head.weight, targets.reshape(-1), ids,
+                                     linear_bias=linear_head.bias, ignore_index=ignore_index, reduction="sum",
+                                     state=state, record=True)
     finally:
         model.train(was_training)
     if state is None:
