@@ -150,3 +150,80 @@ def test_relative_excess_values_and_checks():
             s.relative_excess(bad)
     with pytest.raises(ValueError, match="relative_excess' needs reference"):
         gdc_ext.score_values(s, "relative_excess")
+
+
+def _train_epochs(carto, model, batches, epochs, lr=0.5):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for x, y, ids in batches:
+            logits = model(x)
+            carto.loss(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ids).backward()
+            opt.step()
+            opt.zero_grad()
+        carto.end_epoch()
+
+
+def test_cartographer_initial_reference_end_to_end():
+    torch.manual_seed(0)
+    model, batches = TinyLM(), _lm_batches()
+    carto = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="initial")
+    assert carto.memorization == gdc_ext.cartography.DEFAULT_REFERENCE_SCORE == "relative_excess"
+    assert carto.needs_reference
+    expect = reference_losses(model, batches, 12, progress=False)
+    ref = carto.score_reference(model, batches, progress=False)
+    assert torch.equal(ref, expect) and torch.equal(carto.reference, expect) and not carto.needs_reference
+    _train_epochs(carto, model, batches, 2)  # labelled at the end of epoch 2 with the initial reference
+    s = carto.state.scores()
+    want = gdc_ext.quadrants(s.difficulty, gdc_ext.score_values(s, "relative_excess", reference=expect), 0.75, 0.75)
+    assert carto.intervening and torch.equal(carto.quadrants.codes, want.codes)
+    _train_epochs(carto, model, batches, 1)
+    with pytest.raises(RuntimeError, match="already recorded"):
+        carto.score_reference(model, batches, progress=False)
+    with pytest.raises(RuntimeError, match="already fixed"):
+        carto.set_reference(expect)
+    # a resumed run adopts the reference it measured
+    fresh = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="initial")
+    fresh.load_state_dict(carto.state_dict())
+    assert torch.equal(fresh.reference, expect) and torch.equal(fresh.quadrants.codes, carto.quadrants.codes)
+    # a fixed reference that differs from the saved one is still refused
+    other = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference=expect + 1.0)
+    with pytest.raises(ValueError, match="reference differs"):
+        other.load_state_dict(carto.state_dict())
+
+
+def test_cartographer_labels_with_the_reference_and_refuses_without_it():
+    torch.manual_seed(0)
+    model, batches = TinyLM(), _lm_batches()
+    carto = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="later", alpha_d=0.5, alpha_m=0.5)
+    _train_epochs(carto, model, batches, 1)
+    before = carto.state.state_dict()
+    for x, y, ids in batches:  # epoch 2 recorded, but no reference yet: labelling is refused
+        logits = model(x)
+        carto.loss(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ids)
+    acc = carto.state.acc.clone()
+    with pytest.raises(RuntimeError, match="no reference was set"):
+        carto.end_epoch()
+    assert carto.state.epochs_done == before["epoch"].item() and torch.equal(carto.state.acc, acc)  # nothing folded
+    ref = torch.linspace(1.0, 3.0, 12, dtype=torch.float64)
+    carto.set_reference(ref)
+    assert carto.end_epoch() is True
+    s = carto.state.scores()
+    want = gdc_ext.quadrants(s.difficulty, s.relative_excess(ref), 0.5, 0.5)
+    assert torch.equal(carto.quadrants.codes, want.codes)
+    assert torch.equal(carto.prune(0.25), gdc_ext.prune(s, 0.25, by="relative_excess", reference=ref))
+
+
+def test_cartographer_reference_arguments():
+    assert gdc_ext.Cartographer(4, burn_in=2, eps=1.0).memorization == gdc_ext.DEFAULT_SCORE
+    assert gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference=[1.0] * 4).memorization == "relative_excess"
+    c = gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference=[1.0] * 4, memorization="excess")
+    assert c.memorization == "excess" and c.reference_mode == "given"
+    for kw, match in ((dict(reference="base"), "reference must be"),
+                      (dict(reference=[1.0, 0.0, 1.0, 1.0]), "positive"),
+                      (dict(memorization="relative_excess"), "needs reference")):
+        with pytest.raises(ValueError, match=match):
+            gdc_ext.Cartographer(4, burn_in=2, eps=1.0, **kw)
+    c = gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference="later")
+    with pytest.raises(ValueError, match="positive"):
+        c.set_reference([1.0, -1.0, 1.0, 1.0])
+    assert c.reference is None

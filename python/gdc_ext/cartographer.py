@@ -31,13 +31,17 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from gdc_ext.cartography import (DEFAULT_SCORE, PRUNE_BY, QUADRANT_NAMES, Quadrants, loss_weights, multiplicities,
-                                 prune)
+from gdc_ext.cartography import (DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_REFERENCE, PRUNE_BY, QUADRANT_NAMES,
+                                 Quadrants, loss_weights, multiplicities, prune)
+from gdc_ext.layout import ACC_COUNT
 from gdc_ext.loss import CartoLoss
 from gdc_ext.sampler import CartoSampler
 from gdc_ext.state import CartoState, check_reference
 
-__all__ = ["Cartographer"]
+__all__ = ["Cartographer", "REFERENCE_MODES"]
+
+# reference= values that name how the reference is obtained rather than give it
+REFERENCE_MODES = ("initial", "later")
 
 _CONFIG = ("num_samples", "burn_in", "eps", "alpha_d", "alpha_m", "gamma", "alpha", "keep_outliers", "seed",
            "label_after", "eps_index", "memorization")
@@ -58,9 +62,20 @@ class Cartographer:
         label_after: epoch at whose end the labels are computed (default ``burn_in``; >= burn_in, >= 2).
         eps_index: which eps labels, when several are tracked (used by "memorization").
         memorization: the score on the memorized axis and for :meth:`prune`, one of
-            :data:`gdc_ext.cartography.SCORES` (default :data:`~gdc_ext.cartography.DEFAULT_SCORE`).
-        reference: [N] per-sample reference losses in nats per token (tensor or array, finite),
-            required by ``memorization="excess"``; saved in :meth:`state_dict`.
+            :data:`gdc_ext.cartography.SCORES`. None (default): with a reference,
+            :data:`~gdc_ext.cartography.DEFAULT_REFERENCE_SCORE`; without,
+            :data:`~gdc_ext.cartography.DEFAULT_SCORE`.
+        reference: per-sample reference losses, the loss of a model that did not train on the
+            sample (docs/method.md, "Counterfactual references"); required by the calibrated
+            scores ("excess", "relative_excess"); saved in :meth:`state_dict`. One of
+            - [N] losses in nats per token (tensor or array, finite): a cross-fit half's or any
+              other model's (:func:`gdc_ext.reference_losses`, :func:`gdc_ext.crossfit_split`);
+            - ``"initial"``: the loss of the model before the first step of a fine-tuning run,
+              measured by :meth:`score_reference` (the integrations call it for you) before any
+              recording;
+            - ``"later"``: given by :meth:`set_reference` before labelling (a cross-fit model
+              trained elsewhere while this run records).
+            A calibrated score with no reference at labelling time raises RuntimeError.
         device, extras: passed to :class:`~gdc_ext.CartoState`.
         **loss_kwargs: passed to :class:`~gdc_ext.CartoLoss` (``ignore_index``, ``reduction``, ...).
     """
@@ -69,7 +84,7 @@ class Cartographer:
                  alpha_m: float = 0.75, gamma: float = 2.0, alpha: float = 0.5, keep_outliers: bool = False,
                  seed: int = 0, label_after: Optional[int] = None, eps_index: int = 0,
                  device: Union[str, torch.device] = "cpu", extras: bool = True, *,
-                 memorization: str = DEFAULT_SCORE, reference=None, **loss_kwargs):
+                 memorization: Optional[str] = None, reference=None, **loss_kwargs):
         self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras)
         for name, a in (("alpha_d", alpha_d), ("alpha_m", alpha_m)):
             if not 0.0 <= float(a) <= 1.0:
@@ -86,15 +101,27 @@ class Cartographer:
             raise ValueError(f"eps_index must be in [0, {self.state.num_eps}), got {eps_index!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(reference, str):
+            if reference not in REFERENCE_MODES:
+                raise ValueError(f"reference must be [N] per-sample losses, one of {REFERENCE_MODES} or None, "
+                                 f"got {reference!r}")
+            self.reference_mode = reference
+            self.reference: Optional[torch.Tensor] = None  # [N] float64 on the CPU once measured / given
+        else:
+            self.reference_mode = None if reference is None else "given"
+            # [N] float64 on the CPU (scores are read on the CPU), or None
+            self.reference = None if reference is None else check_reference(reference, self.state.num_samples)
+        if memorization is None:
+            memorization = DEFAULT_SCORE if self.reference_mode is None else DEFAULT_REFERENCE_SCORE
         if not isinstance(memorization, str) or memorization not in PRUNE_BY:
             raise ValueError(f"memorization must be one of {', '.join(repr(k) for k in PRUNE_BY)}, "
                              f"got {memorization!r}")
-        if memorization == "excess" and reference is None:
-            raise ValueError("memorization='excess' needs reference=: a 1-D [N] array of per-sample reference "
-                             "losses in nats per token")
+        if memorization in NEEDS_REFERENCE and self.reference_mode is None:
+            raise ValueError(f"memorization={memorization!r} needs reference=: a 1-D [N] array of per-sample reference "
+                             f"losses in nats per token, or one of {REFERENCE_MODES}")
+        if self.reference is not None and memorization == "relative_excess":
+            check_reference(self.reference, self.state.num_samples, positive=True)
         self.memorization = memorization
-        # [N] float64 on the CPU (scores are read on the CPU), or None
-        self.reference = None if reference is None else check_reference(reference, self.state.num_samples)
         self.alpha_d, self.alpha_m = float(alpha_d), float(alpha_m)
         self.gamma, self.alpha = float(gamma), float(alpha)
         self.keep_outliers, self.seed = bool(keep_outliers), seed
@@ -123,7 +150,10 @@ class Cartographer:
         """Folds the epoch into the scores (all-reduced across ranks when distributed). Returns True
         exactly once: at the end of epoch ``label_after``, when the labels are computed and the
         loss weights set; use :attr:`intervening` to ask about later epochs. Also advances the
-        sampler's epoch, so the next epoch draws anew."""
+        sampler's epoch, so the next epoch draws anew. Raises RuntimeError, before folding
+        anything, when this epoch labels with a calibrated score and no reference is there yet."""
+        if self.quadrants is None and self.state.epochs_done + 1 >= self.label_after:
+            self._check_reference_ready()
         self.state.end_epoch()
         started = False
         if self.quadrants is None and self.state.epochs_done >= self.label_after:
@@ -132,6 +162,46 @@ class Cartographer:
         if self._sampler is not None:
             self._sampler.set_epoch(self.state.epochs_done)
         return started
+
+    def set_reference(self, reference) -> None:
+        """Sets the per-sample reference losses [N] (nats per token; finite, and > 0 for
+        "relative_excess") used by the calibrated scores. Allowed until the labels are fixed
+        (they are computed once, at the end of epoch ``label_after``)."""
+        if self.quadrants is not None:
+            raise RuntimeError("Cartographer.set_reference: the labels are already fixed (end of epoch "
+                               f"{self.label_after}); a reference must be set before labelling")
+        ref = check_reference(reference, self.num_samples, positive=self.memorization == "relative_excess")
+        self.reference = ref
+        if self.reference_mode is None:
+            self.reference_mode = "given"
+
+    def score_reference(self, model: torch.nn.Module, batches, *, forward=None, linear_head=None,
+                        progress: bool = True) -> torch.Tensor:
+        """Measures the reference as ``model``'s loss on every sample, before training on them
+        (``reference="initial"``: the base model of a fine-tuning run), with
+        :func:`gdc_ext.reference_losses` (same arguments), and sets it. Refused once anything
+        was recorded, since the model has then trained on the samples. Returns the [N] reference."""
+        if self.state.epochs_done > 0 or bool((self.state.acc[:, ACC_COUNT] > 0).any()):
+            raise RuntimeError("Cartographer.score_reference: the state has already recorded training losses, so the "
+                               "model has trained on these samples; score the reference before the first step")
+        from gdc_ext.counterfactual import reference_losses
+
+        ref = reference_losses(model, batches, self.num_samples, ignore_index=self.loss.ignore_index,
+                               forward=forward, linear_head=linear_head, progress=progress)
+        self.set_reference(ref)
+        return self.reference
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a reference must still be measured or set before labelling."""
+        return self.reference_mode is not None and self.reference is None
+
+    def _check_reference_ready(self) -> None:
+        if self.memorization in NEEDS_REFERENCE and self.reference is None:
+            how = ("measured (call score_reference(model, batches) before training)" if self.reference_mode == "initial"
+                   else "set (call set_reference(values) before labelling)")
+            raise RuntimeError(f"Cartographer: memorization={self.memorization!r} with reference={self.reference_mode!r}, "
+                               f"but no reference was {how}")
 
     def _label(self) -> None:
         self.quadrants = self.state.scores().quadrants(self.alpha_d, self.alpha_m, eps_index=self.eps_index,
@@ -201,7 +271,11 @@ class Cartographer:
                 raise ValueError(f"state_dict: mismatched Cartographer: {key} is {saved.get(key)!r} in the "
                                  f"saved one but {mine[key]!r} here")
         saved_ref = sd.get("reference")
-        if (saved_ref is None) != (self.reference is None) or (
+        # a reference measured or set during the saved run (reference="initial" / "later") is adopted
+        adopt = saved_ref is not None and self.reference is None and self.reference_mode in REFERENCE_MODES
+        if adopt:
+            saved_ref = check_reference(saved_ref, self.num_samples)
+        elif (saved_ref is None) != (self.reference is None) or (
                 saved_ref is not None and not torch.equal(torch.as_tensor(saved_ref, dtype=torch.float64),
                                                           self.reference)):
             raise ValueError("state_dict: mismatched Cartographer: reference differs between the saved one ("
@@ -216,6 +290,8 @@ class Cartographer:
             if bool(((codes < -1) | (codes > 3)).any()):
                 raise ValueError(f"state_dict: codes must be in {sorted(QUADRANT_NAMES)}")
         self.state.load_state_dict(sd["state"])
+        if adopt:
+            self.reference = saved_ref
         self._sampler = None
         if codes is None:
             self.quadrants = None

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
-           "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "NEEDS_REFERENCE", "score_values", "selection_order", "resolve_eps"]
+           "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
+           "NEEDS_REFERENCE", "score_values", "selection_order", "resolve_eps"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -207,6 +208,9 @@ SCORE_LABELS: Dict[str, str] = {
 # The library functions of the paper's method (prune, score_values, Scores.quadrants,
 # plot.data_map) keep the paper's m_i as their own default, so the paper stays reproducible.
 DEFAULT_SCORE = "last"
+# The default score when a counterfactual reference is given (Cartographer(reference=...), `gdc
+# --reference`): docs/RESULTS.md, "Counterfactual references".
+DEFAULT_REFERENCE_SCORE = "relative_excess"
 
 
 def _check_by(by) -> str:
