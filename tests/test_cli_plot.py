@@ -42,6 +42,7 @@ def reference_files(tmp_path_factory, state_file):
     torch.save(torch.from_numpy(ref), d / "ref.pt")
     (d / "ref.txt").write_text("".join(f"{float(v)!r}\n" for v in ref))
     np.save(d / "short.npy", ref[:-1])
+    (d / "zero.txt").write_text("".join(f"{float(v)!r}\n" for v in ref[:-1]) + "0.0\n")
     (d / "nan.txt").write_text("".join(f"{float(v)!r}\n" for v in ref[:-1]) + "nan\n")
     (d / "words.txt").write_text("1.0\nnot-a-number\n")
     np.save(d / "two_d.npy", ref.reshape(2, -1))
@@ -81,10 +82,10 @@ def test_report_default_score_and_top_candidates(state_file, reference_files, ca
     assert {r["quadrant"]: r["n"] for r in out["quadrants"]} == q.counts() and out["tau_m"] == pytest.approx(q.tau_m)
     d, ref = reference_files
     assert cli.main(["report", path, "--json", "--top-k", "4", "--reference", str(d / "ref.npy")]) == 0
-    out = json.loads(capsys.readouterr().out)  # a reference alone selects "excess"
-    excess = scores.excess(ref)
-    assert out["by"] == "excess" and [h["id"] for h in out["top_candidates"]] == \
-        gdc_ext.selection_order(excess, scores.difficulty)[:4].tolist()
+    out = json.loads(capsys.readouterr().out)  # a reference alone selects DEFAULT_REFERENCE_SCORE
+    calibrated = gdc_ext.score_values(scores, gdc_ext.cartography.DEFAULT_REFERENCE_SCORE, reference=ref)
+    assert out["by"] == gdc_ext.cartography.DEFAULT_REFERENCE_SCORE and [h["id"] for h in out["top_candidates"]] == \
+        gdc_ext.selection_order(calibrated, scores.difficulty)[:4].tolist()
     assert cli.main(["report", path, "--by", "gain"]) == 0
     text = capsys.readouterr().out
     assert "top 10 candidates by gain" in text and "learning gain" in text
@@ -108,7 +109,7 @@ def test_select_quadrant_and_prune(state_file, reference_files, tmp_path, capsys
     assert ids == torch.nonzero(scores.quadrants(by=gdc_ext.DEFAULT_SCORE).codes == 3).flatten().tolist()
     d, ref = reference_files
     for by in gdc_ext.SCORES:
-        extra = ["--reference", str(d / "ref.txt")] if by == "excess" else []
+        extra = ["--reference", str(d / "ref.txt")] if by in ("excess", "relative_excess") else []
         assert cli.main(["select", path, "--prune", "0.1", "--by", by, "-o", str(out), "--seed", "4"] + extra) == 0
         kept = [int(x) for x in out.read_text().split()]
         assert kept == gdc_ext.prune(scores, 0.1, by=by, reference=ref, seed=4).tolist() and len(kept) == N - 4
@@ -119,11 +120,13 @@ def test_select_quadrant_and_prune(state_file, reference_files, tmp_path, capsys
     for name in ("ref.npy", "ref.pt", "ref.txt"):  # three formats, one answer
         assert cli.main(["select", path, "--prune", "0.25", "--reference", str(d / name)]) == 0
         got = [int(x) for x in capsys.readouterr().out.split()]
-        assert got == gdc_ext.prune(scores, 0.25, by="excess", reference=ref).tolist()
+        assert got == gdc_ext.prune(scores, 0.25, by=gdc_ext.cartography.DEFAULT_REFERENCE_SCORE, reference=ref).tolist()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--by", "excess"], "--by excess needs --reference"),
+    (["--by", "relative_excess"], "--by relative_excess needs --reference"),
+    (["--by", "relative_excess", "--reference", "{d}/zero.txt"], "positive"),
     (["--reference", "{d}/missing.npy"], "--reference: no file at"),
     (["--reference", "{d}/short.npy"], "got 39 values"),
     (["--reference", "{d}/nan.txt"], "NaN/inf"),

@@ -4,10 +4,11 @@
     gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
     gdc select STATE (--quadrant Q | --prune FRACTION) [--by SCORE] [--reference FILE] [--seed S] [-o ids.txt]
 
-SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, last, loss, random): the score
-of the memorized axis (report, plot, --quadrant) and of pruning. The default is
-gdc_ext.cartography.DEFAULT_SCORE, or "excess" when --reference is given. FILE holds one
-reference loss per sample (nats per token): a .npy array, a .pt tensor, or text with one float
+SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, relative_excess, last, loss,
+random): the score of the memorized axis (report, plot, --quadrant) and of pruning. The default is
+gdc_ext.cartography.DEFAULT_SCORE, or DEFAULT_REFERENCE_SCORE when --reference is given. FILE holds
+one reference loss per sample (nats per token; the loss of a model that did not train on the
+sample, e.g. from gdc_ext.reference_losses): a .npy array, a .pt tensor, or text with one float
 per line.
 
 A missing, corrupted or foreign state or reference file, or a bad argument, prints one line on
@@ -85,14 +86,22 @@ def _read_reference(path: str, num_samples: int):
 
 
 def _choice(args, scores):
-    """(by, reference) from --by and --reference: --by defaults to DEFAULT_SCORE, or to "excess"
-    when a reference is given; "excess" without a reference is a usage error."""
-    from gdc_ext.cartography import DEFAULT_SCORE
+    """(by, reference) from --by and --reference: --by defaults to DEFAULT_SCORE, or to
+    DEFAULT_REFERENCE_SCORE when a reference is given; a calibrated score ("excess",
+    "relative_excess") without a reference is a usage error."""
+    from gdc_ext.cartography import DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_REFERENCE
 
     reference = None if args.reference is None else _read_reference(args.reference, len(scores.difficulty))
-    by = args.by if args.by is not None else ("excess" if reference is not None else DEFAULT_SCORE)
-    if by == "excess" and reference is None:
-        raise _UsageError("--by excess needs --reference FILE (one reference loss per sample, nats per token)")
+    by = args.by if args.by is not None else (DEFAULT_REFERENCE_SCORE if reference is not None else DEFAULT_SCORE)
+    if by in NEEDS_REFERENCE and reference is None:
+        raise _UsageError(f"--by {by} needs --reference FILE (one reference loss per sample, nats per token)")
+    if by == "relative_excess":
+        from gdc_ext.state import check_reference
+
+        try:
+            check_reference(reference, len(scores.difficulty), positive=True)
+        except ValueError as e:
+            raise _UsageError(f"--reference {args.reference!r}: {e}") from None
     return by, reference
 
 
@@ -224,7 +233,7 @@ def _fraction(s: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gdc_ext.cartography import DEFAULT_SCORE, SCORES
+    from gdc_ext.cartography import DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, SCORES
 
     p = argparse.ArgumentParser(prog="gdc", description="Generative Data Cartography over a saved CartoState.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,11 +245,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="percentile rate of the memorized-axis score (default 0.75)")
         sp.add_argument("--eps-index", type=int, default=0, help="which tracked eps m uses (default 0)")
         sp.add_argument("--by", choices=list(SCORES), default=None,
-                        help=f"score of the memorized axis and of pruning (default {DEFAULT_SCORE}, or excess "
-                             f"with --reference; memorization is the paper's m)")
+                        help=f"score of the memorized axis and of pruning (default {DEFAULT_SCORE}, or "
+                             f"{DEFAULT_REFERENCE_SCORE} with --reference; memorization is the paper's m)")
         sp.add_argument("--reference", metavar="FILE", default=None,
-                        help="per-sample reference losses for --by excess (nats per token): .npy, .pt, or one "
-                             "float per line")
+                        help="per-sample reference losses (nats per token) of a model that did not train on the "
+                             "samples (gdc_ext.reference_losses), for --by excess / relative_excess: .npy, .pt, or "
+                             "one float per line")
         sp.add_argument("--seed", type=int, default=0, help="seed of --by random")
 
     r = sub.add_parser("report", help="quadrant counts, thresholds and the top candidates by the score")
