@@ -9,6 +9,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
+from gdc_ext._seed import check_seed
+
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "score_values", "selection_order", "resolve_eps"]
 
@@ -223,6 +225,7 @@ def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Option
     reference: checked whenever given (a ValueError for a wrong length or a NaN), used by "excess".
     """
     _check_by(by)
+    seed = check_seed(seed)  # whatever ``by`` is: a bad seed is an error before it matters
     if reference is not None:
         from gdc_ext.state import check_reference
 
