@@ -19,6 +19,7 @@ class-index target of the wrong batch size              ValueError
 class-index target of the wrong shape otherwise         RuntimeError
   (but [B] for unbatched [V] input: ValueError)
 class-index target neither int64 nor uint8              RuntimeError
+uint8 class-index target of [B, V, d1, ...] input       RuntimeError
 probability (float) target not of input's shape         RuntimeError
 =====================================================  ============
 
@@ -128,6 +129,10 @@ def _check_index_target(input: torch.Tensor, target: torch.Tensor) -> None:
                                 f"one class index per row of input")
     if target.dtype not in _INDEX_DTYPES:
         raise ArgumentError(f"target must hold int64 (or uint8) class indices, got {target.dtype}")
+    if target.dtype == torch.uint8 and input.dim() > 2:
+        # torch's nll_loss2d path ("expected scalar type Long but found Byte") takes int64 only
+        raise ArgumentError(f"target: uint8 class indices are accepted for [V] and [B, V] input only (as "
+                            f"F.cross_entropy); [B, V, d1, ...] input {tuple(input.shape)} needs int64 targets")
     if target.device != input.device:
         raise ArgumentError(f"target is on {target.device} but input is on {input.device}")
 

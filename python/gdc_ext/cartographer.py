@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from gdc_ext._seed import check_seed
 from gdc_ext.cartography import (DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_REFERENCE, PRUNE_BY, QUADRANT_NAMES,
                                  Quadrants, loss_weights, multiplicities, prune)
 from gdc_ext.layout import ACC_COUNT
@@ -58,7 +59,7 @@ class Cartographer:
         gamma: up-sampling factor of ambiguous-hard samples (> 1).
         alpha: loss weight of hotspot-memorized samples, in [0, 1).
         keep_outliers: keep noisy-outliers instead of removing them from the sampler.
-        seed: the sampler's seed (epoch e draws with ``seed + e``).
+        seed: the sampler's seed, an int in [0, 2**63) (epoch e draws with ``seed + e``).
         label_after: epoch at whose end the labels are computed (default ``burn_in``; >= burn_in, >= 2).
         eps_index: which eps labels, when several are tracked (used by "memorization").
         memorization: the score on the memorized axis and for :meth:`prune`, one of
@@ -99,8 +100,7 @@ class Cartographer:
                              f"epochs), got {label_after!r} with burn_in={burn_in}")
         if not isinstance(eps_index, int) or not 0 <= eps_index < self.state.num_eps:
             raise ValueError(f"eps_index must be in [0, {self.state.num_eps}), got {eps_index!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        seed = check_seed(seed)  # a Python int: the config is saved as JSON
         if isinstance(reference, str):
             if reference not in REFERENCE_MODES:
                 raise ValueError(f"reference must be [N] per-sample losses, one of {REFERENCE_MODES} or None, "

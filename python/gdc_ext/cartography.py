@@ -9,6 +9,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
+from gdc_ext._seed import check_seed
+
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
            "NEEDS_REFERENCE", "score_values", "selection_order", "resolve_eps"]
@@ -241,6 +243,7 @@ def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Option
         "relative_excess".
     """
     _check_by(by)
+    seed = check_seed(seed)  # whatever ``by`` is: a bad seed is an error before it matters
     if reference is not None:
         from gdc_ext.state import check_reference
 

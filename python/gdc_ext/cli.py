@@ -11,13 +11,16 @@ one reference loss per sample (nats per token; the loss of a model that did not 
 sample, e.g. from gdc_ext.reference_losses): a .npy array, a .pt tensor, or text with one float
 per line.
 
-A missing, corrupted or foreign state or reference file, or a bad argument, prints one line on
-stderr and exits with status 2 (no traceback).
+A missing, corrupted or foreign state or reference file, a bad argument, or an I/O error (a full
+disk, say) prints one line on stderr and exits with status 2 (no traceback). When the reader of
+stdout goes away (``gdc report --json | head``), gdc exits quietly with status 1, as Python's
+documentation recommends for a broken pipe.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -38,7 +41,16 @@ def _load(path: str):
     except FileNotFoundError:
         raise _UsageError(f"no state file at {path!r}") from None
     except (ValueError, OSError) as e:
-        raise _UsageError(f"cannot read state file {path!r}: {e}") from None
+        raise _UsageError(f"cannot read state file {path!r}: {_one_line(e)}") from None
+    except (MemoryError, RuntimeError) as e:
+        # a crafted file whose sizes cannot be allocated (torch's CPU allocator raises RuntimeError)
+        raise _UsageError(f"cannot read state file {path!r}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message as one line (torch's and NumPy's can span several)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _eps(scores, eps_index: int) -> float:
@@ -180,16 +192,31 @@ def _plot(args) -> int:
     matplotlib.use("Agg")
     from gdc_ext.plot import data_map
 
+    out = _plot_path(args.output)
     scores = _load(args.state).scores()
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores)
     try:
         data_map(scores, alpha_d=args.alpha_d, alpha_m=args.alpha_m, eps=eps, jitter=args.jitter,
-                 path=args.output, title=args.title, by=by, reference=reference, seed=args.seed)
+                 path=out, title=args.title, by=by, reference=reference, seed=args.seed)
     except (ValueError, OSError) as e:
-        raise _UsageError(str(e)) from None
-    print(f"wrote {args.output}")
+        raise _UsageError(f"-o {out!r}: {_one_line(e)}") from None
+    print(f"wrote {out}")
     return 0
+
+
+def _plot_path(output: str) -> str:
+    """The file ``gdc plot -o OUTPUT`` writes, so that the path printed is the one written:
+    OUTPUT/data_map.png when OUTPUT is an existing folder (matplotlib would write OUTPUT.png
+    beside it), OUTPUT.png when OUTPUT has no extension (as matplotlib's savefig names it),
+    OUTPUT otherwise (its extension picks the format)."""
+    if os.path.isdir(output):
+        return os.path.join(output, "data_map.png")
+    if output.endswith(("/", os.sep)):
+        raise _UsageError(f"-o {output!r}: no such folder")
+    if not os.path.splitext(output)[1]:
+        return output + ".png"
+    return output
 
 
 def _select(args) -> int:
@@ -279,16 +306,60 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``gdc`` script; returns the exit status (0 ok, 2 usage or file error)."""
+    """Entry point of the ``gdc`` script; returns the exit status (0 ok, 2 usage, file or I/O error,
+    1 when stdout's reader went away). Errors print one line on stderr, never a traceback; a
+    bug of gdc itself (an AttributeError, KeyError, ...) is not caught and still shows one."""
+    from gdc_ext._seed import SEED_LIMIT
+
     args = _parser().parse_args(argv)
     if getattr(args, "top_k", 0) < 0:
         print("gdc: error: --top-k must be >= 0", file=sys.stderr)
         return 2
+    if not 0 <= args.seed < SEED_LIMIT:
+        print(f"gdc {args.command}: error: --seed must be an int in [0, 2**63), got {args.seed}", file=sys.stderr)
+        return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the handlers, not at exit
+        return status
     except _UsageError as e:
         print(f"gdc {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _detach_stdout()
+        return 1
+    except OSError as e:  # writing the output (stdout on a full disk, say) or reading an input
+        where = "cannot write to stdout: " if _stdout_broken() else ""
+        print(f"gdc {args.command}: error: {where}{_one_line(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, MemoryError) as e:  # the library's argument checks (ArgumentError is a ValueError)
+        print(f"gdc {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout cannot take its pending output; if so it is pointed at devnull, so that the
+    interpreter's own flush at exit does not fail again with an 'Exception ignored' traceback."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        _detach_stdout()
+        return True
+
+
+def _detach_stdout() -> None:
+    """Python's recipe for a broken pipe (docs, signal module, "Note on SIGPIPE"): point the stdout
+    file descriptor at devnull, so that the flush at exit neither fails nor prints anything."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
 
     Args:
         input: logits as ``F.cross_entropy`` takes them: [V], [B, V] or [B, V, d1, ..., dk].
-        target: class indices ([], [B] or [B, d1, ..., dk], int64) or class probabilities
+        target: class indices ([], [B] or [B, d1, ..., dk], int64; uint8 for [V] / [B, V] input, as
+            torch accepts) or class probabilities
             (the shape of ``input``; torch fallback, no recording).
         sample_ids: integer ids in [0, N): one id per token (as many ids as target rows, in any
             shape: the shape of ``target``, or [B, L] with a flattened [B*L] target) or [B] (one
@@ -66,6 +67,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
     dtype of ``input``.
     """
     check_arguments(input, target, weight, reduction, label_smoothing)
+    if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
+        # F.cross_entropy reads uint8 class indices as integers for [V] / [B, V] input (the only
+        # inputs check_arguments lets them through with), ignore_index compared as an integer:
+        # the int64 copy gives the same loss and takes the fused kernel, which records it.
+        target = target.to(torch.int64)
     if state is not None and not isinstance(state, CartoState):
         raise ops.ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
     wants = _wants_record(record, state, sample_ids)

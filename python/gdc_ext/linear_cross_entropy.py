@@ -48,7 +48,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         input: [..., H] hidden states (float32, bfloat16, float16 or float64); the leading
             dimensions are flattened into R rows.
         linear_weight: [V, H] output projection, the dtype and device of ``input``.
-        target: [...] int64 class indices, ``input.shape[:-1]`` (``ignore_index`` rows skipped).
+        target: [...] int64 (or uint8, as torch) class indices, ``input.shape[:-1]`` (``ignore_index`` rows skipped).
         sample_ids: integer ids in [0, N): the shape of ``target`` (one id per token) or [B]
             (one id per sequence, the R rows being B equal consecutive groups).
         linear_bias: optional [V] bias of the projection.
@@ -80,6 +80,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     check_reduction_and_smoothing(reduction, label_smoothing)
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     _check_shapes(input, linear_weight, target, linear_bias)
+    target = target.to(torch.int64)  # uint8 class indices read as integers, as torch reads them
     # before anything indexes it (the 'mean' denominator gathers the class weights by target)
     check_class_weight(weight, linear_weight.shape[0], input.device)
     _check_chunk_size(chunk_size)
@@ -140,9 +141,9 @@ def _check_shapes(input, linear_weight, target, linear_bias) -> None:
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
         raise ArgumentError(f"linear_weight must be 2-D [classes, hidden] with hidden = {input.shape[-1]} (the input's "
                          f"last dimension), got {tuple(linear_weight.shape)}")
-    if target.dtype != torch.int64:
-        raise ArgumentError(f"target must hold int64 class indices, got {target.dtype} (class-probability targets "
-                         f"are not supported by the fused path)")
+    if target.dtype not in (torch.int64, torch.uint8):  # F.linear_cross_entropy accepts uint8 too
+        raise ArgumentError(f"target must hold int64 (or uint8) class indices, got {target.dtype} (class-probability "
+                         f"targets are not supported by the fused path)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ArgumentError(f"target must have the shape of input without its last dimension "
                          f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}")

@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch.utils.data import Sampler
 
+from gdc_ext._seed import check_seed
 from gdc_ext.cartography import Quadrants, multiplicities
 
 __all__ = ["CartoSampler"]
@@ -28,7 +29,7 @@ class CartoSampler(Sampler[int]):
             as they are (``gamma`` and ``keep_outliers`` are then ignored).
         gamma: up-sampling factor of ambiguous-hard samples (> 1).
         keep_outliers: keep noisy-outliers (multiplicity 1) instead of removing them (0).
-        seed: base seed; the epoch's draw uses ``seed + epoch`` (see :meth:`set_epoch`).
+        seed: base seed, an int in [0, 2**63); the epoch's draw uses ``seed + epoch`` (see :meth:`set_epoch`).
         num_replicas, rank: the distributed split. ``None`` takes them from
             ``torch.distributed`` when it is initialised, else 1 and 0.
 
@@ -59,8 +60,7 @@ class CartoSampler(Sampler[int]):
                              f"codes or a float tensor of multiplicities, got {type(q).__name__}")
         if w.numel() == 0:
             raise ValueError("quadrants_or_weights: need at least one sample")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        seed = check_seed(seed)
         if num_replicas is None or rank is None:
             dist = torch.distributed
             initialised = dist.is_available() and dist.is_initialized()

@@ -18,10 +18,15 @@ from gdc_ext import ops
 from gdc_ext._io import write_atomic
 from gdc_ext.layout import (ACC_COLS, ACC_COUNT, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
                             I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
+from gdc_ext.layout import ACC_LOSS_SUM
 
-__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "check_reference"]
+__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "MAX_RECORD_COUNT", "check_reference"]
 
 FORMAT_VERSION = 1
+# The largest count one row may carry in CartoState.record: 2**53, the largest float64 up to which
+# every integer count is exact. Larger counts (1e308, say) would overflow the accumulator to inf
+# and end the epoch with NaN scores, so they are refused.
+MAX_RECORD_COUNT = 2.0 ** 53
 _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
 
 
@@ -211,11 +216,16 @@ class CartoState:
     """Per-sample accumulators for N training samples.
 
     Args:
-        num_samples: N, the number of sample ids (ids are 0..N-1).
-        burn_in: T_e, the number of (1-based) epochs whose losses define difficulty.
-        eps: forget threshold in nats, or a sequence of K thresholds tracked together.
+        num_samples: N, the number of sample ids (ids are 0..N-1): an int >= 1 (NumPy ints and
+            0-d integer tensors too).
+        burn_in: T_e, the number of (1-based) epochs whose losses define difficulty (an int >= 1).
+        eps: forget threshold in nats (a positive number or 0-d tensor), or a non-empty sequence
+            of K thresholds tracked together (a list, tuple or 1-D tensor / array).
         device: where the state lives; CartoLoss must run on the same device.
         extras: also keep min loss, Welford mean/variance and gradient energy (+32 bytes/sample).
+
+    A bad ``num_samples``, ``burn_in`` or ``eps`` (a string, None, a bool, a float count, nested
+    lists, ...) raises a ValueError naming the argument.
 
     Memory: 24 (epoch accumulator) + 16 (+32 with extras) + 12 + 4K bytes per sample, whatever
     the number of epochs.
@@ -223,16 +233,11 @@ class CartoState:
 
     def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]] = 0.1,
                  device: Union[str, torch.device] = "cpu", extras: bool = True):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 1:
-            raise ValueError(f"burn_in must be an int >= 1 (epochs), got {burn_in!r}")
-        self._eps_scalar = isinstance(eps, (int, float, np.floating, np.integer))
-        eps_list = [float(eps)] if self._eps_scalar else [float(e) for e in eps]
-        if not eps_list or not all(np.isfinite(e) and e > 0 for e in eps_list):
-            raise ValueError(f"eps must be a positive finite float or a non-empty sequence of them, got {eps!r}")
-        self.num_samples = int(num_samples)
-        self.burn_in = int(burn_in)
+        num_samples = _as_int("num_samples", num_samples, "a positive int")
+        burn_in = _as_int("burn_in", burn_in, "an int >= 1 (epochs)")
+        self._eps_scalar, eps_list = _eps_values(eps)
+        self.num_samples = num_samples
+        self.burn_in = burn_in
         self.extras = bool(extras)
         N, K, dev = self.num_samples, len(eps_list), torch.device(device)
         self.acc = torch.zeros(N, ACC_COLS, dtype=torch.float64, device=dev)
@@ -312,7 +317,9 @@ class CartoState:
                 counts as n rows of that loss); a tensor of shape S or [B] like sample_ids (a bool mask counts
                 True as 1), or a number. None:
                 each row counts once. A count of 0 skips its row (its id and loss are not read),
-                so a padding mask can be passed as ``counts``.
+                so a padding mask can be passed as ``counts``. Counts are finite, >= 0 and at
+                most :data:`MAX_RECORD_COUNT` (2**53), and each ``loss * count`` (and the batch's
+                sum of them added to the accumulator) must stay within float64's range.
 
         Recording is explicit: it happens whatever the grad mode and model mode, and never
         touches autograd (the losses are detached). Inputs are moved to the state's device. The
@@ -321,7 +328,8 @@ class CartoState:
 
         Invalid input: on the CPU it is validated eagerly and raises ValueError naming the
         argument (ids out of [0, N), a non-finite loss, a negative or non-finite count, shapes
-        that do not match), leaving the state unchanged. On CUDA nothing is validated on the host,
+        that do not match, a count above the bound or losses * counts that overflow float64),
+        leaving the state unchanged. On CUDA nothing is validated on the host,
         since that would synchronise: a batch with any invalid row is skipped as a whole on the
         device (mask-and-skip, as the fused CUDA kernel does), so the state is again unchanged.
         """
@@ -335,17 +343,25 @@ class CartoState:
         ids = _rows_like("sample_ids", sample_ids, losses, dev, integer=True)
         if counts is None:
             cnt = torch.ones_like(loss)
-        elif isinstance(counts, (int, float)) and not isinstance(counts, bool):
-            cnt = torch.full_like(loss, float(counts))
+        elif _is_real_number(counts):
+            try:
+                c = float(counts)
+            except OverflowError:  # a Python int beyond float64 (10**400)
+                c = float("inf")
+            if not 0 <= c <= MAX_RECORD_COUNT:
+                raise ValueError(f"counts = {_short(counts)}: expected a finite count in [0, 2**53]")
+            cnt = torch.full_like(loss, c)
         else:
             cnt = _rows_like("counts", counts, losses, dev, integer=False).to(torch.float64)
         N = self.num_samples
         used = cnt > 0
+        # what each row adds to the loss sum; unused rows add 0 (a skipped row's loss is not read)
+        prod = torch.where(used, loss * cnt, torch.zeros((), dtype=torch.float64, device=dev))
         if dev.type == "cpu":
-            bad = (~torch.isfinite(cnt)) | (cnt < 0)
+            bad = (~torch.isfinite(cnt)) | (cnt < 0) | (cnt > MAX_RECORD_COUNT)
             if bool(bad.any()):
                 r = int(bad.nonzero()[0, 0])
-                raise ValueError(f"counts[{r}] = {float(cnt[r])}: expected a finite count >= 0")
+                raise ValueError(f"counts[{r}] = {float(cnt[r])}: expected a finite count in [0, 2**53]")
             bad = used & ((ids < 0) | (ids >= N))
             if bool(bad.any()):
                 r = int(bad.nonzero()[0, 0])
@@ -355,14 +371,23 @@ class CartoState:
                 r = int(bad.nonzero()[0, 0])
                 raise ValueError(f"losses[{r}] = {float(loss[r])} is not finite: NaN or inf losses cannot be "
                                  f"recorded; the CartoState was left unchanged")
+            bad = ~torch.isfinite(prod)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                raise ValueError(f"losses[{r}] * counts[{r}] = {float(loss[r])} * {float(cnt[r])} overflows float64; "
+                                 f"the CartoState was left unchanged")
+            if not bool(torch.isfinite(_sum_bound(acc, ids, used, prod))):
+                raise ValueError("counts: the batch's losses * counts, added to this epoch's accumulator, overflow "
+                                 "float64; the CartoState was left unchanged")
             ok = used
         else:
             # no host synchronisation: the batch's validity is a device scalar that masks every row
             in_range = (ids >= 0) & (ids < N)
-            row_bad = (~torch.isfinite(cnt)) | (cnt < 0) | (used & ~(in_range & torch.isfinite(loss)))
-            ok = used & ~row_bad.any()
+            row_bad = (~torch.isfinite(cnt)) | (cnt < 0) | (cnt > MAX_RECORD_COUNT) \
+                | (used & ~(in_range & torch.isfinite(loss) & torch.isfinite(prod)))
+            ok = used & ~row_bad.any() & torch.isfinite(_sum_bound(acc, ids, used & in_range, prod))
         zero = torch.zeros((), dtype=torch.float64, device=dev)
-        upd = torch.stack([torch.where(ok, loss * cnt, zero), torch.where(ok, cnt, zero), zero.expand_as(loss)], 1)
+        upd = torch.stack([torch.where(ok, prod, zero), torch.where(ok, cnt, zero), zero.expand_as(loss)], 1)
         acc.index_add_(0, torch.where(ok, ids, torch.zeros_like(ids)), upd)
 
     def reset_epoch(self) -> None:
@@ -460,20 +485,112 @@ class CartoState:
             raise ValueError(f"CartoState.load: {path!r} is not a readable safetensors state file ({e})") from None
         if raw_meta is None:
             raise ValueError(f"CartoState.load: {path!r} has no gdc_ext metadata: not a CartoState file")
-        try:
-            meta = json.loads(raw_meta)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"CartoState.load: {path!r} has corrupted metadata ({e})") from None
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"CartoState.load: {path!r} has format version {meta.get('version')!r}; "
-                             f"this gdc_ext reads version {FORMAT_VERSION}")
-        try:
-            eps = meta["eps"][0] if meta["eps_scalar"] else meta["eps"]
-            state = cls(meta["num_samples"], meta["burn_in"], eps, device=device, extras=meta["extras"])
-        except (KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"CartoState.load: {path!r} has incomplete metadata ({e!r})") from None
+        meta = _parse_meta(raw_meta, lambda why: ValueError(f"CartoState.load: {path!r} {why}"))
+        eps = meta["eps"][0] if meta["eps_scalar"] else meta["eps"]
+        state = cls(meta["num_samples"], meta["burn_in"], eps, device=device, extras=meta["extras"])
         state.load_state_dict({**tensors, "meta": meta})
         return state
+
+
+def _sum_bound(acc: torch.Tensor, ids: torch.Tensor, used: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
+    """A device scalar bounding |acc[i, loss sum] + this batch's sum for i| over the batch's ids:
+    the largest |loss sum| of a used id plus the batch's sum of |loss * count| (finite iff no
+    sample's accumulated loss can overflow to inf in this record call). Ids of unused rows are
+    not read (they may be out of range)."""
+    zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+    held = torch.where(used, acc[torch.where(used, ids, torch.zeros_like(ids)), ACC_LOSS_SUM].abs(), zero)
+    return (held.max() if held.numel() else zero) + prod.abs().sum()
+
+
+def _parse_meta(raw: str, bad) -> dict:
+    """The ``gdc_ext`` metadata of a saved state, every field checked, so a damaged or crafted file
+    is a ValueError (made by ``bad(why)``, which names the file) naming the field, never a
+    KeyError / AttributeError / TypeError from reading it, and nothing is allocated from an
+    unchecked value."""
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"has corrupted metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"has corrupted metadata: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != "gdc_ext.CartoState":
+        raise bad(f"has metadata field format = {_short(meta.get('format'))}: not a CartoState file")
+    if isinstance(meta.get("version"), bool) or meta.get("version") != FORMAT_VERSION:
+        raise bad(f"has format version {_short(meta.get('version'))}; this gdc_ext reads version {FORMAT_VERSION}")
+
+    def field(name: str, ok, what: str):
+        if name not in meta:
+            raise bad(f"has incomplete metadata: field {name!r} is missing")
+        if not ok(meta[name]):
+            raise bad(f"has damaged metadata: field {name!r} must be {what}, got {_short(meta[name])}")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    field("num_samples", count, "an int >= 1")
+    field("burn_in", count, "an int >= 1")
+    field("eps", lambda v: isinstance(v, list) and len(v) > 0 and all(_positive_float(e) is not None for e in v),
+          "a non-empty list of positive finite numbers")
+    field("eps_scalar", lambda v: isinstance(v, bool) and (not v or len(meta["eps"]) == 1),
+          "true (one eps) or false" if len(meta["eps"]) == 1 else "false (the file holds several eps)")
+    field("extras", lambda v: isinstance(v, bool), "true or false")
+    return meta
+
+
+def _as_int(name: str, value, what: str) -> int:
+    """A count argument (``num_samples``, ``burn_in``) as a Python int >= 1: a Python or NumPy
+    integer, or a 0-d integer tensor; not a bool or a float (1e12 is not a sample count)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
+            and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be {what}, got {_short(value)}")
+    return int(value)
+
+
+def _is_real_number(x) -> bool:
+    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, float, np.integer, np.floating))
+
+
+def _positive_float(x) -> Optional[float]:
+    """``x`` as a finite float > 0, or None when it is not one (an int beyond float64 included)."""
+    if not _is_real_number(x):
+        return None
+    try:
+        v = float(x)
+    except OverflowError:
+        return None
+    return v if np.isfinite(v) and v > 0 else None
+
+
+def _eps_values(eps) -> tuple:
+    """``(scalar, [floats])`` from CartoState's ``eps``: one threshold (a real number, a 0-d tensor or
+    array) or a non-empty 1-D sequence of them (a list, tuple, 1-D tensor or array); each finite
+    and > 0. Anything else (a string, None, a bool, nested lists) is a ValueError naming eps."""
+    what = "a positive finite float or a non-empty 1-D sequence of them"
+    if isinstance(eps, (torch.Tensor, np.ndarray)):
+        real = not (eps.dtype.is_complex or eps.dtype == torch.bool) if isinstance(eps, torch.Tensor) \
+            else eps.dtype.kind in "iuf"
+        if not real or eps.ndim > 1:
+            raise ValueError(f"eps must be {what}, got a {tuple(eps.shape)} {eps.dtype} "
+                             f"{type(eps).__name__}")
+        scalar, items = eps.ndim == 0, eps.reshape(-1).tolist()
+    elif _is_real_number(eps):
+        scalar, items = True, [eps]
+    elif isinstance(eps, (list, tuple)):
+        scalar, items = False, list(eps)
+    else:
+        raise ValueError(f"eps must be {what}, got {_short(eps)}")
+    values = [_positive_float(e) for e in items]
+    if not values or None in values:
+        raise ValueError(f"eps must be {what}, got {_short(eps)}")
+    return scalar, values
+
+
+def _short(value) -> str:
+    """repr of an argument for an error message, cut to one readable line."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _check_consistent(t: dict) -> None:
