@@ -265,7 +265,10 @@ class CartoTrainer(Trainer):
     weights, sampler), ``state`` (recording only) or ``loss`` (a CartoLoss of your own, recording
     into its ``state`` if it has one). ``fused_linear=True`` computes the loss with the fused
     linear + cross-entropy, never building the logits (causal LMs; see
-    :mod:`gdc_ext.integrations.hf_fused`, which checks the model here, before training).
+    :mod:`gdc_ext.integrations.hf_fused`, which checks the model here, before training). Where
+    logits are requested (``compute_loss(..., return_outputs=True)``: evaluation and prediction with
+    ``compute_metrics`` or without ``prediction_loss_only``) they are built from the hidden states
+    as the model builds them, so metrics, predictions and eval loss equal the unfused path's.
     """
 
     def __init__(self, *args, cartographer: Optional[Cartographer] = None, state: Optional[CartoState] = None,
@@ -293,6 +296,9 @@ class CartoTrainer(Trainer):
         self._sampler_active = False      # whether this train() call's dataloader uses carto.sampler()
         self._resume_sampler: Optional[bool] = None
         self.fused_linear = bool(fused_linear)
+        # set by prediction_step while its caller discards the logits (prediction_loss_only): the
+        # fused path then computes the eval loss without building them
+        self._logits_not_needed = False
         if self.fused_linear:
             from gdc_ext.integrations.hf_fused import check_fused_trainer
 
@@ -366,6 +372,19 @@ class CartoTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------ loss
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: Optional[list] = None):
+        """``Trainer.prediction_step``. With ``fused_linear=True`` the logits it returns (to
+        ``preprocess_logits_for_metrics``, ``compute_metrics``, ``predict()``) are the model's,
+        ``lm_head(last_hidden_state)``, and the loss is computed from them as without
+        ``fused_linear``; with ``prediction_loss_only`` the logits are never built and the loss is
+        the fused one."""
+        saved = self._logits_not_needed
+        self._logits_not_needed = bool(prediction_loss_only)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._logits_not_needed = saved
+
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         inputs = dict(inputs)
         ids = inputs.pop(SAMPLE_IDS, None)
@@ -373,10 +392,19 @@ class CartoTrainer(Trainer):
             raise ValueError("CartoTrainer: the batch has no 'labels' (use a collator that sets them, e.g. "
                              "DataCollatorForLanguageModeling(tokenizer, mlm=False))")
         labels = inputs.pop("labels")
-        if self.fused_linear:  # the decoder's hidden states; the LM head is applied inside the fused loss
+        fused = self.fused_linear
+        if fused:  # the decoder's hidden states; the LM head is applied inside the fused loss
             from gdc_ext.integrations import hf_fused
 
             outputs, logits, head = hf_fused.hidden_states(model, inputs)
+            if return_outputs and not self._logits_not_needed:
+                # The caller reads the outputs' logits (prediction_step hands them to
+                # preprocess_logits_for_metrics / compute_metrics): build them as the model's forward
+                # does, lm_head(last hidden state), and take the loss from them as the unfused path
+                # does, so predictions, metrics and eval loss equal a run without fused_linear.
+                logits = head(logits)
+                outputs = hf_fused.outputs_with_logits(outputs, logits)
+                fused = False
         else:
             outputs = model(**inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -404,7 +432,7 @@ class CartoTrainer(Trainer):
         # (CartoLoss insists on ids once loss weights are set; without ids there is nothing to weight)
         plain = train_ids is None and fn.sample_weight is not None
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        if self.fused_linear:  # flat_logits are the hidden states [R, H] here
+        if fused:  # flat_logits are the hidden states [R, H] here
             loss = hf_fused.head_loss(head, fn, flat_logits, flat_labels, train_ids, reduction)
         elif plain:
             loss = torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, weight=fn.weight,
