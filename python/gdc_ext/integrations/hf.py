@@ -15,6 +15,13 @@ Sample ids:
   wherever the wrapped collator padded (found from the ``attention_mask`` when it has one, else
   from the tokenizer's ``padding_side``, else on the right). A padded position must carry the label
   -100 (every LM collator does this), since a non-ignored label with id -1 is rejected.
+- Padding-free packing (``DataCollatorWithFlattening``: the items concatenated into one row
+  [1, total], with position_ids restarting at every item, and ``seq_idx`` / ``cu_seq_lens_q`` when
+  asked for): the ids become per-token ids [1, total], each item's id (or per-token list) on its
+  own tokens, found from those boundaries. Ids that do not fit the packed batch (a number of
+  items other than the number of packed sequences, a per-token list of another length than its
+  item) raise ValueError, and so does a packed batch without any boundaries. The first label of
+  every packed item is -100, so no document is charged for predicting the next one's first token.
 - Items without ``"sample_ids"`` are fine wherever nothing is recorded (evaluation, prediction);
   training on them while a state is set records nothing, and ``compute_loss`` warns once.
 - :meth:`CartoTrainer.compute_loss` removes the ids before ``model(**inputs)``, so they never reach
@@ -52,6 +59,7 @@ transformers is imported here only, never by ``import gdc_ext``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -96,14 +104,113 @@ def _as_ids(value, i: int) -> torch.Tensor:
     return t.to(torch.int64).reshape(-1)
 
 
+_PACKING_HINT = ("padding-free packing (e.g. transformers' DataCollatorWithFlattening) must return position_ids, "
+                 "seq_idx or cu_seq_lens_q marking where each item starts")
+
+
+def _runs(starts: torch.Tensor) -> torch.Tensor:
+    """Segment index per token of a flattened [R*L] batch: a new segment at every True of ``starts``."""
+    return starts.to(torch.int64).cumsum(0) - 1
+
+
+def _packed_segments(batch: dict, n_items: int):
+    """(segment index per token [R*L] int64 (-1 outside every segment), (R, L), source) when the
+    wrapped collator packed the items padding-free (several items per row: fewer or more rows than
+    items, or ``seq_idx`` / ``cu_seq_lens_q`` in the batch), else None. Segments are numbered in
+    token order, one per packed item, from every boundary the batch carries (position_ids
+    restarting, runs of seq_idx, cu_seq_lens_q), which must agree."""
+    ref = batch.get("input_ids", batch.get("labels"))
+    if len(getattr(ref, "shape", ())) != 2:  # a tensor or array [R, L] (return_tensors="np" too)
+        return None
+    R, L = (int(n) for n in ref.shape)
+    explicit = [k for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx") if batch.get(k) is not None]
+    if R == n_items and not explicit:
+        return None  # one item per row: the ordinary (padded) layout
+    T = R * L
+    found = {}
+    pos = batch.get("position_ids")
+    if pos is not None:
+        pos = torch.as_tensor(pos)
+        if pos.dim() == 2 and pos.shape[0] == 1 and R > 1:
+            pos = pos.expand(R, L)
+        if tuple(pos.shape) != (R, L):
+            raise ValueError(f"CartoCollator: packed batch: position_ids have shape {tuple(pos.shape)} but input_ids "
+                             f"{(R, L)}")
+        starts = torch.ones(R, L, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # positions restart at every packed item
+        inside = torch.ones(R, L, dtype=torch.bool)
+        mask = batch.get("attention_mask")
+        if mask is not None and tuple(getattr(mask, "shape", ())) == (R, L):
+            inside = torch.as_tensor(mask).bool()  # padding of a multi-row packing belongs to no item
+            starts[:, 1:] |= inside[:, 1:] & ~inside[:, :-1]
+        seg = _runs((starts & inside).reshape(-1))
+        found["position_ids"] = torch.where(inside.reshape(-1), seg, torch.full_like(seg, -1))
+    idx = batch.get("seq_idx")
+    if idx is not None:
+        idx = torch.as_tensor(idx).reshape(-1)
+        if idx.numel() != T:
+            raise ValueError(f"CartoCollator: packed batch: seq_idx has {idx.numel()} entries but input_ids {T} tokens")
+        starts = torch.ones(T, dtype=torch.bool)
+        starts[1:] = idx[1:] != idx[:-1]
+        found["seq_idx"] = _runs(starts)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        cu = batch.get(key)
+        if cu is None:
+            continue
+        cu = torch.as_tensor(cu).to(torch.int64).reshape(-1)
+        if cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"CartoCollator: packed batch: {key} = {cu.tolist()} is not a cumulative list of sequence "
+                             f"lengths from 0 to the {T} tokens of input_ids")
+        lengths = cu[1:] - cu[:-1]
+        found[key] = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        break  # cu_seq_lens_k equals cu_seq_lens_q in self-attention packing
+    if not found:
+        raise ValueError(f"CartoCollator: the wrapped collator returned {R} row(s) for {n_items} items without "
+                         f"position_ids, seq_idx or cu_seq_lens_q, so the items' {SAMPLE_IDS!r} cannot be placed: "
+                         f"{_PACKING_HINT} (plain concatenation would also let attention cross documents)")
+    (source, seg), *others = found.items()
+    for other, seg2 in others:
+        if not torch.equal(seg, seg2):
+            raise ValueError(f"CartoCollator: packed batch: the item boundaries of {source} and {other} disagree")
+    return seg, (R, L), source
+
+
+def _packed_token_ids(ids: list, per_sequence: bool, seg: torch.Tensor, shape: tuple, source: str) -> torch.Tensor:
+    """Per-token ids [R, L] of a padding-free packed batch: item k's id (per_sequence) or its
+    per-token ids on the tokens of segment k, :data:`IGNORED_ID` outside every segment."""
+    inside = seg >= 0
+    n_seg = int(seg.max()) + 1 if bool(inside.any()) else 0
+    if n_seg != len(ids):
+        raise ValueError(f"CartoCollator: padding-free packing: the batch holds {n_seg} packed sequences (from "
+                         f"{source}) but {len(ids)} items carry {SAMPLE_IDS!r}: the ids do not fit the packed batch "
+                         f"(one packed sequence per item expected)")
+    out = torch.full((seg.numel(),), IGNORED_ID, dtype=torch.int64)
+    if per_sequence:
+        out[inside] = torch.cat(ids)[seg[inside]]
+    else:
+        lengths = torch.bincount(seg[inside], minlength=n_seg).tolist()
+        for k, (t, n) in enumerate(zip(ids, lengths)):
+            if t.numel() != n:
+                raise ValueError(f"CartoCollator: padding-free packing: feature {k} has {t.numel()} per-token "
+                                 f"{SAMPLE_IDS!r} but its packed sequence has {n} tokens (from {source}): the ids do "
+                                 f"not fit the packed batch (one id per token of the item's input_ids expected)")
+        out[inside] = torch.cat(ids)  # segments are numbered in token order
+    return out.view(shape)
+
+
 class CartoCollator:
     """Wraps a data collator and passes the items' ``"sample_ids"`` through it unchanged.
 
     Per-sequence ids (an int per item) come back as ``batch["sample_ids"]`` int64 [B]; per-token
     ids (a list per item, one id per token of its ``input_ids``) as int64 [B, L], the shape of the
-    collated ``input_ids``, with :data:`IGNORED_ID` where the wrapped collator padded. Items
-    without ids give a batch without ``"sample_ids"`` (evaluation, prediction); a batch mixing items
-    with and without ids, or per-sequence with per-token ids, raises ValueError.
+    collated ``input_ids``, with :data:`IGNORED_ID` where the wrapped collator padded. When the
+    wrapped collator packs the items padding-free (another number of rows than items, or
+    ``seq_idx`` / ``cu_seq_lens_q`` in the batch: ``DataCollatorWithFlattening``), either kind
+    comes back as per-token ids [R, L] placed by the packing boundaries (position_ids restarting,
+    ``seq_idx`` runs, ``cu_seq_lens_q``; several must agree), :data:`IGNORED_ID` on tokens of no
+    item. Items without ids give a batch without ``"sample_ids"`` (evaluation, prediction); a batch
+    mixing items with and without ids, or per-sequence with per-token ids, and ids that do not fit
+    a packed batch raise ValueError.
 
     Args:
         collator: the wrapped collator (list of feature dicts -> batch dict).
@@ -143,7 +250,10 @@ class CartoCollator:
             raise ValueError(f"CartoCollator: {SAMPLE_IDS!r} mixes per-sequence ids (ints) and per-token ids "
                              f"(lists) in one batch")
         ids = [_as_ids(r, i) for i, r in enumerate(raw)]
-        if kinds == {"seq"}:
+        segments = _packed_segments(batch, len(ids))
+        if segments is not None:  # padding-free packing: per-token ids [R, L] from the boundaries
+            batch[SAMPLE_IDS] = _packed_token_ids(ids, kinds == {"seq"}, *segments)
+        elif kinds == {"seq"}:
             batch[SAMPLE_IDS] = torch.cat(ids)
         else:
             batch[SAMPLE_IDS] = self._pad_token_ids(ids, batch)
@@ -248,6 +358,19 @@ def load_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional
 
 
 # --------------------------------------------------------------------------------------- trainer
+def _accepts_use_cache(model: torch.nn.Module) -> bool:
+    """Whether the model inside torch.compile's / DDP's / DataParallel's wrappers takes ``use_cache``."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def _reduction(loss: CartoLoss, reduction: str):
     saved = loss.reduction
@@ -265,7 +388,10 @@ class CartoTrainer(Trainer):
     weights, sampler), ``state`` (recording only) or ``loss`` (a CartoLoss of your own, recording
     into its ``state`` if it has one). ``fused_linear=True`` computes the loss with the fused
     linear + cross-entropy, never building the logits (causal LMs; see
-    :mod:`gdc_ext.integrations.hf_fused`, which checks the model here, before training).
+    :mod:`gdc_ext.integrations.hf_fused`, which checks the model here, before training). Where
+    logits are requested (``compute_loss(..., return_outputs=True)``: evaluation and prediction with
+    ``compute_metrics`` or without ``prediction_loss_only``) they are built from the hidden states
+    as the model builds them, so metrics, predictions and eval loss equal the unfused path's.
     """
 
     def __init__(self, *args, cartographer: Optional[Cartographer] = None, state: Optional[CartoState] = None,
@@ -293,6 +419,9 @@ class CartoTrainer(Trainer):
         self._sampler_active = False      # whether this train() call's dataloader uses carto.sampler()
         self._resume_sampler: Optional[bool] = None
         self.fused_linear = bool(fused_linear)
+        # set by prediction_step while its caller discards the logits (prediction_loss_only): the
+        # fused path then computes the eval loss without building them
+        self._logits_not_needed = False
         if self.fused_linear:
             from gdc_ext.integrations.hf_fused import check_fused_trainer
 
@@ -366,6 +495,19 @@ class CartoTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------ loss
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: Optional[list] = None):
+        """``Trainer.prediction_step``. With ``fused_linear=True`` the logits it returns (to
+        ``preprocess_logits_for_metrics``, ``compute_metrics``, ``predict()``) are the model's,
+        ``lm_head(last_hidden_state)``, and the loss is computed from them as without
+        ``fused_linear``; with ``prediction_loss_only`` the logits are never built and the loss is
+        the fused one."""
+        saved = self._logits_not_needed
+        self._logits_not_needed = bool(prediction_loss_only)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._logits_not_needed = saved
+
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
         inputs = dict(inputs)
         ids = inputs.pop(SAMPLE_IDS, None)
@@ -373,11 +515,26 @@ class CartoTrainer(Trainer):
             raise ValueError("CartoTrainer: the batch has no 'labels' (use a collator that sets them, e.g. "
                              "DataCollatorForLanguageModeling(tokenizer, mlm=False))")
         labels = inputs.pop("labels")
-        if self.fused_linear:  # the decoder's hidden states; the LM head is applied inside the fused loss
+        fused = self.fused_linear
+        if fused:  # the decoder's hidden states; the LM head is applied inside the fused loss
             from gdc_ext.integrations import hf_fused
 
             outputs, logits, head = hf_fused.hidden_states(model, inputs)
+            if return_outputs and not self._logits_not_needed:
+                # The caller reads the outputs' logits (prediction_step hands them to
+                # preprocess_logits_for_metrics / compute_metrics): build them as the model's forward
+                # does, lm_head(last hidden state), and take the loss from them as the unfused path
+                # does, so predictions, metrics and eval loss equal a run without fused_linear.
+                logits = head(logits)
+                outputs = hf_fused.outputs_with_logits(outputs, logits)
+                fused = False
         else:
+            if ("position_ids" in inputs and inputs.get("attention_mask") is None and "use_cache" not in inputs
+                    and _accepts_use_cache(model)):
+                # padding-free packing: transformers finds the documents of a packed row from its
+                # position_ids only without a key/value cache; TrainingArguments(use_cache=True)
+                # would let attention cross them (the fused path never uses a cache either)
+                inputs["use_cache"] = False
             outputs = model(**inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         # position t predicts the label at t+1; that row belongs to the sample of token t+1
@@ -404,7 +561,7 @@ class CartoTrainer(Trainer):
         # (CartoLoss insists on ids once loss weights are set; without ids there is nothing to weight)
         plain = train_ids is None and fn.sample_weight is not None
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        if self.fused_linear:  # flat_logits are the hidden states [R, H] here
+        if fused:  # flat_logits are the hidden states [R, H] here
             loss = hf_fused.head_loss(head, fn, flat_logits, flat_labels, train_ids, reduction)
         elif plain:
             loss = torch.nn.functional.cross_entropy(flat_logits.float(), flat_labels, weight=fn.weight,

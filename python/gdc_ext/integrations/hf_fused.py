@@ -20,9 +20,13 @@ training by :func:`check_fused_model`: final logit soft-capping (Gemma 2/3's
 ``logits_scaling``), encoder-decoder and other non-causal heads, and an output embedding that is
 not an ``nn.Linear``.
 
-In this mode ``compute_loss(..., return_outputs=True)`` returns the base model's outputs (no
-logits). Multi-process (DDP) training is refused: the base model would be called past the DDP
-wrapper.
+Evaluation and prediction: ``compute_loss(..., return_outputs=True)`` (what ``prediction_step``
+calls unless ``prediction_loss_only``) applies the LM head to the hidden states and returns the
+base model's outputs with ``"logits"`` in place of ``"last_hidden_state"`` (:func:`outputs_with_logits`),
+so ``predict()``, ``preprocess_logits_for_metrics`` and ``compute_metrics`` get the model's logits and
+the loss is computed from them as without ``fused_linear``. With ``prediction_loss_only`` (and
+``evaluate()`` without ``compute_metrics``) the logits are never built. Multi-process (DDP)
+training is refused: the base model would be called past the DDP wrapper.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from torch import nn
 
 from gdc_ext.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["check_fused_model", "check_fused_trainer", "base_model_of", "hidden_states", "head_loss"]
+__all__ = ["check_fused_model", "check_fused_trainer", "base_model_of", "hidden_states", "outputs_with_logits",
+           "head_loss"]
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -125,6 +130,25 @@ def hidden_states(model: nn.Module, inputs: dict):
     outputs = base(**inputs)
     hidden = outputs["last_hidden_state"] if isinstance(outputs, dict) else outputs[0]
     return outputs, hidden, head
+
+
+def outputs_with_logits(outputs, logits: torch.Tensor):
+    """The causal LM's outputs for base-model ``outputs`` and its ``logits`` [B, T, V]: a
+    ``ModelOutput`` holding ``logits`` where the base model has ``last_hidden_state``, then the base
+    model's other non-None entries (``past_key_values``, ``hidden_states``, ``attentions``, ...) in
+    their order, as ``*ForCausalLM.forward`` returns them without labels (so ``prediction_step``,
+    which takes every entry but the ignored keys as predictions, sees the same tuple). A tuple
+    ``outputs`` (``return_dict=False``) gives ``(logits,) + outputs[1:]``."""
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
+    from transformers.utils import ModelOutput
+
+    if not isinstance(outputs, dict):  # return_dict=False: the model returns (logits,) + base outputs[1:]
+        return (logits,) + tuple(outputs[1:])
+    rest = {k: v for k, v in outputs.items() if k != "last_hidden_state" and v is not None}
+    for cls in (CausalLMOutputWithPast, CausalLMOutputWithCrossAttentions):
+        if set(rest) <= set(cls.__dataclass_fields__):
+            return cls(logits=logits, **rest)
+    return ModelOutput(logits=logits, **rest)  # a base model with outputs of its own (kept, in order)
 
 
 def head_loss(head: nn.Linear, fn, hidden: torch.Tensor, labels: torch.Tensor, train_ids,
