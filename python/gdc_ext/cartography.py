@@ -13,7 +13,7 @@ from gdc_ext._seed import check_seed
 
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
-           "NEEDS_REFERENCE", "score_values", "selection_order", "resolve_eps"]
+           "NEEDS_REFERENCE", "score_values", "selection_order", "top_k", "resolve_eps"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -126,6 +126,44 @@ def selection_order(score, tiebreak=None) -> torch.Tensor:
     # np.lexsort sorts by its last key first: unscored flag, then -score, -tiebreak, id.
     order = np.lexsort((ids, -t, -np.where(unscored, 0.0, s), unscored))
     return torch.from_numpy(order).to(torch.int64)
+
+
+def top_k(score, k: int, tiebreak=None, *, ordered: bool = True) -> torch.Tensor:
+    """The first ``k`` ids of :func:`selection_order` (the same ties), by a partial sort.
+
+    score: [N] float (NaN = unscored); tiebreak: [N] float or None; k: 0 <= k (capped at N).
+    ordered: return them in selection order (False: sorted by id, which is all pruning needs).
+    Cost: O(N) to find the k-th value (``np.partition``) plus a sort of the selected ids and of
+    the samples tied at the boundary, instead of a full sort of N keys.
+    Returns int64 ids [min(k, N)].
+    """
+    s = _as_f64(score, "score")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = min(int(k), len(s))
+    t = np.zeros_like(s) if tiebreak is None else np.nan_to_num(_as_f64(tiebreak, "tiebreak"), nan=-np.inf)
+    if t.shape != s.shape:
+        raise ValueError(f"score {s.shape} and tiebreak {t.shape} must have the same shape")
+    scored = np.flatnonzero(~np.isnan(s))
+    if k >= len(scored):  # every scored sample, then the unscored by id
+        chosen = np.concatenate([scored, np.flatnonzero(np.isnan(s))[:k - len(scored)]])
+    elif k == 0:
+        chosen = np.zeros(0, dtype=np.int64)
+    else:
+        vals = s[scored]
+        kth = -np.partition(-vals, k - 1)[k - 1]  # the k-th highest score
+        above = scored[vals > kth]
+        tied = scored[vals == kth]
+        # the boundary's ties go by higher tiebreak, then lower id (np.lexsort: last key first)
+        tied = tied[np.lexsort((tied, -t[tied]))][:k - len(above)]
+        chosen = np.concatenate([above, tied])
+    if ordered:
+        unscored = np.isnan(s[chosen])
+        chosen = chosen[np.lexsort((chosen, -np.where(unscored, 0.0, t[chosen]), -np.where(unscored, 0.0, s[chosen]),
+                                    unscored))]
+    else:
+        chosen = np.sort(chosen)
+    return torch.from_numpy(chosen.astype(np.int64))
 
 
 def _masked(values, scores) -> np.ndarray:
@@ -271,7 +309,6 @@ def prune(scores, fraction: float, by: str = "memorization", seed: int = 0, eps:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     score = score_values(scores, by, seed=seed, eps=eps, eps_index=eps_index, reference=reference)
     k = int(round(float(fraction) * len(score)))
-    order = selection_order(score, scores.difficulty).numpy()
-    keep = np.ones(len(order), dtype=bool)
-    keep[order[:k]] = False
+    keep = np.ones(len(score), dtype=bool)
+    keep[top_k(score, k, scores.difficulty, ordered=False).numpy()] = False
     return torch.from_numpy(np.flatnonzero(keep)).to(torch.int64)
