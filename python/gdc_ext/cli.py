@@ -118,7 +118,7 @@ def _choice(args, scores):
 
 
 def _report(args) -> int:
-    from gdc_ext.cartography import QUADRANT_NAMES, SCORE_LABELS, score_values, selection_order
+    from gdc_ext.cartography import QUADRANT_NAMES, SCORE_LABELS, score_values, top_k
 
     scores = _load(args.state).scores()
     eps = _eps(scores, args.eps_index)
@@ -131,9 +131,10 @@ def _report(args) -> int:
     last = scores.last_loss.numpy()
     q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps, by=by, reference=reference, seed=args.seed)
     codes = q.codes.numpy()
-    order = [int(i) for i in selection_order(score, scores.difficulty).numpy() if not np.isnan(score[i])]
-    top = order[:args.top_k]
-    hot = [i for i in order if codes[i] == 2][:args.top_k]
+    # partial sorts (top_k): a report over N = 1e8 samples never sorts all of them
+    top = [int(i) for i in top_k(score, args.top_k, scores.difficulty).numpy() if not np.isnan(score[i])]
+    in_hot = np.where(codes == 2, score, np.nan)
+    hot = [int(i) for i in top_k(in_hot, args.top_k, scores.difficulty).numpy() if not np.isnan(in_hot[i])]
     rows = []
     for code in (0, 1, 2, 3, -1):
         sel = codes == code
