@@ -83,6 +83,10 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
             :func:`gdc_ext.integrations.hf.reference_losses`).
         progress: show a tqdm progress bar.
 
+    With torch.distributed initialised (world size > 1), every rank passes its share of the
+    batches (e.g. a DistributedSampler's) and the token sums and counts are all-reduced, so
+    every rank returns the same [N] reference.
+
     Returns:
         [N] float64 (CPU): the mean NLL over each sample's scored tokens; NaN for a sample with no
         scored token in ``batches`` (a warning counts them). A calibrated score needs a finite
@@ -126,8 +130,16 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
                                      state=state, record=True)
     finally:
         model.train(was_training)
+    distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_world_size() > 1)
+    if state is None and distributed:  # this rank's share was empty: it still joins the sum
+        state = CartoState(int(num_samples), burn_in=1, eps=1.0, device=_device_of(model) or "cpu", extras=False)
     if state is None:
         raise ValueError("batches is empty: there is nothing to score")
+    if distributed:
+        # each rank scored its share of the batches (a distributed sampler): sum the token losses
+        # and counts, so every rank ends with every sample's mean
+        torch.distributed.all_reduce(state.acc)
     acc = state.acc.detach().cpu()
     count = acc[:, ACC_COUNT]
     out = torch.where(count > 0, acc[:, ACC_LOSS_SUM] / count.clamp(min=1), torch.full_like(count, float("nan")))

@@ -371,6 +371,52 @@ def _accepts_use_cache(model: torch.nn.Module) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------------------- references
+def _causal_lm_forward(head: Optional[torch.nn.Linear]):
+    """forward(model, batch) for :func:`gdc_ext.reference_losses` over CartoCollator batches: the
+    rows and ids CartoTrainer.compute_loss records (shifted as GPT-2 does); with ``head`` the
+    decoder's hidden states (the fused linear path) in place of the logits."""
+    def forward(model, batch):
+        batch = dict(batch)
+        ids = batch.pop(SAMPLE_IDS, None)
+        if ids is None or "labels" not in batch:
+            raise ValueError(f"reference_losses: every batch needs 'labels' and {SAMPLE_IDS!r} (items with sample "
+                             f"ids, collated by CartoCollator)")
+        labels = batch.pop("labels")
+        if head is not None:
+            from gdc_ext.integrations import hf_fused
+
+            _, x, _ = hf_fused.hidden_states(model, batch)
+        else:
+            if "position_ids" in batch and batch.get("attention_mask") is None and _accepts_use_cache(model):
+                batch.setdefault("use_cache", False)  # padding-free packing, as compute_loss
+            out = model(**batch)
+            x = out["logits"] if isinstance(out, dict) else out[0]
+        ids = ids.to(x.device)
+        return x[:, :-1], labels[:, 1:].to(x.device), ids[:, 1:] if ids.dim() == 2 else ids
+    return forward
+
+
+def reference_losses(model: torch.nn.Module, batches, num_samples: int, *, fused_linear: bool = False,
+                     progress: bool = True) -> torch.Tensor:
+    """Each sample's mean token NLL [N] float64 under a causal LM ``model`` (a Hugging Face
+    ``PreTrainedModel``): :func:`gdc_ext.reference_losses` over batches collated by
+    :class:`CartoCollator` (dicts with ``input_ids``, ``labels``, ``sample_ids``, on the model's
+    device), with the rows and ids CartoTrainer records. ``fused_linear=True`` runs the fused
+    linear + cross-entropy on the decoder's hidden states and never builds the logits.
+    :meth:`CartoTrainer.reference_losses` builds the batches for you."""
+    from gdc_ext.counterfactual import reference_losses as _reference_losses
+
+    head = None
+    if fused_linear:
+        from gdc_ext.integrations import hf_fused
+
+        hf_fused.check_fused_model(model)
+        head = hf_fused._unwrap(model).get_output_embeddings()
+    return _reference_losses(model, batches, num_samples, forward=_causal_lm_forward(head), linear_head=head,
+                             progress=progress)
+
+
 @contextlib.contextmanager
 def _reduction(loss: CartoLoss, reduction: str):
     saved = loss.reduction
@@ -379,6 +425,19 @@ def _reduction(loss: CartoLoss, reduction: str):
         yield loss
     finally:
         loss.reduction = saved
+
+
+class _Sized:
+    """An iterable with a length, for the progress bar."""
+
+    def __init__(self, it, n: int):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class CartoTrainer(Trainer):
@@ -436,6 +495,30 @@ class CartoTrainer(Trainer):
     def carto_state(self) -> Optional[CartoState]:
         return self.carto_loss.state
 
+    def reference_losses(self, dataset=None, progress: bool = True) -> torch.Tensor:
+        """The current model's mean token NLL [N] float64 on every sample of ``dataset`` (default
+        the training set), batched like evaluation (the data collator, the eval batch size, no
+        shuffling, split over ranks and all-reduced), through the fused linear path when
+        ``fused_linear``. Before the first step this is the "initial" counterfactual reference
+        of a fine-tuning run (``Cartographer(reference="initial")``, scored by :meth:`train`)."""
+        state = self.carto_state
+        if state is None:
+            raise ValueError("CartoTrainer.reference_losses: no CartoState, so the number of samples is unknown")
+        loader = self.get_eval_dataloader(dataset if dataset is not None else self.train_dataset)
+        batches = (self._prepare_inputs(b) for b in loader)
+        sized = _Sized(batches, len(loader)) if hasattr(loader, "__len__") else batches
+        return reference_losses(self.model, sized, state.num_samples, fused_linear=self.fused_linear,
+                                progress=progress and self.is_local_process_zero())
+
+    def _score_initial_reference(self) -> None:
+        carto = self.cartographer
+        if carto is None or carto.reference_mode != "initial" or carto.reference is not None:
+            return
+        if self.carto_state.epochs_done > 0:
+            raise RuntimeError("CartoTrainer: reference='initial' needs the model before training, but the state "
+                               "already holds epochs; resume from a checkpoint (which carries the reference)")
+        carto.set_reference(self.reference_losses())
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if SAMPLE_IDS not in self._signature_columns:
@@ -464,6 +547,9 @@ class CartoTrainer(Trainer):
                 folder = get_last_checkpoint(self.args.output_dir)
             if folder is not None:  # None: the Trainer raises its own error below
                 self._restore_carto(os.fspath(folder))
+        # reference="initial": the model before its first step scores every training sample (a
+        # resumed run has the reference from its checkpoint)
+        self._score_initial_reference()
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
