@@ -44,10 +44,10 @@ __all__ += ["crossfit_split", "duplicate_groups", "reference_losses"]
 
 
 def __getattr__(name: str):
-    if name == "reference":
+    if name in ("reference", "audit"):  # gdc_ext.audit: the canary audit kit, loaded on use too
         import importlib
 
-        return importlib.import_module("gdc_ext.reference")
+        return importlib.import_module(f"gdc_ext.{name}")
     raise AttributeError(f"module 'gdc_ext' has no attribute {name!r}")
 
 from gdc_ext.linear_cross_entropy import CartoLinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
