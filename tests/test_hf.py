@@ -356,13 +356,20 @@ def test_gradient_accumulation_matches_the_stock_trainer(tmp_path, ga):
     assert worst < 1e-5, worst
 
 
-def test_resume_from_a_checkpoint_without_carto_state_warns(tmp_path):
+def test_resume_from_a_checkpoint_without_carto_state_raises_unless_fresh(tmp_path):
+    # issue 17 item 9: a stock checkpoint used to warn and train on with scores missing its epochs;
+    # now it raises, and carto_resume="fresh" is the explicit way to train on from the current state
     stock = transformers.Trainer(model=_gpt2(), args=_args(tmp_path, num_train_epochs=1), train_dataset=_NoIds(),
                                  data_collator=_collate)
     stock.train()
     state = gdc_ext.CartoState(N, burn_in=1, eps=2.0)
     tr = CartoTrainer(model=_gpt2(), args=_args(tmp_path, num_train_epochs=2), train_dataset=_Data(),
                       data_collator=CartoCollator(_collate), state=state)
-    with pytest.warns(UserWarning, match="holds no CartoState"):
+    with pytest.raises(FileNotFoundError, match="holds no CartoState.*carto_resume='fresh'"):
+        tr.train(resume_from_checkpoint=True)
+    assert state.epochs_done == 0
+    tr = CartoTrainer(model=_gpt2(), args=_args(tmp_path, num_train_epochs=2), train_dataset=_Data(),
+                      data_collator=CartoCollator(_collate), state=state, carto_resume="fresh")
+    with pytest.warns(UserWarning, match="carto_resume='fresh'.*miss the epochs before the checkpoint"):
         tr.train(resume_from_checkpoint=True)
     assert state.epochs_done == 1  # only the epoch trained after the resume

@@ -143,11 +143,15 @@ def test_loss_weights_only_without_sampling(tmp_path):
     assert carto.intervening and carto.loss.sample_weight is not None
 
 
-def test_checkpoint_of_another_kind_is_refused_and_one_without_state_warns(tmp_path):
+def test_checkpoint_of_another_kind_is_refused_and_one_without_state_raises_unless_fresh(tmp_path):
     st = gdc_ext.CartoState(N, burn_in=2, eps=1.0)
     cb = CartoCallback(st)
-    with pytest.warns(UserWarning, match="holds no CartoState"):
+    # issue 17 item 9: a checkpoint without the entry used to warn and train on with scores missing
+    # its epochs; now it raises, and carto_resume="fresh" is the explicit way to train on
+    with pytest.raises(ValueError, match="holds no CartoState.*carto_resume='fresh'"):
         cb.on_load_checkpoint(None, None, {})
+    with pytest.warns(UserWarning, match="carto_resume='fresh'"):
+        CartoCallback(st, carto_resume="fresh").on_load_checkpoint(None, None, {})
     with pytest.raises(ValueError, match="cartographer"):
         cb.on_load_checkpoint(None, None, {CHECKPOINT_KEY: {"version": 1, "kind": "cartographer", "state_dict": {}}})
     with pytest.raises(ValueError, match="CartoState"):

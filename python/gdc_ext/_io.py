@@ -25,3 +25,92 @@ def write_atomic(path: Union[str, os.PathLike], write: Callable[[str], None], *,
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ------------------------------------------------------------------------------ side-data checksums
+# (local imports: importing this module for write_atomic stays as light as before)
+def _canonical_json(obj: object) -> bytes:
+    """One byte string per JSON value: sorted keys, no spaces, ASCII (what the checksum covers)."""
+    import json
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def json_with_checksum(payload: dict) -> dict:
+    """``{"payload": payload, "sha256": ...}``: the sha256 of the payload's canonical JSON (sorted
+    keys, no spaces), so that a file which parses but holds other values is refused by
+    :func:`checked_json` (an edit that leaves the parsed values equal, such as ``1E-05`` for
+    ``1e-05``, is harmless and passes)."""
+    import hashlib
+
+    return {"payload": payload, "sha256": hashlib.sha256(_canonical_json(payload)).hexdigest()}
+
+
+def checked_json(obj: object, what: str) -> dict:
+    """The payload of a :func:`json_with_checksum` dict after checking its sha256. Raises ValueError
+    naming ``what`` (e.g. the file) when ``obj`` is not such a dict or the checksum differs."""
+    import hashlib
+
+    if not isinstance(obj, dict) or set(obj) != {"payload", "sha256"} or not isinstance(obj["payload"], dict) \
+            or not isinstance(obj["sha256"], str):
+        raise ValueError(f"{what} is damaged: expected a JSON object holding a 'payload' object and its 'sha256'")
+    if hashlib.sha256(_canonical_json(obj["payload"])).hexdigest() != obj["sha256"]:
+        raise ValueError(f"{what} is damaged: its sha256 does not match its content")
+    return obj["payload"]
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_of(obj: object) -> str:
+    """A sha256 (hex) of a nested structure of dicts (str keys), lists, tuples, None, bools, ints,
+    floats, strings, NumPy scalars and torch tensors (dtype, shape and bytes; any device), e.g. a
+    ``state_dict``. Equal structures give equal digests; a flipped bit in a tensor or any changed
+    value gives another. Raises ValueError for any other type (nothing is pickled)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: object) -> None:
+    import math
+
+    import numpy as np
+    import torch
+
+    # every item is tagged with its kind and length, so different structures never feed equal bytes
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(b"T" + _canonical_json([str(t.dtype), list(obj.shape), len(data)]) + data)
+    elif isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise ValueError("sha256_of: dict keys must be strings")
+        h.update(b"D%d:" % len(obj))
+        for k in sorted(obj):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d:" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, float):  # exact bits (hex), also for NaN and inf
+        data = obj.hex().encode("ascii") if math.isfinite(obj) else repr(obj).encode("ascii")
+        h.update(b"F%d:" % len(data) + data)
+    elif obj is None or isinstance(obj, (bool, int, str)):
+        data = _canonical_json(obj)
+        h.update(b"S%d:" % len(data) + data)
+    else:
+        raise ValueError(f"sha256_of: cannot checksum a {type(obj).__name__}")

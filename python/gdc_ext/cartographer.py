@@ -27,6 +27,7 @@ burn-in, easy at the end) have a high difficulty and a high gain, so they fall i
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -261,8 +262,10 @@ class Cartographer:
 
     def load_state_dict(self, sd: dict) -> None:
         """Restores a :meth:`state_dict` of a Cartographer with the same configuration (and the same
-        reference, if any); all checks run before anything is replaced."""
-        if not isinstance(sd, dict) or not {"state", "config", "codes"} <= sd.keys():
+        reference, if any). Everything (configuration, reference, labels, thresholds and the
+        CartoState's tensors) is checked before anything is replaced: a rejected dict raises
+        ValueError and leaves this Cartographer, its state and its loss weights unchanged."""
+        if not isinstance(sd, dict) or not {"state", "config", "codes"} <= sd.keys() or not isinstance(sd["config"], dict):
             raise ValueError("state_dict: expected a dict from Cartographer.state_dict()")
         mine = self.config()
         saved = {"memorization": "memorization", **sd["config"]}  # saved before the choice existed: m_i
@@ -275,27 +278,44 @@ class Cartographer:
         adopt = saved_ref is not None and self.reference is None and self.reference_mode in REFERENCE_MODES
         if adopt:
             saved_ref = check_reference(saved_ref, self.num_samples)
-        elif (saved_ref is None) != (self.reference is None) or (
+        try:
+            ref_differs = not adopt and ((saved_ref is None) != (self.reference is None) or (
                 saved_ref is not None and not torch.equal(torch.as_tensor(saved_ref, dtype=torch.float64),
-                                                          self.reference)):
+                                                          self.reference)))
+        except (TypeError, ValueError, RuntimeError) as e:  # not numbers, or another shape
+            raise ValueError(f"state_dict: reference must be None or [{self.num_samples}] float64, got "
+                             f"{type(saved_ref).__name__} ({e})") from None
+        if ref_differs:
             raise ValueError("state_dict: mismatched Cartographer: reference differs between the saved one ("
                              f"{'none' if saved_ref is None else 'given'}) and this one "
                              f"({'none' if self.reference is None else 'given'})")
+        quadrants = weights = None
         codes = sd["codes"]
         if codes is not None:
-            codes = torch.as_tensor(codes)
+            try:
+                codes = torch.as_tensor(codes)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"state_dict: codes must be an int8 tensor [{self.num_samples}] or None, got "
+                                 f"{type(codes).__name__}") from None
             if codes.shape != (self.num_samples,) or codes.dtype != torch.int8:
                 raise ValueError(f"state_dict: codes must be int8 [{self.num_samples}], got "
                                  f"{tuple(codes.shape)} {codes.dtype}")
             if bool(((codes < -1) | (codes > 3)).any()):
                 raise ValueError(f"state_dict: codes must be in {sorted(QUADRANT_NAMES)}")
-        self.state.load_state_dict(sd["state"])
+            tau = []
+            for name in ("tau_d", "tau_m"):
+                v = sd.get(name)
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise ValueError(f"state_dict: {name} must be a float when codes are given, got {v!r}")
+                tau.append(float(v))
+            quadrants = Quadrants(codes.detach().cpu().clone(), tau[0], tau[1])
+            weights = loss_weights(quadrants, self.alpha).to(self.state.device)
+        new_state = self.state._checked_state_dict(sd["state"])
+        # nothing raises from here on: replace everything
+        for name, t in new_state.items():
+            setattr(self.state, name, t)
         if adopt:
             self.reference = saved_ref
         self._sampler = None
-        if codes is None:
-            self.quadrants = None
-            self.loss.set_sample_weights(None)
-        else:
-            self.quadrants = Quadrants(codes.clone(), float(sd["tau_d"]), float(sd["tau_m"]))
-            self._apply_weights()
+        self.quadrants = quadrants
+        self.loss.set_sample_weights(weights)

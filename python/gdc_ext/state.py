@@ -435,7 +435,14 @@ class CartoState:
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of a state with the same N, eps, burn-in and extras; all checks run
         before anything is replaced, so a rejected dict leaves this state unchanged."""
-        if not isinstance(state_dict, dict) or "meta" not in state_dict:
+        for name, t in self._checked_state_dict(state_dict).items():
+            setattr(self, name, t)
+
+    def _checked_state_dict(self, state_dict: dict) -> dict:
+        """The tensors :meth:`load_state_dict` would set (copies on this state's device), after all
+        its checks; raises ValueError and changes nothing. Lets a caller that restores more than
+        this state (a Cartographer) validate everything before it changes anything."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("meta"), dict):
             raise ValueError("state_dict: expected a dict from CartoState.state_dict() with a 'meta' entry")
         meta = state_dict["meta"]
         if meta.get("version") != FORMAT_VERSION:
@@ -456,8 +463,7 @@ class CartoState:
                                  f"expected {tuple(t.shape)} {t.dtype}")
             new[name] = s.to(t.device).clone().contiguous()
         _check_consistent(new)
-        for name, t in new.items():
-            setattr(self, name, t)
+        return new
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes the state to a safetensors file atomically (temp file, fsync, rename)."""

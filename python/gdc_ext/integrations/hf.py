@@ -37,9 +37,18 @@ mode, grad enabled); per-sample loss weights apply only there too.
 
 Checkpoints: every checkpoint folder gets :data:`STATE_FILE` (the CartoState with its epoch
 accumulator, written atomically by :meth:`CartoState.save`) and :data:`META_FILE` (the
-Cartographer's configuration and fixed labels, and whether the interrupted ``train()`` call sampled
-with the CartoSampler; written atomically). ``train(resume_from_checkpoint=...)`` restores them
-before the dataloader is built, so the scores after resuming equal an uninterrupted run's.
+Cartographer's configuration and fixed labels, whether the interrupted ``train()`` call sampled
+with the CartoSampler, the Trainer's global step, the sha256 of the state file, and a sha256 of
+all this; written atomically). ``train(resume_from_checkpoint=...)`` restores them before the
+dataloader is built, so the scores, labels and loss weights after resuming equal an uninterrupted
+run's, from any checkpoint ("steps" at any step, "epoch", mid-epoch, gradient accumulation).
+It checks everything before it changes anything, and raises (FileNotFoundError / ValueError
+naming the folder and file) when the gdc files are missing (a stock Trainer's checkpoint), one of
+them is missing, damaged, of an older format, or of another checkpoint (the metadata's global step
+must be the folder's and its trainer_state.json's; the state file must be the one the metadata was
+written with). ``CartoTrainer(..., carto_resume="fresh")`` is the explicit way to resume such a
+checkpoint: the gdc files are not read and the state trains on as it is (a warning says that the
+scores miss the epochs before the checkpoint).
 
 Sampling intervention: when the Cartographer has labelled (``carto.intervening``) at the time
 ``train()`` builds its dataloader, the training sampler is ``carto.sampler()``. The Trainer fixes the
@@ -49,10 +58,12 @@ default 2.0) every epoch has the same length; with a fractional one the length v
 Bernoulli remainders and the Trainer may cut an epoch's last batches. A resumed ``train()`` call
 samples as the interrupted call did.
 
-:class:`CartoCallback` calls ``end_epoch()`` at the end of every Trainer epoch. The Trainer also
-ends the epoch when training stops early (``max_steps``, ``control.should_training_stop``), so a
-cut-short last epoch is folded as it stands; a checkpoint written mid-epoch holds the epoch's
-accumulator instead, and resuming from it continues that epoch exactly.
+:class:`CartoCallback` calls ``end_epoch()`` once per Trainer epoch, at the epoch's last optimizer
+step, before the Trainer writes that step's checkpoint (which then holds the folded epoch: the
+Trainer resumes from it at the next epoch). When training stops early (``max_steps``,
+``control.should_training_stop``) the cut-short last epoch is folded as it stands when ``train()``
+ends; every checkpoint written mid-epoch holds the epoch's accumulator instead, and resuming from
+it continues that epoch exactly.
 
 transformers is imported here only, never by ``import gdc_ext``.
 """
@@ -62,15 +73,17 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from gdc_ext._io import write_atomic
+from gdc_ext._io import checked_json, file_sha256, json_with_checksum, write_atomic
 from gdc_ext.cartographer import Cartographer
 from gdc_ext.loss import CartoLoss
 from gdc_ext.state import CartoState
@@ -81,7 +94,8 @@ SAMPLE_IDS = "sample_ids"
 IGNORED_ID = -1  # per-token id of padding positions (their label is -100, so it is never read)
 STATE_FILE = "gdc_carto_state.safetensors"
 META_FILE = "gdc_carto.json"
-_META_VERSION = 1
+_META_VERSION = 2  # 2: sha256 of the payload and of the state file, the Trainer's global step
+RESUME_MODES = ("exact", "fresh")  # CartoTrainer(carto_resume=...)
 
 
 # --------------------------------------------------------------------------------------- collator
@@ -285,19 +299,71 @@ class CartoCollator:
 
 # --------------------------------------------------------------------------------------- callback
 class CartoCallback(TrainerCallback):
-    """Calls ``end_epoch()`` of a Cartographer or CartoState when the Trainer ends an epoch."""
+    """Calls ``end_epoch()`` of a Cartographer or CartoState once per Trainer epoch.
+
+    The epoch is folded at its last optimizer step (``on_step_end``), not in ``on_epoch_end``: the
+    Trainer writes that step's checkpoint between the two, and on resume it treats a checkpoint at
+    an epoch's last step as the end of that epoch (``global_step`` a multiple of the steps per
+    epoch: it starts the next epoch and never replays or continues this one), so that checkpoint
+    must hold the epoch folded. An epoch cut short by ``max_steps`` or ``should_training_stop`` is
+    folded when ``train()`` ends instead (``on_train_end``): a checkpoint written after its
+    ``on_epoch_end`` (``save_strategy="epoch"``) must still hold it open, since a resume from that
+    global step continues the epoch. (Folding on resume instead, from the saved global step, would
+    leave such a checkpoint's state file an epoch short for anyone reading it, ``gdc report`` say,
+    and could not undo the fold of a cut-short epoch that a later save of the same step holds.)
+    """
 
     def __init__(self, target: Union[Cartographer, CartoState]):
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: expected a Cartographer or CartoState, got {type(target).__name__}")
         self.target = target
         self.started_at: Optional[int] = None  # epochs done when the intervention phase started
+        self._folded = False      # the Trainer's current epoch is folded already
+        self._cut_short = False   # a cut-short epoch waits for on_train_end
+
+    def _fold(self) -> None:
+        self._folded = True
+        if self.target.end_epoch():
+            self.started_at = self.target.state.epochs_done
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._folded = self._cut_short = False
+        return control
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._folded = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer sets state.epoch = epoch + (micro-batches done) / (micro-batches per epoch)
+        # after each optimizer step, so it is a whole number exactly after the step holding the
+        # epoch's last micro-batch: with gradient accumulation every micro-batch of the epoch has
+        # been recorded by then (also when the last step has fewer of them), and max_steps or a stop
+        # request mid-epoch leaves it fractional (the epoch stays open, see on_epoch_end).
+        if not self._folded and _epoch_complete(state):
+            self._fold()
+        return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        started = self.target.end_epoch()
-        if started:
-            self.started_at = self.target.state.epochs_done
+        if self._folded:
+            return control
+        if control.should_training_stop and not _epoch_complete(state):
+            self._cut_short = True  # folded in on_train_end, after the checkpoints of this step
+        else:
+            self._fold()  # an epoch that ended before its last planned step (its batches ran out, should_epoch_stop)
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._cut_short:
+            self._cut_short = False
+            self._fold()
+        return control
+
+
+def _epoch_complete(state) -> bool:
+    """Whether the Trainer has run every batch of its current epoch (``state.epoch`` whole)."""
+    epoch = getattr(state, "epoch", None)
+    return epoch is not None and epoch > 0 and float(epoch).is_integer()
 
 
 # --------------------------------------------------------------------------------------- checkpoints
@@ -311,49 +377,130 @@ def _write_json_atomic(path: str, obj: dict) -> None:
 
 
 def save_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional[Cartographer] = None,
-                          sampler_active: bool = False) -> None:
-    """Writes :data:`STATE_FILE` and :data:`META_FILE` into ``folder`` (created if needed)."""
+                          sampler_active: bool = False, *, global_step: Optional[int] = None,
+                          trainer_epoch: Optional[float] = None) -> None:
+    """Writes :data:`STATE_FILE` and then :data:`META_FILE` into ``folder`` (created if needed).
+
+    The metadata carries the Trainer's ``global_step`` (and ``state.epoch``) at the save, the
+    sha256 of the state file just written (binding the pair) and its own sha256."""
     os.makedirs(folder, exist_ok=True)
-    state.save(os.path.join(folder, STATE_FILE))
+    spath = os.path.join(folder, STATE_FILE)
+    state.save(spath)
     carto = None
     if cartographer is not None:  # Cartographer.state_dict() but the CartoState (in STATE_FILE), as JSON
         carto = {k: (v.tolist() if torch.is_tensor(v) else v)
                  for k, v in cartographer.state_dict().items() if k != "state"}
-    _write_json_atomic(os.path.join(folder, META_FILE),
-                       {"format": "gdc_ext.hf", "version": _META_VERSION, "epochs_done": state.epochs_done,
-                        "sampler_active": bool(sampler_active), "cartographer": carto})
+    payload = {"format": "gdc_ext.hf", "version": _META_VERSION,
+               "global_step": None if global_step is None else int(global_step),
+               "trainer_epoch": None if trainer_epoch is None else float(trainer_epoch),
+               "epochs_done": state.epochs_done, "state_sha256": file_sha256(spath),
+               "sampler_active": bool(sampler_active), "cartographer": carto}
+    _write_json_atomic(os.path.join(folder, META_FILE), json_with_checksum(payload))
 
 
-def load_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional[Cartographer] = None) -> dict:
-    """Restores what :func:`save_carto_checkpoint` wrote into ``state`` (and ``cartographer``, whose
-    state must be ``state``). Returns the metadata dict. Raises FileNotFoundError when the folder has
-    no CartoState, ValueError for a mismatched or inconsistent one (nothing is changed then)."""
-    spath, mpath = os.path.join(folder, STATE_FILE), os.path.join(folder, META_FILE)
-    if not os.path.isfile(spath) or not os.path.isfile(mpath):
-        raise FileNotFoundError(f"checkpoint {folder!r} has no CartoState ({STATE_FILE} and {META_FILE})")
-    with open(mpath) as fh:
-        try:
-            meta = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint {folder!r}: {META_FILE} is corrupted ({e})") from None
+def _read_json(path: str, what: str):
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} is damaged: not JSON ({e})") from None
+
+
+def _read_meta(folder: str) -> dict:
+    """The checked payload of ``folder``'s META_FILE (ValueError naming the file otherwise)."""
+    what = f"checkpoint {folder!r}: {META_FILE}"
+    obj = _read_json(os.path.join(folder, META_FILE), what)
+    if isinstance(obj, dict) and obj.get("format") == "gdc_ext.hf" and obj.get("version") == 1:
+        raise ValueError(f"{what} was written by an older gdc_ext (metadata version 1, without a checksum or a "
+                         f"global step, and at an epoch's last step before the epoch was folded), so it cannot be "
+                         f"checked against the checkpoint; resume it with the gdc_ext that wrote it, or pass "
+                         f"carto_resume='fresh' to train on without its CartoState")
+    meta = checked_json(obj, what)
     if meta.get("format") != "gdc_ext.hf" or meta.get("version") != _META_VERSION:
-        raise ValueError(f"checkpoint {folder!r}: {META_FILE} is not a gdc_ext checkpoint of version {_META_VERSION}")
+        raise ValueError(f"{what} is not gdc_ext metadata of version {_META_VERSION} (format "
+                         f"{meta.get('format')!r}, version {meta.get('version')!r})")
+    types = {"global_step": (int, type(None)), "trainer_epoch": (int, float, type(None)), "epochs_done": int,
+             "state_sha256": str, "sampler_active": bool, "cartographer": (dict, type(None))}
+    for key, kind in types.items():
+        v = meta.get(key)
+        if key not in meta or not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+            raise ValueError(f"{what}: entry {key!r} is missing or has the wrong type ({v!r})")
+    return meta
+
+
+def _trainer_state_step(folder: str) -> Optional[int]:
+    """``global_step`` of ``folder``'s trainer_state.json, None without that file."""
+    path = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    ts = _read_json(path, f"checkpoint {folder!r}: {TRAINER_STATE_NAME}")
+    step = ts.get("global_step") if isinstance(ts, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"checkpoint {folder!r}: {TRAINER_STATE_NAME} has no integer 'global_step'")
+    return step
+
+
+def load_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional[Cartographer] = None, *,
+                          global_step: Optional[int] = None) -> dict:
+    """Restores what :func:`save_carto_checkpoint` wrote into ``state`` (and ``cartographer``, whose
+    state must be ``state``). Returns the metadata dict.
+
+    Raises FileNotFoundError naming the folder and the missing file(s) when either gdc file is
+    missing, and ValueError when a file is damaged (checksum), of an older version, or of another
+    checkpoint: the metadata's global step must equal ``global_step`` (when given), the folder's
+    ``checkpoint-<step>`` number and its trainer_state.json (when present), and the state file must
+    be the one the metadata was written with. A mismatched configuration raises ValueError too.
+    Everything is checked before ``state`` / ``cartographer`` change: a refused checkpoint leaves
+    them as they were."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    spath, mpath = os.path.join(folder, STATE_FILE), os.path.join(folder, META_FILE)
+    missing = [name for name, path in ((STATE_FILE, spath), (META_FILE, mpath)) if not os.path.isfile(path)]
+    if len(missing) == 2:
+        raise FileNotFoundError(f"checkpoint {folder!r} holds no CartoState: {STATE_FILE} and {META_FILE} are "
+                                f"missing (a checkpoint of a stock Trainer?)")
+    if missing:
+        raise FileNotFoundError(f"checkpoint {folder!r} is incomplete: {missing[0]} is missing (only "
+                                f"{STATE_FILE if missing[0] == META_FILE else META_FILE} is there)")
+    meta = _read_meta(folder)
+    step = meta["global_step"]
+    known = {}
+    if global_step is not None:
+        known["the Trainer's state"] = int(global_step)
+    else:
+        ts_step = _trainer_state_step(folder)
+        if ts_step is not None:
+            known[TRAINER_STATE_NAME] = ts_step
+    m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(folder)))
+    if m:
+        known["the folder's name"] = int(m.group(1))
+    for where, expected in known.items():
+        if step != expected:
+            raise ValueError(f"checkpoint {folder!r}: {META_FILE} was written at global step {step} but "
+                             f"{where} says step {expected}: the gdc files belong to another checkpoint")
+    if file_sha256(spath) != meta["state_sha256"]:
+        raise ValueError(f"checkpoint {folder!r}: {STATE_FILE} is not the state {META_FILE} was written with "
+                         f"(damaged, or copied from another checkpoint): its sha256 differs")
     loaded = CartoState.load(spath, device=state.device)
-    if loaded.epochs_done != meta.get("epochs_done"):
+    if loaded.epochs_done != meta["epochs_done"]:
         raise ValueError(f"checkpoint {folder!r}: {STATE_FILE} holds {loaded.epochs_done} epochs but {META_FILE} "
-                         f"says {meta.get('epochs_done')}: the two files are of different checkpoints")
+                         f"says {meta['epochs_done']}: the two files are of different checkpoints")
     sd = loaded.state_dict()
     if cartographer is None:
         state.load_state_dict(sd)
         return meta
-    carto = meta.get("cartographer")
+    carto = meta["cartographer"]
     if carto is None:
         raise ValueError(f"checkpoint {folder!r} was written without a Cartographer: its labels and configuration "
                          f"are missing")
-    codes, ref = carto["codes"], carto.get("reference")
-    cartographer.load_state_dict({**carto, "state": sd,
-                                  "codes": None if codes is None else torch.tensor(codes, dtype=torch.int8),
-                                  "reference": None if ref is None else torch.tensor(ref, dtype=torch.float64)})
+    try:
+        codes, ref = carto["codes"], carto.get("reference")
+        csd = {**carto, "state": sd, "codes": None if codes is None else torch.tensor(codes, dtype=torch.int8),
+               "reference": None if ref is None else torch.tensor(ref, dtype=torch.float64)}
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"checkpoint {folder!r}: {META_FILE} has malformed Cartographer labels ({e!r})") from None
+    cartographer.load_state_dict(csd)  # checks everything before it changes anything
     return meta
 
 
@@ -451,12 +598,18 @@ class CartoTrainer(Trainer):
     logits are requested (``compute_loss(..., return_outputs=True)``: evaluation and prediction with
     ``compute_metrics`` or without ``prediction_loss_only``) they are built from the hidden states
     as the model builds them, so metrics, predictions and eval loss equal the unfused path's.
+    ``carto_resume``: what ``train(resume_from_checkpoint=...)`` does with the checkpoint's gdc
+    files: "exact" (default) restores them and raises when they are missing, incomplete, damaged
+    or of another global step; "fresh" does not read them and trains on from the current state
+    (warning that the scores miss the epochs before the checkpoint).
     """
 
     def __init__(self, *args, cartographer: Optional[Cartographer] = None, state: Optional[CartoState] = None,
-                 loss: Optional[CartoLoss] = None, fused_linear: bool = False, **kwargs):
+                 loss: Optional[CartoLoss] = None, fused_linear: bool = False, carto_resume: str = "exact", **kwargs):
         if sum(x is not None for x in (cartographer, state, loss)) != 1:
             raise ValueError("CartoTrainer: give exactly one of cartographer=, state= or loss=")
+        if not isinstance(carto_resume, str) or carto_resume not in RESUME_MODES:
+            raise ValueError(f"carto_resume must be one of {', '.join(map(repr, RESUME_MODES))}, got {carto_resume!r}")
         if cartographer is not None and not isinstance(cartographer, Cartographer):
             raise ValueError(f"cartographer must be a gdc_ext.Cartographer, got {type(cartographer).__name__}")
         if state is not None and not isinstance(state, CartoState):
@@ -464,6 +617,7 @@ class CartoTrainer(Trainer):
         if loss is not None and not isinstance(loss, CartoLoss):
             raise ValueError(f"loss must be a gdc_ext.CartoLoss, got {type(loss).__name__}")
         self.cartographer = cartographer
+        self.carto_resume = carto_resume
         self.carto_loss = cartographer.loss if cartographer is not None else (loss or CartoLoss(state=state))
         target = cartographer if cartographer is not None else self.carto_loss.state
         super().__init__(*args, **kwargs)
@@ -510,13 +664,15 @@ class CartoTrainer(Trainer):
         return reference_losses(self.model, sized, state.num_samples, fused_linear=self.fused_linear,
                                 progress=progress and self.is_local_process_zero())
 
-    def _score_initial_reference(self) -> None:
+    def _score_initial_reference(self, resuming: bool) -> None:
         carto = self.cartographer
         if carto is None or carto.reference_mode != "initial" or carto.reference is not None:
             return
-        if self.carto_state.epochs_done > 0:
-            raise RuntimeError("CartoTrainer: reference='initial' needs the model before training, but the state "
-                               "already holds epochs; resume from a checkpoint (which carries the reference)")
+        if resuming or self.carto_state.epochs_done > 0 or self.state.global_step > 0:
+            # a resumed or already trained model has seen the samples: its losses are no reference
+            raise RuntimeError("CartoTrainer: reference='initial' needs the model before its first step, but this "
+                               "model has already trained and no reference was restored (a checkpoint written "
+                               "with reference='initial' carries it; carto_resume='fresh' cannot measure it)")
         carto.set_reference(self.reference_losses())
 
     def _set_signature_columns_if_needed(self):
@@ -538,10 +694,12 @@ class CartoTrainer(Trainer):
     # ------------------------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
         """``Trainer.train``; with ``resume_from_checkpoint`` the CartoState (and the Cartographer's
-        labels) are restored from the checkpoint before training continues. A checkpoint without
-        them (written by a stock Trainer) warns and keeps the current state."""
+        labels) are restored from the checkpoint before training continues. A checkpoint whose gdc
+        files are missing (a stock Trainer's), incomplete, damaged or of another global step raises
+        FileNotFoundError / ValueError before anything changes, unless ``carto_resume="fresh"``."""
         self._resume_sampler = None
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+        resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
+        if resuming:
             folder = resume_from_checkpoint
             if folder is True:
                 folder = get_last_checkpoint(self.args.output_dir)
@@ -549,7 +707,7 @@ class CartoTrainer(Trainer):
                 self._restore_carto(os.fspath(folder))
         # reference="initial": the model before its first step scores every training sample (a
         # resumed run has the reference from its checkpoint)
-        self._score_initial_reference()
+        self._score_initial_reference(resuming)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -559,14 +717,22 @@ class CartoTrainer(Trainer):
         state = self.carto_state
         if state is None:
             return
-        try:
-            meta = load_carto_checkpoint(folder, state, self.cartographer)
-        except FileNotFoundError:
-            warnings.warn(f"CartoTrainer: checkpoint {folder!r} holds no CartoState ({STATE_FILE}); the scores keep "
-                          f"the current state ({state.epochs_done} epochs) and miss the epochs before the checkpoint",
-                          stacklevel=3)
+        if self.carto_resume == "fresh":
+            warnings.warn(f"CartoTrainer: carto_resume='fresh': the gdc files of checkpoint {folder!r} are not read; "
+                          f"the scores keep the current state ({state.epochs_done} epochs) and miss the epochs "
+                          f"before the checkpoint", UserWarning, stacklevel=3)
             return
-        self._resume_sampler = bool(meta.get("sampler_active", False))
+        hint = " (or pass CartoTrainer(..., carto_resume='fresh') to train on from the current state instead)"
+        try:
+            # the Trainer resumes at trainer_state.json's global step (at step 0 without that file)
+            step = _trainer_state_step(folder) if os.path.isdir(folder) else None
+            if step is None and os.path.isdir(folder):
+                raise FileNotFoundError(f"checkpoint {folder!r} has no {TRAINER_STATE_NAME}: the Trainer would "
+                                        f"restart at step 0 while a restored CartoState holds the checkpoint's epochs")
+            meta = load_carto_checkpoint(folder, state, self.cartographer, global_step=step)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"CartoTrainer: {e}{hint}") from None
+        self._resume_sampler = bool(meta["sampler_active"])
         for cb in self.callback_handler.callbacks:
             if isinstance(cb, CartoCallback) and self.cartographer is not None and self.cartographer.intervening:
                 cb.started_at = self.cartographer.label_after
@@ -577,7 +743,8 @@ class CartoTrainer(Trainer):
         state = self.carto_state
         if state is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_carto_checkpoint(folder, state, self.cartographer, self._sampler_active)
+            save_carto_checkpoint(folder, state, self.cartographer, self._sampler_active,
+                                  global_step=self.state.global_step, trainer_epoch=self.state.epoch)
         super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------ loss

@@ -14,10 +14,13 @@
     trainer.fit(Model())                         # trainer.fit(Model(), ckpt_path=...) resumes the scores too
 
 What the callback does:
-- ``on_train_epoch_end``: ``end_epoch()`` of the Cartographer / CartoState, before Lightning's
-  ModelCheckpoint saves (Lightning runs checkpoint callbacks last), so an end-of-epoch checkpoint
-  holds the folded epoch. With a Cartographer this fixes the labels at the end of epoch
-  ``label_after`` and sets the loss weights on ``carto.loss`` (train with that loss).
+- ``end_epoch()`` of the Cartographer / CartoState once per epoch, at the epoch's last training
+  batch (``on_train_batch_end``), before Lightning's ModelCheckpoint saves (Lightning runs
+  checkpoint callbacks last): a step checkpoint there (``every_n_train_steps``) holds the folded
+  epoch, since Lightning resumes from it at the next epoch without calling ``on_train_epoch_end``
+  for this one; ``on_train_epoch_end`` folds an epoch that ended otherwise, before the end-of-epoch
+  checkpoint. With a Cartographer this fixes the labels at the end of epoch ``label_after`` and
+  sets the loss weights on ``carto.loss`` (train with that loss).
 - The sampling intervention: the DataLoader is the user's, so :meth:`CartoCallback.sampler` gives
   the sampler to build it with (None during burn-in, ``carto.sampler()`` once labelled), and
   ``reload_dataloaders_every_n_epochs=1`` makes Lightning rebuild it every epoch. With
@@ -27,11 +30,20 @@ What the callback does:
   CartoSampler splits the ids across ranks itself: under DDP pass ``use_distributed_sampler=False``.
 - ``on_save_checkpoint`` / ``on_load_checkpoint``: the state (with its epoch accumulator) and the
   Cartographer's configuration and fixed labels go into the checkpoint dict under
-  :data:`CHECKPOINT_KEY`, and are restored by ``trainer.fit(..., ckpt_path=...)`` before the
-  dataloaders are built, so a resumed run's scores equal an uninterrupted run's (when the model's
-  training is itself reproducible: e.g. a sampler seeded per epoch, which Lightning's ``set_epoch``
-  drives, rather than an unseeded shuffle). A checkpoint without that key warns and keeps the
-  current state.
+  :data:`CHECKPOINT_KEY`, with the checkpoint's ``global_step`` and a sha256 of the entry, and are
+  restored by ``trainer.fit(..., ckpt_path=...)`` before the dataloaders are built, so a resumed
+  run's scores equal an uninterrupted run's (when the model's training is itself reproducible:
+  e.g. a sampler seeded per epoch, which Lightning's ``set_epoch`` drives, rather than an unseeded
+  shuffle). A checkpoint without that entry (a run without this callback), with a damaged one
+  (checksum), one of another kind or version, or one whose global step is not the checkpoint's
+  raises ValueError before anything changes, unless ``CartoCallback(..., carto_resume="fresh")``:
+  then the entry is not read and training goes on from the current state (with a warning that
+  the scores miss the epochs before the checkpoint).
+- Which checkpoints resume exactly is Lightning's part: end-of-epoch ones, and step checkpoints at
+  an epoch's last batch when the next epoch has the same number of batches (Lightning counts the
+  next epoch's batches as partly done when its length differs, as with the CartoSampler). From a
+  mid-epoch checkpoint Lightning restarts a DataLoader that is not resumable from its first batch
+  (it warns: "not resumable"), so those batches would be recorded twice in that epoch.
 
 Lightning is imported here only, never by ``import gdc_ext``: the ``lightning`` package
 (``lightning.pytorch``) if installed, else the standalone ``pytorch_lightning``.
@@ -41,6 +53,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Union
 
+from gdc_ext._io import sha256_of
 from gdc_ext.cartographer import Cartographer
 from gdc_ext.sampler import CartoSampler
 from gdc_ext.state import CartoState
@@ -50,10 +63,12 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-__all__ = ["CHECKPOINT_KEY", "CartoCallback"]
+__all__ = ["CHECKPOINT_KEY", "RESUME_MODES", "CartoCallback"]
 
 CHECKPOINT_KEY = "gdc_ext"
-_VERSION = 1
+_VERSION = 2  # 2: the checkpoint's global step and a sha256 of the entry
+_ENTRY_KEYS = ("version", "kind", "global_step", "state_dict", "started_at")
+RESUME_MODES = ("exact", "fresh")  # CartoCallback(carto_resume=...)
 
 
 def _uses_sampler(loader, sampler: CartoSampler) -> bool:
@@ -76,6 +91,16 @@ def _uses_sampler(loader, sampler: CartoSampler) -> bool:
     return False
 
 
+def _last_training_batch(trainer) -> bool:
+    """Whether the batch Lightning just trained on is the last of its epoch (the loader is
+    exhausted, or ``limit_train_batches`` / the loader's length is reached)."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    if progress is None:
+        return False
+    total = getattr(trainer, "num_training_batches", float("inf"))
+    return bool(progress.is_last_batch) or progress.current.ready >= total
+
+
 class CartoCallback(Callback):
     """Lightning callback: ``end_epoch`` per train epoch, interventions, state in checkpoints.
 
@@ -85,17 +110,25 @@ class CartoCallback(Callback):
         sampling: with a Cartographer, check that the training loader draws from
             :meth:`sampler` in the intervention epochs (see the module docstring). Default: True
             for a Cartographer; ignored for a CartoState.
+        carto_resume: what a resume (``fit(..., ckpt_path=...)``) does with the checkpoint's
+            :data:`CHECKPOINT_KEY` entry: "exact" (default) restores it and raises ValueError when
+            it is missing, damaged or of another global step; "fresh" does not read it and trains
+            on from the current state (with a warning).
     """
 
-    def __init__(self, target: Union[Cartographer, CartoState], sampling: bool = True):
+    def __init__(self, target: Union[Cartographer, CartoState], sampling: bool = True, carto_resume: str = "exact"):
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: target must be a gdc_ext.Cartographer or CartoState, got "
                              f"{type(target).__name__}")
+        if not isinstance(carto_resume, str) or carto_resume not in RESUME_MODES:
+            raise ValueError(f"carto_resume must be one of {', '.join(map(repr, RESUME_MODES))}, got {carto_resume!r}")
+        self.carto_resume = carto_resume
         self.target = target
         self.cartographer: Optional[Cartographer] = target if isinstance(target, Cartographer) else None
         self.state: CartoState = target.state if self.cartographer is not None else target
         self.sampling = bool(sampling) and self.cartographer is not None
         self.started_at: Optional[int] = None  # epochs done when the intervention phase started
+        self._folded = False  # the current epoch is folded already (at its last batch)
 
     # ------------------------------------------------------------------------------ interventions
     def sampler(self) -> Optional[CartoSampler]:
@@ -113,33 +146,82 @@ class CartoCallback(Callback):
                                "only")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._folded = False
         s = self.sampler()
         if self.sampling and s is not None and not _uses_sampler(trainer.train_dataloader, s):
             raise RuntimeError(f"CartoCallback: epoch {self.state.epochs_done + 1} is an intervention epoch but the "
                                f"training DataLoader does not draw from callback.sampler(); build it in "
                                f"train_dataloader() with sampler=callback.sampler() (or pass sampling=False)")
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def _fold(self) -> None:
+        self._folded = True
         if self.target.end_epoch():
             self.started_at = self.state.epochs_done
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # A ModelCheckpoint(every_n_train_steps=...) saving after this batch writes a checkpoint from
+        # which Lightning resumes at the next epoch when this batch is the epoch's last (it resets its
+        # batch progress and skips on_train_epoch_end), so that checkpoint must hold the epoch folded.
+        if not self._folded and _last_training_batch(trainer):
+            self._fold()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._folded:
+            self._fold()
+
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"version": _VERSION,
-                                      "kind": "cartographer" if self.cartographer is not None else "state",
-                                      "state_dict": self.target.state_dict(), "started_at": self.started_at}
+        step = checkpoint.get("global_step", getattr(trainer, "global_step", None))
+        entry = {"version": _VERSION, "kind": "cartographer" if self.cartographer is not None else "state",
+                 "global_step": step, "state_dict": self.target.state_dict(), "started_at": self.started_at}
+        entry["sha256"] = sha256_of(entry)
+        checkpoint[CHECKPOINT_KEY] = entry
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        path = getattr(trainer, "ckpt_path", None)
+        where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+        if self.carto_resume == "fresh":
+            warnings.warn(f"CartoCallback: carto_resume='fresh': the {CHECKPOINT_KEY!r} entry of {where} is not read; "
+                          f"the scores keep the current state ({self.state.epochs_done} epochs) and miss the epochs "
+                          f"before it", UserWarning, stacklevel=2)
+            return
+        hint = "pass CartoCallback(..., carto_resume='fresh') to train on from the current state instead"
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
-            warnings.warn(f"CartoCallback: the checkpoint holds no CartoState ({CHECKPOINT_KEY!r}); the scores keep "
-                          f"the current state ({self.state.epochs_done} epochs) and miss the epochs before it",
-                          UserWarning, stacklevel=2)
-            return
+            raise ValueError(f"CartoCallback: {where} holds no CartoState (no {CHECKPOINT_KEY!r} entry: written "
+                             f"without this callback?); {hint}")
         kind = "cartographer" if self.cartographer is not None else "state"
-        if saved.get("version") != _VERSION or saved.get("kind") != kind:
-            raise ValueError(f"CartoCallback: the checkpoint's {CHECKPOINT_KEY!r} entry is a {saved.get('kind')!r} "
-                             f"of version {saved.get('version')!r}; this callback holds a {kind!r} (version "
-                             f"{_VERSION})")
-        self.target.load_state_dict(saved["state_dict"])
-        self.started_at = saved.get("started_at")
+        if not isinstance(saved, dict):
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} is a {type(saved).__name__}, "
+                             f"not a dict; {hint}")
+        if saved.get("kind") != kind:
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} holds a {saved.get('kind')!r} "
+                             f"(version {saved.get('version')!r}); this callback holds a {kind!r}; {hint}")
+        if saved.get("version") == 1:
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} was written by an older gdc_ext "
+                             f"(entry version 1, without a checksum or a global step), so it cannot be checked; "
+                             f"resume it with the gdc_ext that wrote it, or {hint}")
+        if saved.get("version") != _VERSION:
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} has version "
+                             f"{saved.get('version')!r}; this gdc_ext reads version {_VERSION}; {hint}")
+        missing = [k for k in (*_ENTRY_KEYS, "sha256") if k not in saved]
+        if missing:
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} is incomplete: {missing} "
+                             f"missing; {hint}")
+        try:
+            digest = sha256_of({k: saved[k] for k in _ENTRY_KEYS})
+        except ValueError:
+            digest = None  # a value that cannot be in an entry this callback wrote
+        if digest != saved["sha256"]:
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} is damaged: its sha256 does "
+                             f"not match its content; {hint}")
+        if saved["global_step"] != checkpoint.get("global_step"):
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} was written at global step "
+                             f"{saved['global_step']!r} but the checkpoint is of step "
+                             f"{checkpoint.get('global_step')!r}: the entry belongs to another checkpoint; {hint}")
+        started_at = saved["started_at"]
+        if started_at is not None and (isinstance(started_at, bool) or not isinstance(started_at, int)):
+            raise ValueError(f"CartoCallback: the {CHECKPOINT_KEY!r} entry of {where} has started_at "
+                             f"{started_at!r}, expected an int or None")
+        self.target.load_state_dict(saved["state_dict"])  # checks everything before it changes anything
+        self.started_at = started_at
