@@ -412,9 +412,9 @@ class CartoState:
 
     # ----------------------------------------------------------------------------- distributed
     def _fingerprint(self) -> torch.Tensor:
-        """What every rank's state must agree on before end_epoch's all-reduce, as a fixed-size
-        int64 tensor (see _FP_FIELDS): fixed-size, so the all-gather itself pairs up whatever the
-        ranks' states are."""
+        """What every rank's state must agree on before end_epoch's all-reduce, as an int64 tensor
+        (columns _FP_NAMES, then the first eps values' bits) of a fixed size, so that the
+        all-gather itself pairs up whatever the ranks' states are."""
         eps = [float(e) for e in self.eps.tolist()]
         eps_bytes = struct.pack(f"<{len(eps)}d", *eps)
         head = [struct.unpack("<q", struct.pack("<d", e))[0] for e in eps[:_FP_EPS_SHOWN]]
