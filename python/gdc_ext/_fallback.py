@@ -59,9 +59,10 @@ def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, va
     if not bool(torch.isfinite(nll[valid]).all()):
         raise ArgumentError("input (logits) gives a non-finite loss: NaN or inf logits cannot be recorded; "
                             "the CartoState was left unchanged")
-    acc = state.acc
     upd = torch.empty(nll.shape[0], ACC_COLS, dtype=torch.float64, device=nll.device)
     upd[:, ACC_LOSS_SUM] = nll.float().double()
     upd[:, ACC_COUNT] = 1.0
     upd[:, ACC_ENERGY_SUM] = energy.float().double()
-    acc.index_add_(0, ids[valid].to(acc.device), upd[valid].to(acc.device))
+    with state._kernel_lock():  # threads sharing the state (see CartoState.lock)
+        acc = state.acc
+        acc.index_add_(0, ids[valid].to(acc.device), upd[valid].to(acc.device))

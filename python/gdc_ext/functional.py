@@ -19,7 +19,7 @@ from gdc_ext._checks import check_arguments
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext.layout import ACC_COLS
-from gdc_ext.state import CartoState
+from gdc_ext.state import CartoState, recording_lock
 
 __all__ = ["cross_entropy", "expand_sample_ids"]
 
@@ -129,19 +129,21 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
     R, V = logits.shape
     dev = logits.device
     ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
-    acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
     sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
     # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
     denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    if not needs_grad:
-        loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc, ignore_index,
-                                                label_smoothing, False)
-        out = reduce_rows(loss_rows, reduction, denom)
-    else:
-        grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
-        out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
-                                 reduction, _inplace_allowed(inplace_grad, logits), denom)
+    # the state's lock around the op that adds into state.acc (threads sharing the state), forward only
+    with recording_lock(state, recording):
+        acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+        if not needs_grad:
+            loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc, ignore_index,
+                                                    label_smoothing, False)
+            out = reduce_rows(loss_rows, reduction, denom)
+        else:
+            grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
+            out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
+                                     reduction, _inplace_allowed(inplace_grad, logits), denom)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out.to(result_dtype(input))

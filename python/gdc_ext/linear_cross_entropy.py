@@ -28,7 +28,7 @@ from gdc_ext.functional import _check_sample_weight, _wants_record
 from gdc_ext.layout import ACC_COLS
 from gdc_ext.loss import no_ids_warning, warn_no_ids_once
 from gdc_ext.ops import ArgumentError
-from gdc_ext.state import CartoState
+from gdc_ext.state import CartoState, recording_lock
 
 __all__ = ["linear_cross_entropy", "CartoLinearCrossEntropyLoss"]
 
@@ -105,7 +105,6 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     tgt = target.reshape(-1).contiguous()
     R, V, dev = x.shape[0], linear_weight.shape[0], input.device
     ids = expand_sample_ids(sample_ids, target, R) if (recording or weighted) else _empty(dev, torch.int64)
-    acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
     sw = sample_weight.to(device=dev, dtype=torch.float32).contiguous() if weighted else _empty(dev, torch.float32)
     # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
     denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
@@ -114,15 +113,18 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # skips the weight gradient's matmuls and its [V, H] buffer.
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
                   for t in (x, linear_weight, linear_bias))
-    if not any(needs):
-        loss_rows, _, _, _, _ = ops.linear_cross_entropy_fwd(x, linear_weight, linear_bias, tgt, weight, ids, sw,
-                                                             _ones(dev), acc, ignore_index, label_smoothing, chunk,
-                                                             False)
-        out = reduce_rows(loss_rows, reduction, denom)
-    else:
-        grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
-        out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
-                                       ignore_index, label_smoothing, reduction, chunk, denom, needs)
+    # the state's lock around the op that adds into state.acc (threads sharing the state), forward only
+    with recording_lock(state, recording):
+        acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+        if not any(needs):
+            loss_rows, _, _, _, _ = ops.linear_cross_entropy_fwd(x, linear_weight, linear_bias, tgt, weight, ids, sw,
+                                                                 _ones(dev), acc, ignore_index, label_smoothing,
+                                                                 chunk, False)
+            out = reduce_rows(loss_rows, reduction, denom)
+        else:
+            grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
+            out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
+                                           ignore_index, label_smoothing, reduction, chunk, denom, needs)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out.to(out_dtype)

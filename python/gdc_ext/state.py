@@ -5,8 +5,14 @@ statistics by ``end_epoch()`` (see docs/method.md for the exact definitions).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import os
+import struct
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -22,12 +28,25 @@ from gdc_ext.layout import ACC_LOSS_SUM
 
 __all__ = ["CartoState", "Scores", "FORMAT_VERSION", "MAX_RECORD_COUNT", "check_reference"]
 
-FORMAT_VERSION = 1
+# Version 2 files carry a sha256 checksum (metadata key _CHECKSUM_KEY); version 1 files (no checksum)
+# are still read, with a warning that damage to them cannot be detected. The in-memory state_dict
+# layout is the same in both versions.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 # The largest count one row may carry in CartoState.record: 2**53, the largest float64 up to which
 # every integer count is exact. Larger counts (1e308, say) would overflow the accumulator to inf
 # and end the epoch with NaN scores, so they are refused.
 MAX_RECORD_COUNT = 2.0 ** 53
 _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
+
+
+def _synchronized(method):
+    """Runs a CartoState method under the state's lock (see :attr:`CartoState.lock`)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 def check_reference(reference, num_samples: int, positive: bool = False) -> torch.Tensor:
@@ -247,6 +266,38 @@ class CartoState:
         self.epoch = torch.zeros(1, dtype=torch.int64, device=dev)
         self.eps = torch.tensor(eps_list, dtype=torch.float64, device=dev)
         self.process_group = None  # torch.distributed group to all-reduce over (None: the default group)
+        self._lock = threading.RLock()  # see the lock property
+
+    # ----------------------------------------------------------------------------- threads
+    @property
+    def lock(self) -> threading.RLock:
+        """The state's re-entrant lock. Every method that reads or writes the tensors (record,
+        end_epoch, reset_epoch, scores, state_dict, load_state_dict, save, to) and the fused
+        kernels' recording (CartoLoss, functional.cross_entropy, linear_cross_entropy: the forward
+        op that adds into ``acc``) hold it, so threads can share one state: no update is lost and
+        each recorded batch lands wholly in one epoch. Hold it yourself to make several calls one
+        step (``with state.lock: state.end_epoch(); state.save(path)``). Backward never takes it.
+
+        Under torch.compile the compiled graph cannot take a Python lock: a compiled step's
+        recording is not serialised against other threads using the same state."""
+        return self._lock
+
+    def _kernel_lock(self):
+        """The lock around a fused kernel call that records into ``acc`` (a no-op context while
+        torch.compile traces, as Dynamo cannot enter a lock)."""
+        if torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return self._lock
+
+    def __getstate__(self) -> dict:
+        # a lock cannot be pickled or deep-copied: copies get a fresh one
+        d = self.__dict__.copy()
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.RLock()
 
     # ----------------------------------------------------------------------------- basics
     @property
@@ -269,6 +320,7 @@ class CartoState:
         """Total bytes held by the state's tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    @_synchronized
     def to(self, device: Union[str, torch.device]) -> "CartoState":
         for name, t in self.tensors().items():
             setattr(self, name, t.to(device))
@@ -279,14 +331,21 @@ class CartoState:
                 f"device={self.device}, extras={self.extras})")
 
     # ----------------------------------------------------------------------------- epochs
+    @_synchronized
     def end_epoch(self) -> None:
         """Folds this epoch's accumulated losses into the scores and clears the accumulators.
 
         With torch.distributed initialised (world size > 1), the accumulators are first summed
-        across ranks, so every rank ends with identical scores.
+        across ranks, so every rank ends with identical scores. Before that, one small all-gather
+        checks that every rank's state agrees on N, eps, burn_in, extras, the tensor layout and the
+        number of epochs done: a state built differently, or restored from another epoch, raises
+        the same ValueError on every rank (naming the field, the ranks and their values) and
+        nothing is changed, where the all-reduce would otherwise mix mismatched states silently or
+        abort the process.
         """
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size(self.process_group) > 1:
+                self._check_ranks_agree()
                 torch.distributed.all_reduce(self.acc, group=self.process_group)
         # An epoch that recorded nothing is almost always a wiring mistake (no sample ids, the loss
         # in eval mode, ...). The check reads the accumulator, which is free on the CPU; on a GPU it
@@ -298,6 +357,7 @@ class CartoState:
                           stacklevel=2)
         ops.end_epoch_(self.acc, self.fstats, self.istats, self.forgets, self.epoch, self.eps, self.burn_in)
 
+    @_synchronized
     def record(self, losses: torch.Tensor, sample_ids: torch.Tensor,
                counts: Optional[Union[torch.Tensor, float]] = None) -> None:
         """Accumulates per-row or per-sample losses of any model into this epoch's accumulator.
@@ -390,11 +450,55 @@ class CartoState:
         upd = torch.stack([torch.where(ok, prod, zero), torch.where(ok, cnt, zero), zero.expand_as(loss)], 1)
         acc.index_add_(0, torch.where(ok, ids, torch.zeros_like(ids)), upd)
 
+    @_synchronized
     def reset_epoch(self) -> None:
         """Drops what was recorded since the last end_epoch() (an aborted epoch, say)."""
         self.acc.zero_()
 
+    # ----------------------------------------------------------------------------- distributed
+    def _fingerprint(self) -> torch.Tensor:
+        """What every rank's state must agree on before end_epoch's all-reduce, as an int64 tensor
+        (columns _FP_NAMES, then the first eps values' bits) of a fixed size, so that the
+        all-gather itself pairs up whatever the ranks' states are."""
+        eps = [float(e) for e in self.eps.tolist()]
+        eps_bytes = struct.pack(f"<{len(eps)}d", *eps)
+        head = [struct.unpack("<q", struct.pack("<d", e))[0] for e in eps[:_FP_EPS_SHOWN]]
+        head += [0] * (_FP_EPS_SHOWN - len(head))
+        layout = repr([(n, tuple(t.shape), str(t.dtype), t.is_contiguous()) for n, t in self.tensors().items()])
+        values = [_FP_MAGIC, self.num_samples, self.burn_in, int(self.extras), len(eps), self.epochs_done,
+                  _hash64(eps_bytes), _hash64(layout.encode()), *head]
+        return torch.tensor(values, dtype=torch.int64)
+
+    def _check_ranks_agree(self) -> None:
+        """One all-gather of every rank's :meth:`_fingerprint`; raises the same ValueError on every
+        rank when they differ (before any other collective, so no rank aborts or waits)."""
+        dist = torch.distributed
+        group = self.process_group
+        mine = self._fingerprint().to(self.acc.device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        rows = [g.cpu().tolist() for g in gathered]
+        problems = []
+        for field, col in _FP_CHECKS:
+            if col == "eps":
+                key = [(r[_FP_INDEX["num_eps"]], r[_FP_INDEX["eps_hash"]]) for r in rows]
+                shown = [_fp_eps_repr(r) for r in rows]
+            else:
+                key = [r[_FP_INDEX[col]] for r in rows]
+                shown = [_fp_repr(col, v) for v in key]
+            if len(set(key)) > 1:
+                problems.append(f"{field} differs: " + "; ".join(
+                    f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {value}"
+                    for value, ranks in _group_ranks(key, shown)))
+        if any(r[0] != _FP_MAGIC for r in rows):
+            problems.append("another collective was paired with this end_epoch (the ranks' calls are out of step)")
+        if problems:
+            raise ValueError("CartoState.end_epoch: the ranks' states disagree, nothing was changed: "
+                             + " | ".join(problems) + ". Every rank must build the same CartoState (N, eps, burn_in, "
+                             "extras), restore the same checkpoint and call end_epoch() once per epoch.")
+
     # ----------------------------------------------------------------------------- scores
+    @_synchronized
     def scores(self) -> Scores:
         """The per-sample scores of the epochs folded so far (CPU tensors; see :class:`Scores`)."""
         f = self.fstats.detach().cpu()
@@ -426,12 +530,14 @@ class CartoState:
                 "burn_in": self.burn_in, "eps": self.eps.tolist(), "eps_scalar": self._eps_scalar,
                 "extras": self.extras}
 
+    @_synchronized
     def state_dict(self) -> dict:
         """Tensors (cloned, on the state's device) plus a ``meta`` dict of the configuration."""
         d = {name: t.clone() for name, t in self.tensors().items()}
         d["meta"] = self._meta()
         return d
 
+    @_synchronized
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of a state with the same N, eps, burn-in and extras; all checks run
         before anything is replaced, so a rejected dict leaves this state unchanged."""
@@ -445,57 +551,253 @@ class CartoState:
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("meta"), dict):
             raise ValueError("state_dict: expected a dict from CartoState.state_dict() with a 'meta' entry")
         meta = state_dict["meta"]
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"state_dict: format version {meta.get('version')!r} is not supported "
-                             f"(this gdc_ext reads version {FORMAT_VERSION})")
+                             f"(this gdc_ext reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
         mine = self._meta()
         for key in ("num_samples", "burn_in", "eps", "extras"):
             if meta.get(key) != mine[key]:
                 raise ValueError(f"state_dict: mismatched state: {key} is {meta.get(key)!r} in the saved state "
                                  f"but {mine[key]!r} in this CartoState")
+        return self._checked_tensors({name: state_dict.get(name) for name in _TENSORS}, self.device, copy=True)
+
+    def _adopt(self, tensors: dict, device: torch.device, copy: bool) -> None:
+        """Makes ``tensors``, checked by :meth:`_checked_tensors`, this state's tensors; nothing is
+        replaced unless every check passes."""
+        for name, t in self._checked_tensors(tensors, device, copy).items():
+            setattr(self, name, t)
+
+    def _checked_tensors(self, tensors: dict, device: torch.device, copy: bool) -> dict:
+        """``tensors`` checked (shapes and dtypes of this state's, consistent counters) and placed on
+        ``device``: copies when ``copy`` (the caller keeps its dict), else taken as they are when
+        already there (a freshly loaded file)."""
         new = {}
         for name, t in self.tensors().items():
-            s = state_dict.get(name)
+            s = tensors.get(name)
             if not isinstance(s, torch.Tensor):
                 raise ValueError(f"state_dict: missing tensor {name!r}")
             if s.shape != t.shape or s.dtype != t.dtype:
                 raise ValueError(f"state_dict: tensor {name!r} has shape {tuple(s.shape)} {s.dtype}, "
                                  f"expected {tuple(t.shape)} {t.dtype}")
-            new[name] = s.to(t.device).clone().contiguous()
+            s = s.to(device)
+            new[name] = s.clone().contiguous() if copy else s.contiguous()
         _check_consistent(new)
         return new
 
+    @_synchronized
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the state to a safetensors file atomically (temp file, fsync, rename)."""
-        from safetensors.torch import save_file
-
+        """Writes the state to a safetensors file atomically (temp file, fsync, rename, folder
+        fsync), with a sha256 checksum that :meth:`load` verifies. Temps left in the folder by
+        saves of the same file that were killed are removed first."""
         path = os.fspath(path)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
-        meta = {"gdc_ext": json.dumps(self._meta())}
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), prefix=".gdc-state-")
+        meta = json.dumps(self._meta())
+        write_atomic(path, lambda tmp: _write_state_file(tmp, tensors, meta), prefix=".gdc-state-")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "CartoState":
-        """Reads a state written by :meth:`save`. Raises ValueError for a missing, corrupted or
-        foreign file, or one of another format version."""
-        from safetensors import safe_open
+        """Reads a state written by :meth:`save` (no pickle: a safetensors header and raw tensor bytes).
 
+        Raises FileNotFoundError for a missing file and ValueError naming the file for a damaged,
+        foreign or crafted one: the header and the sizes it declares are checked against the file's
+        size and the metadata before anything is allocated, and the sha256 checksum (format version
+        2) is verified over every byte of the file. Files of format version 1 (gdc_ext before the
+        checksum) are read with a warning that damage to them cannot be detected. Each tensor is
+        read once, into the memory the state keeps.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CartoState.load: no state file at {path!r}")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as fh:
-                raw_meta = (fh.metadata() or {}).get("gdc_ext")
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"CartoState.load: {path!r} is not a readable safetensors state file ({e})") from None
-        if raw_meta is None:
-            raise ValueError(f"CartoState.load: {path!r} has no gdc_ext metadata: not a CartoState file")
-        meta = _parse_meta(raw_meta, lambda why: ValueError(f"CartoState.load: {path!r} {why}"))
+        meta, tensors = _read_state_file(path)
         eps = meta["eps"][0] if meta["eps_scalar"] else meta["eps"]
-        state = cls(meta["num_samples"], meta["burn_in"], eps, device=device, extras=meta["extras"])
-        state.load_state_dict({**tensors, "meta": meta})
+        # built on the meta device (no memory), then given the tensors just read
+        state = cls(meta["num_samples"], meta["burn_in"], eps, device="meta", extras=meta["extras"])
+        try:
+            state._adopt(tensors, torch.device(device), copy=False)
+        except ValueError as e:
+            raise ValueError(f"CartoState.load: {path!r}: {e}") from None
         return state
+
+
+def recording_lock(state: Optional["CartoState"], recording: bool):
+    """The context a fused kernel call that may add into ``state.acc`` runs in: the state's lock when
+    it records (see :attr:`CartoState.lock`), else nothing. The forward op alone runs in it; the
+    backward pass, which does not touch the state, never does."""
+    return state._kernel_lock() if recording and state is not None else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+_FP_MAGIC = 0x6764635F65703031  # "gdc_ep01": marks end_epoch's all-gather
+_FP_EPS_SHOWN = 4  # eps values carried for the error message (all of them are compared through the hash)
+_FP_NAMES = ("magic", "num_samples", "burn_in", "extras", "num_eps", "epochs_done", "eps_hash", "layout_hash")
+_FP_INDEX = {name: i for i, name in enumerate(_FP_NAMES)}
+# (name in the message, fingerprint column); "eps" compares (K, hash of all values)
+_FP_CHECKS = (("num_samples (N)", "num_samples"), ("eps", "eps"), ("burn_in", "burn_in"), ("extras", "extras"),
+              ("epochs_done", "epochs_done"), ("tensor layout (shapes/dtypes)", "layout_hash"))
+
+
+def _hash64(data: bytes) -> int:
+    return struct.unpack("<q", hashlib.sha256(data).digest()[:8])[0]
+
+
+def _fp_repr(col: str, v: int) -> str:
+    if col == "extras":
+        return str(bool(v))
+    if col == "layout_hash":
+        return f"{v & 0xFFFFFFFFFFFFFFFF:016x}"
+    return str(v)
+
+
+def _fp_eps_repr(row: list) -> str:
+    k = row[_FP_INDEX["num_eps"]]
+    start = len(_FP_NAMES)
+    vals = [struct.unpack("<d", struct.pack("<q", x))[0] for x in row[start:start + min(k, _FP_EPS_SHOWN)]]
+    return "[" + ", ".join(repr(v) for v in vals) + (", ...]" if k > _FP_EPS_SHOWN else "]") + f" (K = {k})"
+
+
+def _group_ranks(key: list, shown: list) -> list:
+    """[(shown value, [ranks])] in the order of first appearance."""
+    out: dict = {}
+    for rank, (k, s) in enumerate(zip(key, shown)):
+        out.setdefault(k, (s, []))[1].append(rank)
+    return list(out.values())
+
+
+# ------------------------------------------------------------------------------------------ state files
+# A state file is a safetensors file (8-byte little-endian header length, JSON header, tensor bytes)
+# written here rather than by safetensors.save_file so that the checksum can cover every byte: the
+# metadata holds the sha256 of the whole file in which the 64 hex digits of the checksum itself read
+# as zeros. Any flipped byte, in the length, the header (tensor table, metadata, padding) or the data,
+# then fails the check (or an earlier structural one). Reading parses the header itself to check the
+# declared sizes before allocating, and reads each tensor once, with no pickle and no mmap.
+_META_KEY = "gdc_ext"
+_CHECKSUM_KEY = "gdc_ext_sha256"
+_MAX_HEADER = 1 << 20  # a state's header is < 1 kB; a larger length field is damage, not a state
+_DTYPES = {"F64": torch.float64, "I32": torch.int32, "I64": torch.int64}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_LITTLE = sys.byteorder == "little"
+
+
+def _checksum_field(hexdigest: str) -> bytes:
+    return f'"{_CHECKSUM_KEY}":"{hexdigest}"'.encode()
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """A CPU tensor's little-endian bytes (no copy on little-endian hosts)."""
+    a = t.numpy()
+    if not _LITTLE:
+        a = a.byteswap()
+    return memoryview(a).cast("B")
+
+
+def _write_state_file(path: str, tensors: dict, meta_json: str) -> None:
+    """Writes ``tensors`` (CPU, contiguous) and the metadata as a safetensors file with the checksum."""
+    # largest items first, then by name (as safetensors orders them): every tensor starts aligned
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    table, offset = {}, 0
+    for n in names:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        table[n] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    zero = "0" * 64
+    header = json.dumps({"__metadata__": {_META_KEY: meta_json, _CHECKSUM_KEY: zero}, **table},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    prefix = struct.pack("<Q", len(header))
+    h = hashlib.sha256(prefix)
+    h.update(header)
+    for n in names:
+        h.update(_as_bytes(tensors[n]))
+    header = header.replace(_checksum_field(zero), _checksum_field(h.hexdigest()))
+    with open(path, "wb") as fh:
+        fh.write(prefix)
+        fh.write(header)
+        for n in names:
+            fh.write(_as_bytes(tensors[n]))
+
+
+def _read_state_file(path: str):
+    """(meta dict, {name: CPU tensor}) of a state file, every check before any tensor is allocated;
+    ValueError naming the file for anything wrong."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"CartoState.load: {path!r} {why}")
+
+    file_size = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as fh:
+        prefix = _read_exact(fh, 8)
+        if len(prefix) < 8:
+            raise bad(f"is not a readable safetensors state file (only {file_size} bytes)")
+        (hlen,) = struct.unpack("<Q", prefix)
+        if hlen > min(_MAX_HEADER, file_size - 8):
+            raise bad(f"is not a readable safetensors state file (damaged or truncated: its header length field "
+                      f"says {hlen} bytes, the file has {file_size})")
+        header = _read_exact(fh, hlen)
+        try:
+            table = json.loads(header.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"is not a readable safetensors state file (damaged header: {e})") from None
+        if not isinstance(table, dict):
+            raise bad("is not a readable safetensors state file (damaged header: not a JSON object)")
+        file_meta = table.pop("__metadata__", None)
+        raw_meta = file_meta.get(_META_KEY) if isinstance(file_meta, dict) else None
+        if not isinstance(raw_meta, str):
+            raise bad("has no gdc_ext metadata: not a CartoState file")
+        meta = _parse_meta(raw_meta, bad)
+        if meta["version"] >= 2:
+            checksum = file_meta.get(_CHECKSUM_KEY)
+            if not isinstance(checksum, str) or len(checksum) != 64 or not all(c in "0123456789abcdef" for c in checksum):
+                raise bad(f"is damaged: its checksum is missing or malformed ({checksum!r})")
+            if header.count(_checksum_field(checksum)) != 1:
+                raise bad("is damaged: its checksum field is not where it was written")
+            h = hashlib.sha256(prefix)
+            h.update(header.replace(_checksum_field(checksum), _checksum_field("0" * 64)))
+        else:
+            checksum, h = None, None
+        layout = _expected_layout(meta)
+        order = _check_table(table, layout, file_size - 8 - hlen, bad)
+        tensors = {}
+        for name in order:  # file order: the data is read sequentially
+            dtype, shape = layout[name]
+            t = torch.empty(shape, dtype=dtype)
+            view = memoryview(t.numpy()).cast("B")
+            if _readinto_full(fh, view) != len(view):
+                raise bad("is truncated (it was shorter while reading than when checked)")
+            if h is not None:
+                h.update(view)
+            if not _LITTLE:
+                t.numpy().byteswap(inplace=True)
+            tensors[name] = t
+    if h is not None and h.hexdigest() != checksum:
+        raise bad("is damaged: its sha256 checksum does not match its contents (a changed byte in the file)")
+    if checksum is None:
+        warnings.warn(f"CartoState.load: {path!r} was saved by an older gdc_ext (format version 1) without a "
+                      f"checksum: it is loaded, but damage to it cannot be detected; save it again to add one",
+                      UserWarning, stacklevel=3)
+    if tensors["eps"].tolist() != [float(e) for e in meta["eps"]]:
+        raise bad(f"is damaged: its eps tensor {tensors['eps'].tolist()} differs from its metadata {meta['eps']}")
+    return meta, tensors
+
+
+def _read_exact(fh, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = fh.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def _readinto_full(fh, view: memoryview) -> int:
+    """readinto until ``view`` is full or the file ends (large reads can return early)."""
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _sum_bound(acc: torch.Tensor, ids: torch.Tensor, used: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
@@ -509,38 +811,88 @@ def _sum_bound(acc: torch.Tensor, ids: torch.Tensor, used: torch.Tensor, prod: t
 
 
 def _parse_meta(raw: str, bad) -> dict:
-    """The ``gdc_ext`` metadata of a saved state, every field checked, so a damaged or crafted file
-    is a ValueError (made by ``bad(why)``, which names the file) naming the field, never a
-    KeyError / AttributeError / TypeError from reading it, and nothing is allocated from an
-    unchecked value."""
+    """The gdc_ext metadata, every field checked (ValueError from ``bad`` otherwise)."""
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as e:
         raise bad(f"has corrupted metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise bad(f"has corrupted metadata: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != "gdc_ext.CartoState":
-        raise bad(f"has metadata field format = {_short(meta.get('format'))}: not a CartoState file")
-    if isinstance(meta.get("version"), bool) or meta.get("version") != FORMAT_VERSION:
-        raise bad(f"has format version {_short(meta.get('version'))}; this gdc_ext reads version {FORMAT_VERSION}")
+    if not isinstance(meta, dict) or meta.get("format") != "gdc_ext.CartoState":
+        raise bad("has no gdc_ext.CartoState metadata: not a CartoState file (or its metadata is damaged)")
+    version = meta.get("version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
+        raise bad(f"has format version {version!r}; this gdc_ext reads versions "
+                  f"{', '.join(map(str, _READABLE_VERSIONS))}")
 
-    def field(name: str, ok, what: str):
-        if name not in meta:
-            raise bad(f"has incomplete metadata: field {name!r} is missing")
-        if not ok(meta[name]):
-            raise bad(f"has damaged metadata: field {name!r} must be {what}, got {_short(meta[name])}")
+    def positive_int(key):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(f"has damaged metadata: {key} must be a positive int, got {v!r}")
 
-    def count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    field("num_samples", count, "an int >= 1")
-    field("burn_in", count, "an int >= 1")
-    field("eps", lambda v: isinstance(v, list) and len(v) > 0 and all(_positive_float(e) is not None for e in v),
-          "a non-empty list of positive finite numbers")
-    field("eps_scalar", lambda v: isinstance(v, bool) and (not v or len(meta["eps"]) == 1),
-          "true (one eps) or false" if len(meta["eps"]) == 1 else "false (the file holds several eps)")
-    field("extras", lambda v: isinstance(v, bool), "true or false")
+    positive_int("num_samples")
+    positive_int("burn_in")
+    eps = meta.get("eps")
+    if not isinstance(eps, list) or not eps or not all(_positive_finite(e) for e in eps):
+        raise bad(f"has damaged metadata: eps must be a non-empty list of positive finite floats, got {eps!r}")
+    for key in ("eps_scalar", "extras"):
+        if not isinstance(meta.get(key), bool):
+            raise bad(f"has damaged metadata: {key} must be true or false, got {meta.get(key)!r}")
+    if meta["eps_scalar"] and len(eps) != 1:
+        raise bad(f"has damaged metadata: eps_scalar is true but eps has {len(eps)} values")
     return meta
+
+
+def _positive_finite(e) -> bool:
+    if isinstance(e, bool) or not isinstance(e, (int, float)):
+        return False
+    try:
+        return bool(np.isfinite(float(e)) and e > 0)
+    except OverflowError:  # a huge JSON integer
+        return False
+
+
+def _expected_layout(meta: dict) -> dict:
+    """{name: (dtype, shape)} of a state with this (checked) metadata, without building it."""
+    N, K = meta["num_samples"], len(meta["eps"])
+    return {"acc": (torch.float64, (N, ACC_COLS)),
+            "fstats": (torch.float64, (N, F_COLS_EXTRAS if meta["extras"] else F_COLS_BASE)),
+            "istats": (torch.int32, (N, I_COLS)),
+            "forgets": (torch.int32, (N, K)),
+            "epoch": (torch.int64, (1,)),
+            "eps": (torch.float64, (K,))}
+
+
+def _check_table(table: dict, layout: dict, data_size: int, bad) -> list:
+    """Checks the header's tensor table against the layout the metadata implies and the file's
+    size (before anything is allocated); returns the names in file order."""
+    if set(table) != set(layout):
+        raise bad(f"is not a CartoState file or is damaged: it holds tensors {sorted(map(str, table))}, "
+                  f"expected {sorted(layout)}")
+    spans = []
+    for name, (dtype, shape) in layout.items():
+        entry = table[name]
+        want = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape)}
+        if not isinstance(entry, dict) or {k: entry.get(k) for k in want} != want:
+            got = {k: entry.get(k) for k in want} if isinstance(entry, dict) else entry
+            raise bad(f"does not match its metadata: tensor {name!r} is {got} in the header, the metadata "
+                      f"(num_samples, eps, extras) implies {want}")
+        off = entry.get("data_offsets")
+        if (not isinstance(off, list) or len(off) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
+            raise bad(f"is damaged: tensor {name!r} has data_offsets {off!r}")
+        size = int(np.prod(shape, dtype=object)) * torch.empty((), dtype=dtype).element_size()
+        if off[1] - off[0] != size:
+            raise bad(f"is damaged: tensor {name!r} spans {off[1] - off[0]} bytes, its shape needs {size}")
+        spans.append((off[0], off[1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise bad(f"is damaged: tensor {name!r} starts at byte {begin} of the data, expected {pos}")
+        pos = end
+    if pos != data_size:
+        raise bad(f"has {data_size} bytes of tensor data but its header (num_samples = {layout['acc'][1][0]}, "
+                  f"K = {layout['eps'][1][0]}) needs {pos}: truncated, damaged or crafted")
+    return [name for _, _, name in spans]
 
 
 def _as_int(name: str, value, what: str) -> int:
