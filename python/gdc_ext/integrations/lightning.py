@@ -114,9 +114,20 @@ class CartoCallback(Callback):
             :data:`CHECKPOINT_KEY` entry: "exact" (default) restores it and raises ValueError when
             it is missing, damaged or of another global step; "fresh" does not read it and trains
             on from the current state (with a warning).
+        reference_forward: for ``Cartographer(reference="initial")``: ``(model, batch) ->
+            (logits, targets, sample_ids)`` for a training batch (on the model's device), with
+            which the LightningModule scores every training sample once, at the start of ``fit``
+            before the first step (:meth:`~gdc_ext.Cartographer.score_reference` over
+            ``trainer.train_dataloader``; each rank its share, all-reduced). Without it such a
+            Cartographer must have scored its reference before ``fit``.
     """
 
-    def __init__(self, target: Union[Cartographer, CartoState], sampling: bool = True, carto_resume: str = "exact"):
+    def __init__(self, target: Union[Cartographer, CartoState], sampling: bool = True, carto_resume: str = "exact",
+                 reference_forward=None):
+        if reference_forward is not None and not callable(reference_forward):
+            raise ValueError(f"reference_forward must be a callable (model, batch) -> (logits, targets, sample_ids), "
+                             f"got {type(reference_forward).__name__}")
+        self.reference_forward = reference_forward
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: target must be a gdc_ext.Cartographer or CartoState, got "
                              f"{type(target).__name__}")
@@ -139,6 +150,19 @@ class CartoCallback(Callback):
         return self.cartographer.sampler()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        carto = self.cartographer
+        if carto is not None and carto.reference_mode == "initial" and carto.reference is None:
+            if self.reference_forward is None or trainer.global_step > 0 or self.state.epochs_done > 0:
+                raise RuntimeError("CartoCallback: the Cartographer's reference='initial' was never scored: pass "
+                                   "CartoCallback(..., reference_forward=(model, batch) -> (logits, targets, "
+                                   "sample_ids)) to score it at the start of fit, before the first step, or call "
+                                   "carto.score_reference(model, batches) before fit")
+
+            def forward(model, batch):
+                return self.reference_forward(model, trainer.strategy.batch_to_device(batch))
+
+            carto.score_reference(pl_module, trainer.train_dataloader, forward=forward,
+                                  progress=trainer.is_global_zero)
         if self.sampling and trainer.reload_dataloaders_every_n_epochs != 1:
             raise RuntimeError("CartoCallback: the sampling intervention needs the training DataLoader rebuilt every "
                                "epoch: pass Trainer(reload_dataloaders_every_n_epochs=1) and build it with "
