@@ -12,7 +12,11 @@ from gdc_ext.layout import ACC_COLS, ACC_COUNT
 
 __all__ = ["require_cuda_kernels", "ce_args", "loss_and_grad", "histories", "run_history",
            "check_streaming_equals_reference", "TinyLM", "check_compile_matches_eager",
-           "TokenData", "lm_batch"]
+           "TokenData", "lm_batch", "HANG_GUARD_S"]
+
+# The timeout of a test's subprocess: a guard against a hang only, never a speed limit (a loaded
+# CI machine can take minutes to import torch in a fresh interpreter).
+HANG_GUARD_S = 1800
 
 
 def require_cuda_kernels() -> None:

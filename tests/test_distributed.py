@@ -2,7 +2,6 @@
 all-reduces the epoch accumulators) both hold the scores of a single-process run over the whole
 batches. The CartoSampler and Cartographer take the world size and rank from torch.distributed."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -41,10 +40,12 @@ def _run(rows):
     return state
 
 
-def _worker(rank, world, port, outdir):
+def _worker(rank, world, store_file, outdir):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not tcp://127.0.0.1:<port>: a port found free and closed again could be taken by
+    # another process (a busy machine, other test runs) before rank 0 listens on it.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         half = B // world
         state = _run(slice(rank * half, (rank + 1) * half))
@@ -59,16 +60,10 @@ def _worker(rank, world, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_equals_single_process(tmp_path):
     world = 2
     # fork, not spawn: the children skip re-importing torch (seconds on a loaded 2-core box)
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True,
                        start_method="fork")
     single = _run(slice(None)).state_dict()
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]

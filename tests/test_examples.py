@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import HANG_GUARD_S
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -67,5 +68,5 @@ def test_nanogpt_packing_gives_each_target_its_documents_id():
 @pytest.mark.parametrize("name", ["diffusion_tabular", "nanogpt"])
 def test_examples_have_help(name):
     out = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0 and "--epochs" in out.stdout and "--seed" in out.stdout

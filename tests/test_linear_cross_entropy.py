@@ -4,7 +4,8 @@ equals CartoLoss on the materialised logits, errors name the argument, opcheck, 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from helpers import HANG_GUARD_S
+from hypothesis import example, given, settings, strategies as st
 
 import gdc_ext
 from gdc_ext import CartoLinearCrossEntropyLoss, CartoLoss, CartoState, TargetIndexError, linear_cross_entropy
@@ -64,13 +65,17 @@ def _close(actual, expected, dtype):
     """float32: torch's default tolerances. bfloat16: torch's bfloat16 rtol, with an absolute
     tolerance relative to the tensor's scale: bfloat16 rounds each logit and each gradient term,
     and torch's own bfloat16 matmul + F.cross_entropy misses the element-wise default by the same
-    amount (test_bfloat16_as_accurate_as_torch_bfloat16 bounds our error by torch's)."""
+    amount (test_bfloat16_as_accurate_as_torch_bfloat16 bounds our error by torch's). That scale
+    is 4 * rtol * max|expected| (~16 bfloat16 ulps of the largest element): over 168,000 small
+    cases (seeds 0-299, every option) our worst error was 2.4x rtol * max|expected| and torch's own
+    bfloat16 path reached 2.7x on the same case (50x on others), so the former 1x bound failed
+    about one random run in a thousand (seed=3, B=3, L=1, smoothing 0.1, bias: 1.9x; issue 17)."""
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected.to(actual.dtype))
     else:
         rtol = 1.6e-2
         torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol,
-                                   atol=rtol * float(expected.abs().max()) + 1e-5)
+                                   atol=4 * rtol * float(expected.abs().max()) + 1e-5)
 
 
 # ------------------------------------------------------------------------------ loss and grads
@@ -79,6 +84,9 @@ def _close(actual, expected, dtype):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk=st.sampled_from([None, 1, 3, 7, 8, 21, 64]),
        B=st.integers(1, 3), L=st.integers(1, 7), seed=st.integers(0, 2**16))
 @settings(max_examples=30)
+# drawn once in ~1000 random runs, failing the former bfloat16 tolerance (see _close; issue 17)
+@example(reduction="sum", use_cw=False, ignore=True, smoothing=0.1, weighted=True, bias=True, dtype=torch.bfloat16,
+         chunk=None, B=3, L=1, seed=3)
 def test_matches_matmul_cross_entropy(device, reduction, use_cw, ignore, smoothing, weighted, bias, dtype, chunk, B, L,
                                       seed):
     x, W, b, t, ids = _problem(B=B, L=L, dtype=dtype, bias=bias, ignore=ignore, seed=seed, device=device)
@@ -470,6 +478,7 @@ if hasattr(torch.nn, "LinearCrossEntropyLoss"):
 import gdc_ext
 from gdc_ext._torch_compat import _LinearCrossEntropyLossStandIn
 from gdc_ext.layout import ACC_COUNT
+torch.manual_seed(0)
 m = gdc_ext.CartoLinearCrossEntropyLoss(8, 20, bias=True, state=gdc_ext.CartoState(3, burn_in=1), chunk_size=2)
 assert isinstance(m, _LinearCrossEntropyLossStandIn)
 x = torch.randn(3, 4, 8, requires_grad=True)
@@ -482,7 +491,7 @@ assert x.grad is not None and m.linear.weight.grad is not None
 assert m.state.acc[:, ACC_COUNT].sum() == 12
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 

@@ -1,12 +1,13 @@
 """CartoLoss returns nn.CrossEntropyLoss's values, gradients and exception types."""
 import importlib
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import loss_and_grad as _grads
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 from torch import nn
 
 import gdc_ext
@@ -196,6 +197,9 @@ def test_second_backward_is_refused_not_wrong():
 @given(R=st.integers(1, 40), V=st.integers(1, 700), reduction=st.sampled_from(REDUCTIONS),
        use_weight=st.booleans(), smoothing=st.sampled_from([0.0, 0.05, 0.5]), ignore_frac=st.floats(0, 1),
        ignore_index=st.sampled_from([-100, 0, 3]), scale=st.floats(0.1, 30), seed=st.integers(0, 10**6))
+# drawn in ~1% of random runs, failing the former fixed atol of the gradient (see _grad_atol; issue 17)
+@example(R=7, V=7, reduction="sum", use_weight=False, smoothing=0.0, ignore_frac=0.0, ignore_index=-100, scale=29.0,
+         seed=0)
 def test_parity_property(R, V, reduction, use_weight, smoothing, ignore_frac, ignore_index, scale, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(R, V, generator=g) * scale
@@ -206,4 +210,16 @@ def test_parity_property(R, V, reduction, use_weight, smoothing, ignore_frac, ig
     o_ref, g_ref = _grads(nn.CrossEntropyLoss(**kw), x, t)
     o, gr = _grads(CartoLoss(**kw), x, t)
     torch.testing.assert_close(o, o_ref, rtol=2e-5, atol=2e-5, equal_nan=True)
-    torch.testing.assert_close(gr, g_ref, rtol=1e-4, atol=2e-6, equal_nan=True)
+    torch.testing.assert_close(gr, g_ref, rtol=1e-4, atol=_grad_atol(x, reduction), equal_nan=True)
+
+
+def _grad_atol(x: torch.Tensor, reduction: str) -> float:
+    """The kernel's float32 gradient error: it forms p = exp(x - lse) with lse rounded to float32,
+    an error of up to |lse| * 2^-24 in the log domain, so up to p * (max |x| + log V) * 2^-24 in p
+    (the target's p - 1 with p near 1 shows it in absolute terms: ~2.4e-6 at logits of 49, issue
+    17), times the upstream gradient of helpers.loss_and_grad (1.7, or per-row normal draws for
+    'none'; the class weight / 'mean' denominator only shrink it). 2e-6 below that, as before."""
+    R, V = x.shape
+    upstream = 1.7 if reduction != "none" else float(torch.randn(R, generator=torch.Generator().manual_seed(123))
+                                                     .abs().max())
+    return max(2e-6, 4 * 2.0 ** -24 * (float(x.abs().max()) + math.log(V)) * upstream)

@@ -48,9 +48,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
             multiply each token's training loss, while the 'mean' denominator stays that of
             ``F.cross_entropy`` (so a weight < 1 really lowers that sample's share).
         inplace_grad: write the gradient over ``input`` (zero extra memory; the logits are then
-            no longer usable after the forward pass, and backward runs once). Eager mode only:
-            under torch.compile the gradient takes its own buffer (one-time warning), since a
-            compiled graph cannot overwrite logits the model also returns.
+            no longer usable after the forward pass, and backward runs once). Safe when no other
+            op saved the logits for backward; if one did (a z-loss computed first), its backward
+            raises autograd's "modified by an inplace operation" error. Eager mode only: under
+            torch.compile the gradient takes its own buffer (one-time warning), since a compiled
+            graph cannot overwrite logits the model also returns.
 
         record: whether to record into ``state``. None (default): when a state and sample ids
             are given and grad mode is enabled (a training step). True: always, also under
@@ -59,7 +61,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
             mode and False in eval mode.)
 
     What is recorded is the plain token NLL (no class weight, smoothing or sample weight), as
-    docs/method.md defines.
+    docs/method.md defines. The fused gradient is computed in forward and is not differentiable:
+    backward with ``create_graph=True`` raises (the torch fallback supports it).
 
     Returns: the loss, like ``F.cross_entropy`` (0-d, or the shape of ``target`` for 'none'),
     in ``F.cross_entropy``'s dtype: float32 under autocast (CPU or CUDA, as autocast's float32

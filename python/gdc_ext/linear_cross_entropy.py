@@ -73,7 +73,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
 
     For reduction='none' the backward pass runs the chunk loop once more (a per-row upstream
     gradient cannot be folded into a precomputed weight gradient). Backward runs once per
-    forward (the gradients are scaled in place).
+    forward (the gradients are scaled in place), and not with ``create_graph=True`` (the
+    precomputed gradients are not differentiable: it raises).
     """
     if state is not None and not isinstance(state, CartoState):
         raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")

@@ -26,8 +26,10 @@ class CartoLoss(nn.CrossEntropyLoss):
     Constructor: exactly ``nn.CrossEntropyLoss``'s arguments, plus keyword-only
         state: a :class:`CartoState` to record into (None: no recording).
         inplace_grad: write the gradient over the logits (zero extra memory; the logits tensor
-            is then no longer usable after the forward pass, and backward runs once). Eager mode
-            only: under torch.compile the gradient takes its own buffer (one-time warning).
+            is then no longer usable after the forward pass, and backward runs once). Safe when no
+            other op saved the logits for backward (else autograd raises "modified by an inplace
+            operation"). Eager mode only: under torch.compile the gradient takes its own buffer
+            (one-time warning).
 
     ``forward(input, target, sample_ids=None)``: ``input``/``target`` as for
     ``nn.CrossEntropyLoss``; ``sample_ids`` either one id per token (as many ids as target rows,

@@ -237,6 +237,13 @@ class _FusedCE(torch.autograd.Function):
         if inplace:
             loss_rows, _ = cross_entropy_fwd_inplace(logits, target, weight, ids, sw, grad_scale, acc,
                                                      ignore_index, smoothing)
+            # The kernel wrote the gradient over the logits behind autograd's back (a C++ op has
+            # no ADInplaceOrView kernel, and mark_dirty does not apply: the output is the loss,
+            # not the logits). Bumping their version counter makes any other op that saved them
+            # for backward (a z-loss computed first, say) raise autograd's "modified by an
+            # inplace operation" error instead of using the overwritten values. Our own
+            # save_for_backward below records the bumped version.
+            torch.autograd.graph.increment_version(logits)
             grad = logits
         else:
             loss_rows, _, grad = cross_entropy_fwd(logits, target, weight, ids, sw, grad_scale, acc,
@@ -246,10 +253,29 @@ class _FusedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("cross_entropy (CartoLoss)", "torch.nn.functional.cross_entropy")
         _consume_once(ctx, "cross_entropy (CartoLoss)")
         (grad,) = ctx.saved_tensors
         _scale_grads_((grad,), grad_out)
         return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _refuse_double_backward(op: str, alternative: str) -> None:
+    """Refuses backward with create_graph=True over a fused op (``op`` names it; ``alternative``
+    is the unfused computation that supports it).
+
+    The gradients are computed by the kernel in forward, outside autograd, so they are constants
+    to autograd: with create_graph=True the returned gradient would silently lack every
+    second-order term through the loss (a gradient penalty on it would be wrong). The engine
+    runs backward with grad mode set to create_graph, so grad mode here means create_graph=True.
+    Checked before _consume_once, so the same graph can still be differentiated once without
+    create_graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"gdc_ext {op}: double backward is not supported: backward was called with "
+                           f"create_graph=True (a gradient penalty or another higher-order derivative), but the "
+                           f"fused kernel computes the gradient in forward, so it is not differentiable and the "
+                           f"second-order terms would be missing. Use {alternative} for higher-order gradients, "
+                           f"or call backward / torch.autograd.grad without create_graph=True")
 
 
 def _consume_once(ctx, op: str) -> None:
@@ -388,6 +414,7 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("linear_cross_entropy", "torch.nn.functional.linear + cross_entropy")
         _consume_once(ctx, "linear_cross_entropy")
         if ctx.per_row:
             grads = _per_row_backward(ctx, grad_out)
