@@ -1,5 +1,7 @@
 """Counterfactual references (gdc_ext.counterfactual): reference_losses, crossfit_split,
 duplicate_groups, and the relative_excess score."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,13 @@ def test_reference_losses_forward_hook_missing_samples_and_errors():
         ref = reference_losses(model, dict_batches, 14, progress=False,
                                forward=lambda m, b: (m(b["x"]), b["y"], b["ids"]))
     assert torch.isnan(ref[12:]).all() and torch.isfinite(ref[:12]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the ids the batches were meant to cover are all scored: no warning
+        half = reference_losses(model, dict_batches, 14, progress=False, ids=torch.arange(12),
+                                forward=lambda m, b: (m(b["x"]), b["y"], b["ids"]))
+    assert torch.equal(half[:12], ref[:12])
+    with pytest.raises(ValueError, match="ids must be"):
+        reference_losses(model, dict_batches, 14, progress=False, ids=[0, 14])
     with pytest.raises(ValueError, match="relative_excess divides by it|NaN"):
         gdc_ext.CartoState(14, burn_in=1).scores().relative_excess(ref)
     with pytest.raises(ValueError, match="forward="):

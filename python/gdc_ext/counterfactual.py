@@ -59,7 +59,7 @@ def _device_of(model: torch.nn.Module) -> Optional[torch.device]:
 @torch.no_grad()
 def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int, *, ignore_index: int = -100,
                      forward: Optional[Callable] = None, linear_head: Optional[torch.nn.Linear] = None,
-                     progress: bool = True) -> torch.Tensor:
+                     ids=None, progress: bool = True) -> torch.Tensor:
     """Each sample's mean token NLL (nats) under ``model``: a no-grad pass through the fused kernel.
 
     The pass records exactly as training does (the same kernel, token and id rules: per-sequence
@@ -81,6 +81,8 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
             batch's loss runs through :func:`gdc_ext.linear_cross_entropy` without materializing
             the logits (a large vocabulary, or a Hugging Face model; see
             :func:`gdc_ext.integrations.hf.reference_losses`).
+        ids: the samples ``batches`` are meant to cover (int64 [M], e.g. one cross-fit half);
+            None: all N. A warning names how many of them got no scored token.
         progress: show a tqdm progress bar.
 
     With torch.distributed initialised (world size > 1), every rank passes its share of the
@@ -94,6 +96,12 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if ids is not None:
+        t = torch.as_tensor(ids)
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1 or (t.numel() and (
+                int(t.min()) < 0 or int(t.max()) >= int(num_samples))):
+            raise ValueError(f"ids must be a 1-D integer tensor of sample ids in [0, {num_samples}), got "
+                             f"{tuple(t.shape)} {t.dtype}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if linear_head is not None and not isinstance(linear_head, torch.nn.Linear):
@@ -112,20 +120,20 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     model.eval()
     try:
         for batch in tqdm(batches, total=total, desc="reference losses", unit="batch", disable=not progress):
-            logits, targets, ids = forward(model, batch)
+            logits, targets, batch_ids = forward(model, batch)
             what = "hidden states [..., H]" if linear_head is not None else "logits [..., V]"
             if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
                 raise ValueError(f"forward must return {what} as a tensor, got {type(logits).__name__}")
             if state is None:  # on the logits' device, so the kernel records where it computes
                 state = CartoState(int(num_samples), burn_in=1, eps=1.0, device=logits.device, extras=False)
             targets = torch.as_tensor(targets, device=logits.device)
-            ids = torch.as_tensor(ids, device=logits.device)
+            batch_ids = torch.as_tensor(batch_ids, device=logits.device)
             flat = logits.reshape(-1, logits.shape[-1])
             if linear_head is None:
-                functional.cross_entropy(flat, targets.reshape(-1), ids, state=state, ignore_index=ignore_index,
+                functional.cross_entropy(flat, targets.reshape(-1), batch_ids, state=state, ignore_index=ignore_index,
                                          reduction="sum", record=True)
             else:
-                linear_cross_entropy(flat.to(linear_head.weight.dtype), linear_head.weight, targets.reshape(-1), ids,
+                linear_cross_entropy(flat.to(linear_head.weight.dtype), linear_head.weight, targets.reshape(-1), batch_ids,
                                      linear_bias=linear_head.bias, ignore_index=ignore_index, reduction="sum",
                                      state=state, record=True)
     finally:
@@ -143,10 +151,12 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     acc = state.acc.detach().cpu()
     count = acc[:, ACC_COUNT]
     out = torch.where(count > 0, acc[:, ACC_LOSS_SUM] / count.clamp(min=1), torch.full_like(count, float("nan")))
-    missing = int((count == 0).sum())
+    expected = count if ids is None else count[torch.as_tensor(ids, dtype=torch.int64).reshape(-1)]
+    missing = int((expected == 0).sum())
     if missing:
-        warnings.warn(f"reference_losses: {missing} of {num_samples} samples had no scored token in batches; their "
-                      f"reference is NaN (a calibrated score needs every sample covered)", UserWarning, stacklevel=3)
+        warnings.warn(f"reference_losses: {missing} of {expected.numel()} samples had no scored token in batches; "
+                      f"their reference is NaN (a calibrated score needs every sample covered)", UserWarning,
+                      stacklevel=3)
     return out
 
 
