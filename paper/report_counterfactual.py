@@ -319,6 +319,18 @@ def splice_section(text: str, section: str) -> str:
     return text.rstrip("\n") + "\n\n" + section.strip("\n") + "\n"
 
 
+def _strict(x):
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
 def write_counterfactual(out_dir: str, rows: List[dict], docs_dir: Optional[str] = None) -> str:
     """From the family's rows: out_dir/counterfactual_summary.json, the figure, out_dir/
     RESULTS_counterfactual.md; with docs_dir, splices the section into docs_dir/RESULTS.md (created
@@ -331,8 +343,8 @@ def write_counterfactual(out_dir: str, rows: List[dict], docs_dir: Optional[str]
     summary = summarize(rows, timing)
     if not summary["columns"]:
         return ""
-    with open(os.path.join(out_dir, JSON_NAME), "w") as fh:
-        json.dump(summary, fh, indent=1, allow_nan=True)
+    with open(os.path.join(out_dir, JSON_NAME), "w") as fh:  # strict JSON: an undefined number is null
+        json.dump(_strict(summary), fh, indent=1, allow_nan=False)
     has_fig = fig_counterfactual(summary, out_dir)
     text = "\n".join(counterfactual_section(summary, has_fig)) + "\n"
     with open(os.path.join(out_dir, "RESULTS_counterfactual.md"), "w") as fh:
