@@ -89,13 +89,17 @@ def synthetic_corpus(seed: int, n_ordinary: int = 2000, seq_len: int = 24, words
                      concentration: float = 0.08, noise_frac: float = 0.05,
                      canary_reps: Sequence[int] = (1, 2, 4, 8), canaries_per_rep: int = 4, secret_len: int = 6,
                      inject_reps: Sequence[int] = (1, 2, 4, 8), injected_per_rep: int = 4, suffix_len: int = 8,
-                     n_valid: int = 500, n_nonmembers: int = 500, n_members: int = 500) -> Corpus:
+                     n_valid: int = 500, n_nonmembers: int = 500, n_members: int = 500,
+                     chain_seed: Optional[int] = None) -> Corpus:
     """Word-level synthetic corpus. Token layout: 0-9 digits, 10-12 the canary template, 13-52
-    names, 53.. Markov words (vocabulary 53 + words)."""
+    names, 53.. Markov words (vocabulary 53 + words). chain_seed: draw the Markov chain (the
+    source) from this seed and the samples from ``seed`` (None: both from ``seed``), so that
+    ``synthetic_corpus(s2, chain_seed=s1)`` is an independent draw of the source of seed s1."""
     rng = np.random.default_rng(seed)
     n_names, name0, word0 = 40, 13, 53
     V = word0 + words
-    trans = rng.dirichlet(np.full(words, concentration), size=words)
+    trans = (rng if chain_seed is None else np.random.default_rng(chain_seed)).dirichlet(
+        np.full(words, concentration), size=words)
     cum = np.cumsum(trans, 1)
     gen = lambda n: _markov(rng, cum, None, n, seq_len, word0)  # noqa: E731
 

@@ -501,7 +501,15 @@ def _findings(rows: List[dict], cfg: dict, rhos: Dict[str, tuple]) -> List[str]:
 
 
 def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[str] = None) -> str:
+    from paper.report_counterfactual import JSON_NAME, write_counterfactual
+
     all_rows = load_rows(out_dir)
+    # the counterfactual family has its own section (paper/report_counterfactual.py), at the end;
+    # a run of that family alone rewrites only that section of docs_dir/RESULTS.md
+    cf_rows = [r for r in all_rows if r.get("experiment") == "counterfactual"]
+    all_rows = [r for r in all_rows if r.get("experiment") != "counterfactual"]
+    if not all_rows:
+        return write_counterfactual(out_dir, cf_rows, docs_dir)
     rows = _main_rows(all_rows)
     with open(os.path.join(out_dir, "config.json")) as fh:
         cfg = json.load(fh)
@@ -650,13 +658,15 @@ def make_report(out_dir: str, docs_dir: Optional[str] = None, notes: Optional[st
     if roc:
         add("![roc](fig_mia_roc.png)\n")
     add("![theorem](fig_theorem42.png)\n")
+    if cf_rows:
+        L.append(write_counterfactual(out_dir, cf_rows))
     text = "\n".join(L) + "\n"
     with open(os.path.join(out_dir, "RESULTS.md"), "w") as fh:
         fh.write(text)
     if docs_dir:
         os.makedirs(docs_dir, exist_ok=True)
         shutil.copy(os.path.join(out_dir, "RESULTS.md"), os.path.join(docs_dir, "RESULTS.md"))
-        for f in glob.glob(os.path.join(out_dir, "fig_*.png")):
+        for f in glob.glob(os.path.join(out_dir, "fig_*.png")) + glob.glob(os.path.join(out_dir, JSON_NAME)):
             shutil.copy(f, docs_dir)
     return text
 

@@ -12,6 +12,11 @@ processes, one thread each (tiny models use cores better that way than with intr
 Results: DIR/rows.jsonl (one row per condition, protocol and seed; detection rows have method
 "detect"), DIR/scores_*.npz, DIR/roc_*.npz, DIR/config.json, then report.py draws the figures
 and writes DIR/RESULTS.md.
+
+The counterfactual family (paper/counterfactual.py: every score, with and without a reference
+model, on settings with fair labels) runs after the experiments; its rows (experiment
+"counterfactual", method "cf_detect") go to the same rows.jsonl. ``--only counterfactual`` runs it
+alone and then rewrites only its section of ``--docs``/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from paper.counterfactual import CF_CONFIGS, CFConfig
 
 __all__ = ["ExperimentConfig", "Config", "CONFIGS", "run", "main"]
 
@@ -74,6 +81,8 @@ class Config:
     workers: int = 2
     roc_fraction: float = 0.10     # ROC curves are kept for p = 0 and this p
     device: str = "cpu"
+    # every score with and without a reference model on settings with fair labels (None: off)
+    counterfactual: Optional[CFConfig] = None
 
 
 def _canary(**over) -> ExperimentConfig:
@@ -101,7 +110,7 @@ def _leak(**over) -> ExperimentConfig:
 
 
 CONFIGS: Dict[str, Config] = {
-    "default": Config("default", [_canary(), _leak()]),
+    "default": Config("default", [_canary(), _leak()], counterfactual=CF_CONFIGS["default"]),
     "smoke": Config("smoke", [
         _canary(corpus_args=dict(n_ordinary=150, seq_len=16, canary_reps=(1, 4), canaries_per_rep=2,
                                  inject_reps=(1, 4), injected_per_rep=2, n_valid=50, n_nonmembers=60,
@@ -111,7 +120,7 @@ CONFIGS: Dict[str, Config] = {
               corpus_args=dict(n_train=120, seq_len=16, vocab=200, canary_reps=(2,), inject_reps=(1, 2),
                                injected_per_rep=2, n_valid=30, n_nonmembers=60, n_members=60),
               epochs=3, burn_in=1, lr=1e-2, label_epoch=2)],
-        seeds=(0, 1), fractions=(0.0, 0.2), exposure_samples=64, workers=1),
+        seeds=(0, 1), fractions=(0.0, 0.2), exposure_samples=64, workers=1, counterfactual=CF_CONFIGS["smoke"]),
     "gpu": Config("gpu", [
         _canary(dims=dict(dim=200, hidden=650, layers=2), epochs=20, burn_in=5, label_epoch=10,
                 corpus_args=dict(n_ordinary=20000, seq_len=32, canary_reps=(1, 2, 4, 8, 16), canaries_per_rep=8,
@@ -417,14 +426,14 @@ def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
     total = sum(_job_steps(cfg, exp) for exp, _, _ in jobs)
     t0 = time.time()
     rows: List[dict] = []
-    bar = tqdm(total=total, desc=f"gdc experiments [{cfg.name}]", disable=not progress, smoothing=0.05)
-    if cfg.workers <= 1:
+    bar = tqdm(total=total, desc=f"gdc experiments [{cfg.name}]", disable=not progress or not jobs, smoothing=0.05)
+    if jobs and cfg.workers <= 1:
         class _Q:
             def put(self, n):
                 bar.update(n)
         for exp, c, s in jobs:
             rows += run_job((exp, c, s, out_dir, _Q()))
-    else:
+    elif jobs:
         ctx = mp.get_context("spawn")
         with ctx.Manager() as mgr:
             q = mgr.Queue()
@@ -442,11 +451,18 @@ def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
                 for r in res.get():
                     rows += r
     bar.close()
+    timing = {"config": cfg.name, "workers": cfg.workers, "experiments_seconds": time.time() - t0}
+    if cfg.counterfactual is not None and cfg.counterfactual.settings:
+        from paper.counterfactual import run_family
+
+        t1 = time.time()
+        rows += run_family(cfg.counterfactual, out_dir, workers=cfg.workers, progress=progress)
+        timing["counterfactual_seconds"] = time.time() - t1
     with open(os.path.join(out_dir, "rows.jsonl"), "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
     with open(os.path.join(out_dir, "timing.json"), "w") as fh:
-        json.dump({"config": cfg.name, "wall_seconds": time.time() - t0, "workers": cfg.workers}, fh)
+        json.dump({**timing, "wall_seconds": time.time() - t0}, fh)
     return rows
 
 
@@ -456,7 +472,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--out", default="results/reproduce")
     p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     p.add_argument("--workers", type=int, help="parallel worker processes (default: the config's)")
-    p.add_argument("--only", choices=["canary", "leak"], help="run one experiment only")
+    p.add_argument("--only", choices=["canary", "leak", "counterfactual"],
+                   help="run one experiment only (counterfactual: the family of paper/counterfactual.py)")
     p.add_argument("--scale", choices=["config", "paper"], default="config",
                    help="'paper': GPT-2 small (12 x 768, full 50257 BPE vocabulary) for the leak experiment (GPU)")
     p.add_argument("--docs", help="also copy RESULTS.md and the figures into this folder")
@@ -468,7 +485,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if a.workers:
         cfg = dataclasses.replace(cfg, workers=a.workers)
     if a.only:
-        cfg = dataclasses.replace(cfg, experiments=[e for e in cfg.experiments if e.name == a.only])
+        cfg = dataclasses.replace(cfg, experiments=[e for e in cfg.experiments if e.name == a.only],
+                                  counterfactual=cfg.counterfactual if a.only == "counterfactual" else None)
+    if a.seeds and cfg.counterfactual is not None:
+        cfg = dataclasses.replace(cfg, counterfactual=dataclasses.replace(cfg.counterfactual, seeds=tuple(a.seeds)))
     if a.scale == "paper":
         from paper.models import GPT2_SMALL
 
