@@ -57,14 +57,14 @@ def test_algorithm_1_phases_and_fixed_labels():
 
 
 def test_default_score_labels_rote_learnt_samples():
-    """The default memorized axis is DEFAULT_SCORE ("last", chosen by the reproduction); with the
-    learning gain, samples that are hard during burn-in and learnt at the end (rote learning, no
-    forget event) are the ones selected."""
+    """The default memorized axis is DEFAULT_SCORE ("gain", the best worst case of the
+    reproduction without a reference): samples that are hard during burn-in and learnt at the end
+    (rote learning, no forget event) are the ones selected; "last" ties them with easy samples."""
     N = 8
     default = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, label_after=3)
-    assert default.memorization == gdc_ext.DEFAULT_SCORE == "last" and default.config()["memorization"] == "last"
+    assert default.memorization == gdc_ext.DEFAULT_SCORE == "gain" and default.config()["memorization"] == "gain"
     carto = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, label_after=3,
-                         memorization="gain")
+                         memorization="last")
     # 0-3 easy throughout; 4-5 hard, hard, then learnt (rote); 6 never learnt; 7 learnt then lost
     script = [[True] * 4 + [False, False, False, True],
               [True] * 4 + [False, False, False, True],
@@ -74,15 +74,15 @@ def test_default_score_labels_rote_learnt_samples():
         carto.end_epoch()
         _epoch(default, range(N), script[e])
         default.end_epoch()
-    # the default, -last loss: 0-5 end equally low; ties by higher d put the rote-learnt 4-5 first
-    assert default.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
-    # gain high and d high for 4-5: quadrant 3 (removed by the sampler), 6 hard without gain
-    assert carto.quadrants.codes.tolist() == [0, 0, 0, 0, 3, 3, 1, 0]
-    assert carto.multiplicities().tolist() == [1, 1, 1, 1, 0, 0, 2, 1]
+    # -last loss: 0-5 end equally low; only the tie-break by higher d puts the rote-learnt 4-5 first
     assert carto.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
-    assert torch.equal(carto.prune(0.25), gdc_ext.prune(carto.state.scores(), 0.25, by="gain"))
+    # the default, gain: high and d high for 4-5: quadrant 3 (removed by the sampler), 6 hard without gain
+    assert default.quadrants.codes.tolist() == [0, 0, 0, 0, 3, 3, 1, 0]
+    assert default.multiplicities().tolist() == [1, 1, 1, 1, 0, 0, 2, 1]
+    assert default.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
+    assert torch.equal(default.prune(0.25), gdc_ext.prune(default.state.scores(), 0.25, by="gain"))
     # the paper's m_i finds no forget event in samples 4-5 (their loss only falls)
-    assert carto.state.scores().memorization_at()[[4, 5]].tolist() == [0.0, 0.0]
+    assert default.state.scores().memorization_at()[[4, 5]].tolist() == [0.0, 0.0]
 
 
 def test_excess_choice_and_state_dict_round_trip():

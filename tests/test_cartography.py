@@ -71,7 +71,8 @@ def _spec_score(by, d, m, last, ref):
     unscored = np.isnan(d)  # no burn-in epoch: every score selects them last
     return {"memorization": np.where(unscored, np.nan, m), "gain": d - last,
             "excess": np.where(unscored, np.nan, ref - last),
-            "relative_excess": np.where(unscored, np.nan, 1.0 - last / ref), "last": np.where(unscored, np.nan, -last),
+            "relative_excess": np.where(unscored, np.nan, 1.0 - np.maximum(last, 1e-6) / np.maximum(ref, 1e-6)),
+            "last": np.where(unscored, np.nan, -last),
             "loss": d}[by]
 
 

@@ -42,7 +42,7 @@ def reference_files(tmp_path_factory, state_file):
     torch.save(torch.from_numpy(ref), d / "ref.pt")
     (d / "ref.txt").write_text("".join(f"{float(v)!r}\n" for v in ref))
     np.save(d / "short.npy", ref[:-1])
-    (d / "zero.txt").write_text("".join(f"{float(v)!r}\n" for v in ref[:-1]) + "0.0\n")
+    (d / "negative.txt").write_text("".join(f"{float(v)!r}\n" for v in ref[:-1]) + "-0.5\n")
     (d / "nan.txt").write_text("".join(f"{float(v)!r}\n" for v in ref[:-1]) + "nan\n")
     (d / "words.txt").write_text("1.0\nnot-a-number\n")
     np.save(d / "two_d.npy", ref.reshape(2, -1))
@@ -126,7 +126,7 @@ def test_select_quadrant_and_prune(state_file, reference_files, tmp_path, capsys
 @pytest.mark.parametrize("args, message", [
     (["--by", "excess"], "--by excess needs --reference"),
     (["--by", "relative_excess"], "--by relative_excess needs --reference"),
-    (["--by", "relative_excess", "--reference", "{d}/zero.txt"], "positive"),
+    (["--by", "relative_excess", "--reference", "{d}/negative.txt"], "non-negative"),
     (["--reference", "{d}/missing.npy"], "--reference: no file at"),
     (["--reference", "{d}/short.npy"], "got 39 values"),
     (["--reference", "{d}/nan.txt"], "NaN/inf"),

@@ -87,7 +87,7 @@ def test_reference_losses_forward_hook_missing_samples_and_errors():
     assert torch.equal(half[:12], ref[:12])
     with pytest.raises(ValueError, match="ids must be"):
         reference_losses(model, dict_batches, 14, progress=False, ids=[0, 14])
-    with pytest.raises(ValueError, match="relative_excess divides by it|NaN"):
+    with pytest.raises(ValueError, match="NaN"):
         gdc_ext.CartoState(14, burn_in=1).scores().relative_excess(ref)
     with pytest.raises(ValueError, match="forward="):
         reference_losses(model, dict_batches, 14, progress=False)
@@ -154,9 +154,13 @@ def test_relative_excess_values_and_checks():
     np.testing.assert_allclose(s.relative_excess(ref).numpy(), [0.75, 0.75, np.nan])
     v = gdc_ext.score_values(s, "relative_excess", reference=ref)
     assert v[0] == v[1] == 0.75 and torch.isnan(v[2])
-    for bad in ([2.0, 0.0, 1.0], [2.0, -1.0, 1.0]):
-        with pytest.raises(ValueError, match="reference.*positive"):
-            s.relative_excess(bad)
+    with pytest.raises(ValueError, match="reference.*non-negative"):
+        s.relative_excess([2.0, -1.0, 1.0])
+    # a reference of exactly 0 (predicted perfectly) is floored at RELATIVE_FLOOR, never a division by 0
+    z = s.relative_excess([0.0, 0.0, 1.0]).numpy()
+    f = gdc_ext.state.RELATIVE_FLOOR
+    np.testing.assert_allclose(z[:2], [1.0 - 0.5 / f, 1.0 - 1.0 / f]) and np.testing.assert_allclose(
+        reference.relative_excess(L, [0.0, 0.0, 1.0]), z)
     with pytest.raises(ValueError, match="relative_excess' needs reference"):
         gdc_ext.score_values(s, "relative_excess")
 
@@ -176,14 +180,14 @@ def test_cartographer_initial_reference_end_to_end():
     torch.manual_seed(0)
     model, batches = TinyLM(), _lm_batches()
     carto = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="initial")
-    assert carto.memorization == gdc_ext.cartography.DEFAULT_REFERENCE_SCORE == "relative_excess"
+    assert carto.memorization == gdc_ext.cartography.DEFAULT_REFERENCE_SCORE == "excess"
     assert carto.needs_reference
     expect = reference_losses(model, batches, 12, progress=False)
     ref = carto.score_reference(model, batches, progress=False)
     assert torch.equal(ref, expect) and torch.equal(carto.reference, expect) and not carto.needs_reference
     _train_epochs(carto, model, batches, 2)  # labelled at the end of epoch 2 with the initial reference
     s = carto.state.scores()
-    want = gdc_ext.quadrants(s.difficulty, gdc_ext.score_values(s, "relative_excess", reference=expect), 0.75, 0.75)
+    want = gdc_ext.quadrants(s.difficulty, gdc_ext.score_values(s, "excess", reference=expect), 0.75, 0.75)
     assert carto.intervening and torch.equal(carto.quadrants.codes, want.codes)
     _train_epochs(carto, model, batches, 1)
     with pytest.raises(RuntimeError, match="already recorded"):
@@ -203,7 +207,8 @@ def test_cartographer_initial_reference_end_to_end():
 def test_cartographer_labels_with_the_reference_and_refuses_without_it():
     torch.manual_seed(0)
     model, batches = TinyLM(), _lm_batches()
-    carto = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="later", alpha_d=0.5, alpha_m=0.5)
+    carto = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="later", alpha_d=0.5, alpha_m=0.5,
+                                 memorization="relative_excess")
     _train_epochs(carto, model, batches, 1)
     before = carto.state.state_dict()
     for x, y, ids in batches:  # epoch 2 recorded, but no reference yet: labelling is refused
@@ -224,15 +229,15 @@ def test_cartographer_labels_with_the_reference_and_refuses_without_it():
 
 def test_cartographer_reference_arguments():
     assert gdc_ext.Cartographer(4, burn_in=2, eps=1.0).memorization == gdc_ext.DEFAULT_SCORE
-    assert gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference=[1.0] * 4).memorization == "relative_excess"
-    c = gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference=[1.0] * 4, memorization="excess")
-    assert c.memorization == "excess" and c.reference_mode == "given"
+    assert gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference=[1.0] * 4).memorization == "excess"
+    c = gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference=[1.0] * 4, memorization="relative_excess")
+    assert c.memorization == "relative_excess" and c.reference_mode == "given"
     for kw, match in ((dict(reference="base"), "reference must be"),
-                      (dict(reference=[1.0, 0.0, 1.0, 1.0]), "positive"),
+                      (dict(reference=[1.0, -1.0, 1.0, 1.0], memorization="relative_excess"), "non-negative"),
                       (dict(memorization="relative_excess"), "needs reference")):
         with pytest.raises(ValueError, match=match):
             gdc_ext.Cartographer(4, burn_in=2, eps=1.0, **kw)
-    c = gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference="later")
-    with pytest.raises(ValueError, match="positive"):
+    c = gdc_ext.Cartographer(4, burn_in=2, eps=1.0, reference="later", memorization="relative_excess")
+    with pytest.raises(ValueError, match="non-negative"):
         c.set_reference([1.0, -1.0, 1.0, 1.0])
     assert c.reference is None

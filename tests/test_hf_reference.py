@@ -62,9 +62,10 @@ def test_trainer_scores_the_initial_reference_before_the_first_step(tmp_path):
     trainer.train()
     assert carto.reference is not None
     torch.testing.assert_close(carto.reference, expect, rtol=1e-5, atol=1e-5)  # the model before training
-    assert carto.intervening and carto.memorization == "relative_excess"
+    assert carto.intervening and carto.memorization == gdc_ext.cartography.DEFAULT_REFERENCE_SCORE
     s = carto.state.scores()
-    want = gdc_ext.quadrants(s.difficulty, s.relative_excess(carto.reference), 0.5, 0.5)
+    want = gdc_ext.quadrants(s.difficulty, gdc_ext.score_values(s, carto.memorization, reference=carto.reference),
+                             0.5, 0.5)
     assert torch.equal(carto.quadrants.codes, want.codes)
     # a second train() call (the intervention phase) keeps the reference it measured
     ref = carto.reference.clone()

@@ -67,7 +67,8 @@ def test_initial_reference_is_scored_before_the_first_step():
     torch.testing.assert_close(carto.reference, expect, rtol=1e-6, atol=1e-6)  # the untrained model's losses
     assert carto.intervening
     s = carto.state.scores()
-    assert torch.equal(carto.quadrants.codes, gdc_ext.quadrants(s.difficulty, s.relative_excess(expect), 0.5, 0.5).codes)
+    m = gdc_ext.score_values(s, carto.memorization, reference=expect)
+    assert torch.equal(carto.quadrants.codes, gdc_ext.quadrants(s.difficulty, m, 0.5, 0.5).codes)
 
 
 def test_initial_reference_without_a_forward_is_refused_before_training():

@@ -121,7 +121,7 @@ class Cartographer:
             raise ValueError(f"memorization={memorization!r} needs reference=: a 1-D [N] array of per-sample reference "
                              f"losses in nats per token, or one of {REFERENCE_MODES}")
         if self.reference is not None and memorization == "relative_excess":
-            check_reference(self.reference, self.state.num_samples, positive=True)
+            check_reference(self.reference, self.state.num_samples, nonnegative=True)
         self.memorization = memorization
         self.alpha_d, self.alpha_m = float(alpha_d), float(alpha_m)
         self.gamma, self.alpha = float(gamma), float(alpha)
@@ -171,7 +171,7 @@ class Cartographer:
         if self.quadrants is not None:
             raise RuntimeError("Cartographer.set_reference: the labels are already fixed (end of epoch "
                                f"{self.label_after}); a reference must be set before labelling")
-        ref = check_reference(reference, self.num_samples, positive=self.memorization == "relative_excess")
+        ref = check_reference(reference, self.num_samples, nonnegative=self.memorization == "relative_excess")
         self.reference = ref
         if self.reference_mode is None:
             self.reference_mode = "given"

@@ -111,7 +111,7 @@ def _choice(args, scores):
         from gdc_ext.state import check_reference
 
         try:
-            check_reference(reference, len(scores.difficulty), positive=True)
+            check_reference(reference, len(scores.difficulty), nonnegative=True)
         except ValueError as e:
             raise _UsageError(f"--reference {args.reference!r}: {e}") from None
     return by, reference

@@ -123,9 +123,12 @@ def excess(L: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.asarray(reference, dtype=np.float64) - last_observed(L)
 
 
-def relative_excess(L: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Relative excess [N]: 1 - last_i / ref_i (ref_i > 0); NaN where sample i was never observed."""
-    return 1.0 - last_observed(L) / np.asarray(reference, dtype=np.float64)
+def relative_excess(L: np.ndarray, reference: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """Relative excess [N]: 1 - max(last_i, floor) / max(ref_i, floor) (ref_i >= 0); NaN where
+    sample i was never observed."""
+    last = last_observed(L)
+    return 1.0 - np.where(np.isnan(last), np.nan, np.maximum(last, floor)) / np.maximum(
+        np.asarray(reference, dtype=np.float64), floor)
 
 
 def quadrants(difficulty: np.ndarray, memorization: np.ndarray, alpha_d: float = 0.75, alpha_m: float = 0.75):

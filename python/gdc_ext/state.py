@@ -26,12 +26,15 @@ from gdc_ext.layout import (ACC_COLS, ACC_COUNT, F_COLS_BASE, F_COLS_EXTRAS, F_D
                             I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
 from gdc_ext.layout import ACC_LOSS_SUM
 
-__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "MAX_RECORD_COUNT", "check_reference"]
+__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "MAX_RECORD_COUNT", "RELATIVE_FLOOR", "check_reference"]
 
 # The largest count one row may carry in CartoState.record: 2**53, the largest float64 up to which
 # every integer count is exact. Larger counts (1e308, say) would overflow the accumulator to inf
 # and end the epoch with NaN scores, so they are refused.
 MAX_RECORD_COUNT = 2.0 ** 53
+# relative_excess floors both losses at this many nats, so that a reference of exactly 0 (a sample
+# the reference model predicts perfectly) gives a defined score instead of a division by zero
+RELATIVE_FLOOR = 1e-6
 _TENSORS = ("acc", "fstats", "istats", "forgets", "epoch", "eps")
 
 
@@ -44,15 +47,15 @@ def _synchronized(method):
     return locked
 
 
-def check_reference(reference, num_samples: int, positive: bool = False) -> torch.Tensor:
+def check_reference(reference, num_samples: int, nonnegative: bool = False) -> torch.Tensor:
     """A per-sample reference loss (nats per token) as a CPU float64 tensor [N], checked.
 
-    reference: [N] real numbers (a tensor, NumPy array or sequence), all finite (and > 0 with
-    ``positive``, as a ratio needs). Raises a ValueError naming ``reference`` and what was
+    reference: [N] real numbers (a tensor, NumPy array or sequence), all finite (and >= 0 with
+    ``nonnegative``, as losses are). Raises a ValueError naming ``reference`` and what was
     expected for None, a non-numeric or non-1-D input, a wrong length, a NaN/inf value or (with
-    ``positive``) a value <= 0.
+    ``nonnegative``) a negative value.
     """
-    what = (f"a 1-D [N = {num_samples}] array of finite{' positive' if positive else ''} per-sample reference "
+    what = (f"a 1-D [N = {num_samples}] array of finite{' non-negative' if nonnegative else ''} per-sample reference "
             f"losses (nats per token)")
     if reference is None:
         raise ValueError(f"reference is required here: expected {what}")
@@ -75,10 +78,10 @@ def check_reference(reference, num_samples: int, positive: bool = False) -> torc
     bad = np.flatnonzero(~np.isfinite(a))
     if bad.size:
         raise ValueError(f"reference must be {what}, got {bad.size} NaN/inf value(s) (first at id {int(bad[0])})")
-    if positive:
-        bad = np.flatnonzero(a <= 0)
+    if nonnegative:
+        bad = np.flatnonzero(a < 0)
         if bad.size:
-            raise ValueError(f"reference must be {what} (relative_excess divides by it), got {bad.size} value(s) <= 0 "
+            raise ValueError(f"reference must be {what} (a loss in nats), got {bad.size} negative value(s) "
                              f"(first at id {int(bad[0])}: {a[bad[0]]!r})")
     return torch.from_numpy(a.copy())
 
@@ -183,17 +186,19 @@ class Scores:
         return ref - self.last_loss.double()
 
     def relative_excess(self, reference) -> torch.Tensor:
-        """[N] float64 relative excess ``1 - last_loss / reference``: the fraction of the reference's
-        loss that the model no longer pays on the sample. Where the model fits everything (every
-        last loss far below every reference) the absolute excess is large for ordinary samples too;
-        the ratio divides that out (docs/method.md, "Counterfactual references").
+        """[N] float64 relative excess ``1 - max(last_loss, f) / max(reference, f)`` with the floor
+        ``f = RELATIVE_FLOOR`` (1e-6 nats): the fraction of the reference's loss that the model no
+        longer pays on the sample. Where the model fits everything (every last loss far below every
+        reference) the absolute excess is large for ordinary samples too; the ratio divides that
+        out (docs/method.md). The floor keeps a reference of exactly 0 (a sample the reference model
+        predicts perfectly, common in float32 classifiers) defined: 0 when both losses are at most f.
 
-        reference: [N] per-sample reference losses in nats per token, finite and > 0 (the loss of
+        reference: [N] per-sample reference losses in nats per token, finite and >= 0 (the loss of
             a model that did not train on the sample, e.g. :func:`gdc_ext.reference_losses`).
         NaN where the sample was never observed (no last loss).
         """
-        ref = check_reference(reference, self.difficulty.shape[0], positive=True)
-        return 1.0 - self.last_loss.double() / ref
+        ref = check_reference(reference, self.difficulty.shape[0], nonnegative=True)
+        return 1.0 - self.last_loss.double().clamp(min=RELATIVE_FLOOR) / ref.clamp(min=RELATIVE_FLOOR)
 
     @property
     def confidence(self) -> Optional[torch.Tensor]:
