@@ -1,7 +1,7 @@
 """`gdc`: the command line over a saved CartoState (``CartoState.save(path)``).
 
     gdc report STATE [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top K]
-                     [--json] [--dataset PATH [--text-field text] [--id-field FIELD]]
+                     [--json | --html PAGE] [--dataset PATH [--text-field text] [--id-field FIELD]]
     gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
     gdc select STATE (--quadrant Q | --prune FRACTION) [--by SCORE] [--reference FILE] [--seed S] [-o ids.txt]
 
@@ -119,10 +119,10 @@ def _choice(args, scores):
 
 
 def _top(args) -> int:
-    """--top / --top-k: 50 rows when the text is shown (--dataset), else 10."""
+    """--top / --top-k: 50 rows when the text is shown (--dataset, --html), else 10."""
     k = getattr(args, "top_k", None)
     if k is None:
-        return 50 if args.dataset is not None else 10
+        return 50 if args.dataset is not None or args.html is not None else 10
     return k
 
 
@@ -154,6 +154,8 @@ def _report(args) -> int:
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores)
     k = _top(args)
+    if args.html is not None:
+        return _report_html(args, scores, eps, by, reference, k)
     score = score_values(scores, by, seed=args.seed, eps=eps, reference=reference).numpy()
     m = scores.memorization_at(eps).numpy()
     gain = scores.gain.numpy()
@@ -238,6 +240,26 @@ def _report(args) -> int:
             t = text_of[h["id"]]
             line += "  " + ("(no row with this id)" if t is None else snippet(t, width))
         print(line.rstrip())
+    return 0
+
+
+def _report_html(args, scores, eps, by, reference, k) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gdc_ext.cartography import score_values, top_k
+    from gdc_ext.html_report import write_report
+
+    score = score_values(scores, by, seed=args.seed, eps=eps, reference=reference).numpy()
+    ids = [int(i) for i in top_k(score, k, scores.difficulty).numpy() if not np.isnan(score[i])]
+    texts = _texts(args, ids, len(score))
+    try:
+        write_report(args.html, scores, by=by, reference=reference, alpha_d=args.alpha_d, alpha_m=args.alpha_m,
+                     eps=eps, seed=args.seed, top=k, dataset=args.dataset, text_field=args.text_field,
+                     id_field=args.id_field, texts=texts, source=args.state, reference_source=args.reference)
+    except OSError as e:
+        raise _UsageError(f"--html {args.html!r}: cannot write: {_one_line(e)}") from None
+    print(f"wrote {args.html} ({len(ids)} samples in the table, by {by})")
     return 0
 
 
@@ -347,11 +369,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="seed of --by random")
 
     r = sub.add_parser("report", help="quadrant counts, thresholds and the top candidates by the score "
-                                      "(with their text: --dataset)")
+                                      "(with their text: --dataset; as one HTML page: --html)")
     common(r)
     r.add_argument("--top-k", "--top", dest="top_k", type=int, default=argparse.SUPPRESS,
-                   help="candidates to list (default 10; 50 with --dataset)")
-    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                   help="candidates to list (default 10; 50 with --dataset or --html)")
+    fmt = r.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fmt.add_argument("--html", metavar="PAGE", default=None,
+                     help="write one self-contained HTML page (data maps, histograms, quadrant counts, a sortable "
+                          "table of the top samples with their text) instead of printing the table")
     r.add_argument("--dataset", metavar="PATH", default=None,
                    help="the training data, to show each candidate's text: a folder written by Dataset.save_to_disk, "
                         ".parquet, .jsonl, or .txt (one sample per line); only the rows shown are read")
