@@ -327,3 +327,24 @@ def test_report_html_errors(run, tmp_path, capsys):
     assert "--dataset" in err and "missing.jsonl" in err and not (tmp_path / "r.html").exists()
     with pytest.raises(SystemExit):  # --json and --html exclude each other
         cli.main(["report", path, "--html", str(tmp_path / "r.html"), "--json"])
+
+
+def test_report_html_samples_the_histograms_of_large_runs(run, monkeypatch):
+    from gdc_ext import html_report
+
+    d, path, scores, texts = run
+    monkeypatch.setattr(html_report, "_MAX_HIST", 20)  # as a run of more than 1e6 samples would
+    seen = []
+    draw = html_report._histograms
+    monkeypatch.setattr(html_report, "_histograms",
+                        lambda cols, codes, note="": seen.append(({len(v) for v in cols.values()}, len(codes), note))
+                        or draw(cols, codes, note))
+    page = html_report.build_report(scores, top=0)
+    assert seen == [({20}, 20, " (a seeded sample of 20 of the 60 samples)")]
+    assert page.count("data:image/png;base64,") == 3 and "<tbody></tbody>" in page.replace("\n", "")
+    with pytest.raises(ValueError, match="top must be an int >= 0"):
+        html_report.build_report(scores, top=-1)
+    with pytest.raises(ValueError, match="needs reference"):
+        html_report.build_report(scores, by="excess")
+    with pytest.raises(ValueError, match="texts: 1 texts for the 3 rows"):
+        html_report.build_report(scores, top=3, texts=["a"])

@@ -14,7 +14,7 @@ from gdc_ext._seed import check_seed
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
            "NEEDS_REFERENCE", "score_values", "selection_order", "top_k", "resolve_eps", "score_columns",
-           "quantiles", "flagged_ids"]
+           "iter_score_columns", "quantiles", "flagged_ids"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -329,38 +329,50 @@ def score_columns(scores, reference=None, *, seed: int = 0, quadrants=None) -> D
     :data:`SCORES` that can be computed (:func:`score_values`: higher = more memorized, NaN =
     unscored; "excess" and "relative_excess" only with a ``reference``, "random" seeded by
     ``seed``), and ``quadrant`` (int8 codes) when ``quadrants`` (a :class:`Quadrants` or [N]
-    codes) is given.
+    codes) is given. :func:`iter_score_columns` yields them one at a time.
     """
+    return dict(iter_score_columns(scores, reference, seed=seed, quadrants=quadrants))
+
+
+def iter_score_columns(scores, reference=None, *, seed: int = 0, quadrants=None):
+    """(name, [N] array) for every column of :func:`score_columns`, one at a time (so that a
+    caller reducing each, as :meth:`Scores.summary` does, holds one column of N at a time).
+    ``reference`` and ``quadrants`` are checked before the first column."""
     from gdc_ext.state import check_reference
 
     def f64(t):
         return t.detach().cpu().double().numpy().copy()
 
     N = scores.difficulty.shape[0]
-    cols: Dict[str, np.ndarray] = {"difficulty": f64(scores.difficulty), "last_loss": f64(scores.last_loss),
-                                   "gain": f64(scores.gain)}
-    for k, e in enumerate(scores.eps):
-        suffix = "" if k == 0 else f"@{_eps_name(e)}"
-        cols["memorization" + suffix] = f64(scores.memorization_by_eps[:, k])
-        cols["forgets" + suffix] = scores.forgets_by_eps[:, k].cpu().numpy().astype(np.int64)
-    cols["transitions"] = scores.transitions.cpu().numpy().astype(np.int64)
-    cols["observed"] = scores.observed.cpu().numpy().astype(np.int64)
-    for name in ("min_loss", "loss_mean", "loss_std", "grad_energy"):
-        t = getattr(scores, name)
-        if t is not None:
-            cols[name] = f64(t)
-    if reference is not None:
-        cols["reference"] = check_reference(reference, N).numpy()
-    for by in SCORES:
-        if by in NEEDS_REFERENCE and reference is None:
-            continue
-        cols[f"score_{by}"] = score_values(scores, by, seed=seed, reference=reference).numpy()
+    # with a reference every calibrated score is computed, relative_excess too: it must be > 0
+    ref = None if reference is None else check_reference(reference, N, positive=True)
+    codes = None
     if quadrants is not None:
         codes = _codes(quadrants)
         if codes.shape[0] != N:
             raise ValueError(f"quadrants: {codes.shape[0]} codes for {N} samples")
-        cols["quadrant"] = codes.numpy().astype(np.int8)
-    return cols
+    seed = check_seed(seed)
+    yield "difficulty", f64(scores.difficulty)
+    yield "last_loss", f64(scores.last_loss)
+    yield "gain", f64(scores.gain)
+    for k, e in enumerate(scores.eps):
+        suffix = "" if k == 0 else f"@{_eps_name(e)}"
+        yield "memorization" + suffix, f64(scores.memorization_by_eps[:, k])
+        yield "forgets" + suffix, scores.forgets_by_eps[:, k].cpu().numpy().astype(np.int64)
+    yield "transitions", scores.transitions.cpu().numpy().astype(np.int64)
+    yield "observed", scores.observed.cpu().numpy().astype(np.int64)
+    for name in ("min_loss", "loss_mean", "loss_std", "grad_energy"):
+        t = getattr(scores, name)
+        if t is not None:
+            yield name, f64(t)
+    if ref is not None:
+        yield "reference", ref.numpy()
+    for by in SCORES:
+        if by in NEEDS_REFERENCE and ref is None:
+            continue
+        yield f"score_{by}", score_values(scores, by, seed=seed, reference=ref).numpy()
+    if codes is not None:
+        yield "quadrant", codes.numpy().astype(np.int8)
 
 
 def quantiles(values, qs=(0.5, 0.9, 0.99)) -> Dict[float, float]:

@@ -26,6 +26,9 @@ __all__ = ["build_report", "write_report"]
 
 # The data maps draw at most this many points (a seeded sample): a 1e8-sample map is a blur anyway.
 _MAX_POINTS = 20000
+# The histograms are of at most this many samples (a seeded sample), so that a report over 1e8
+# samples holds a few arrays of N, not one per score.
+_MAX_HIST = 1_000_000
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px;color:#222;
@@ -100,7 +103,20 @@ def _fmt(v, digits: int = 4) -> str:
     return "" if np.isnan(v) else f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
 
 
-def _histograms(cols: dict, codes: np.ndarray):
+def _take(scores, ids):
+    """The :class:`~gdc_ext.Scores` of the samples ``ids`` only (their rows of every tensor)."""
+    import dataclasses
+
+    import torch
+
+    t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    fields = ("difficulty", "memorization_by_eps", "forgets_by_eps", "transitions", "observed", "last_loss",
+              "min_loss", "loss_mean", "loss_std", "grad_energy")
+    return dataclasses.replace(scores, **{f: None if getattr(scores, f) is None else getattr(scores, f)[t]
+                                          for f in fields})
+
+
+def _histograms(cols: dict, codes: np.ndarray, note: str = ""):
     import matplotlib.pyplot as plt
 
     from gdc_ext.plot import QUADRANT_COLORS
@@ -120,7 +136,7 @@ def _histograms(cols: dict, codes: np.ndarray):
         ax.tick_params(labelsize=8)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
-    fig.suptitle("score histograms (log count), stacked by quadrant", fontsize=10)
+    fig.suptitle("score histograms (log count), stacked by quadrant" + note, fontsize=10)
     return fig
 
 
@@ -158,10 +174,26 @@ def build_report(scores, *, by: Optional[str] = None, reference=None, alpha_d: f
     score = score_values(scores, by, seed=seed, eps=eps, reference=reference).numpy()
     q = scores.quadrants(alpha_d, alpha_m, eps=eps, by=by, reference=reference, seed=seed)
     codes = q.codes.numpy().astype(np.int64)
-    cols = score_columns(scores, reference, seed=seed)
-    cols["memorization"] = scores.memorization_at(eps).double().numpy()  # at the eps the report uses
-    cols["forgets"] = scores.forgets_at(eps).numpy().astype(np.int64)
     ids = [int(i) for i in top_k(score, int(top), scores.difficulty).numpy() if not np.isnan(score[i])]
+    if reference is not None:
+        from gdc_ext.state import check_reference
+
+        reference = check_reference(reference, N)
+
+    def columns_of(rows):  # every column for the samples ``rows`` only, m and forgets at the report's eps
+        sub = _take(scores, rows)
+        cols = score_columns(sub, None if reference is None else reference[rows], seed=seed)
+        cols["memorization"] = sub.memorization_at(eps).double().numpy()
+        cols["forgets"] = sub.forgets_at(eps).numpy().astype(np.int64)
+        return cols
+
+    table = columns_of(ids)
+    if N > _MAX_HIST:
+        sample = np.sort(np.random.default_rng(seed).choice(N, size=_MAX_HIST, replace=False))
+        note = f" (a seeded sample of {_MAX_HIST:,} of the {N:,} samples)"
+    else:
+        sample, note = np.arange(N), ""
+    hist_cols = columns_of(sample)
     if texts is None and dataset is not None:
         texts = read_texts(dataset, ids, text_field=text_field, id_field=id_field, num_samples=N)
     if texts is not None and len(texts) != len(ids):
@@ -173,7 +205,7 @@ def build_report(scores, *, by: Optional[str] = None, reference=None, alpha_d: f
     if by != "memorization":  # the paper's map beside the chosen score's
         figures.append(_png(data_map(scores, alpha_d=alpha_d, alpha_m=alpha_m, eps=eps, by="memorization",
                                      seed=seed, max_points=_MAX_POINTS)))
-    figures.append(_png(_histograms(cols, codes)))
+    figures.append(_png(_histograms(hist_cols, codes[sample], note)))
 
     # ---------------------------------------------------------------- header
     scored = int((codes >= 0).sum())
@@ -200,7 +232,7 @@ def build_report(scores, *, by: Optional[str] = None, reference=None, alpha_d: f
     # ---------------------------------------------------------------- quadrant counts
     out.append('<h2>Quadrants</h2><table id="quadrants"><thead><tr><th>code</th><th>quadrant</th><th>n</th>'
                "<th>share</th><th>mean d</th><th>mean score</th></tr></thead><tbody>")
-    d = cols["difficulty"]
+    d = scores.difficulty.double().numpy()
     for c in (0, 1, 2, 3, -1):
         sel = codes == c
         n = int(sel.sum())
@@ -231,6 +263,7 @@ def build_report(scores, *, by: Optional[str] = None, reference=None, alpha_d: f
     for rank, i in enumerate(ids, 1):
         c = int(codes[i])
         values = {"rank": rank, "id": i, "score": score[i]}
+        values.update({k: v[rank - 1] for k, v in table.items()})
         cells = []
         for k, _, _kind in columns:
             if k == "quadrant":
@@ -240,7 +273,7 @@ def build_report(scores, *, by: Optional[str] = None, reference=None, alpha_d: f
                 body = '<span class="missing">(no row with this id)</span>' if text is None else _esc(clip(text))
                 cells.append(f'<td class="text"><div>{body}</div></td>')
             else:
-                v = values[k] if k in values else cols[k][i]
+                v = values[k]
                 raw = "nan" if isinstance(v, (float, np.floating)) and np.isnan(v) else repr(v.item() if hasattr(v, "item") else v)
                 cells.append(f'<td class="num" data-v="{_esc(raw)}">{_fmt(v)}</td>')
         out.append(f'<tr data-id="{i}" data-quadrant="{c}">' + "".join(cells) + "</tr>")

@@ -259,19 +259,21 @@ class Scores:
         """A short text: N, epochs, burn-in, the tracked eps, how many samples are scored, and for
         every column of :func:`gdc_ext.cartography.score_columns` (the score columns with
         ``reference`` when given) the number of finite values, min, the ``quantiles`` and max."""
+        from gdc_ext.cartography import iter_score_columns
         from gdc_ext.cartography import quantiles as _quantiles
-        from gdc_ext.cartography import score_columns
 
         qs = tuple(float(q) for q in quantiles)
-        cols = score_columns(self, reference, seed=seed)
+        if any(not 0.0 <= q <= 1.0 for q in qs):
+            raise ValueError(f"quantiles must be in [0, 1], got {qs}")
+        cols = iter_score_columns(self, reference, seed=seed)  # one column of N at a time
         N = self.difficulty.shape[0]
         scored = int(self.scored.sum())
         head = [f"Scores: N = {N} samples, {self.epoch} epochs (burn-in {self.burn_in}), eps = {list(self.eps)}",
                 f"scored (seen in a burn-in epoch): {scored} ({scored / max(N, 1):.1%}), unscored: {N - scored}"]
         names = ["min"] + [f"p{100 * q:g}" for q in qs] + ["max"]
-        width = max(len(k) for k in cols) + 2
+        width = 24
         lines = [f"{'column':<{width}}{'finite':>10}" + "".join(f"{n:>11}" for n in names)]
-        for name, v in cols.items():
+        for name, v in cols:
             finite = np.isfinite(v.astype(np.float64))
             vals = [float("nan")] * (len(qs) + 2)
             if finite.any():
