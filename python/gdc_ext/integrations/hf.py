@@ -75,7 +75,6 @@ import json
 import os
 import re
 import warnings
-import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -330,8 +329,9 @@ class CartoCallback(TrainerCallback):
         self.started_at: Optional[int] = None  # epochs done when the intervention phase started
         self._folded = False      # the Trainer's current epoch is folded already
         self._cut_short = False   # a cut-short epoch waits for on_train_end
-        # Trainer.log of the trainer to log through (a weak reference: the trainer holds this callback)
-        self._trainer_log = None if trainer is None else weakref.WeakMethod(trainer.log)
+        # the trainer whose Trainer.log the metrics go through (a plain reference, so that the callback
+        # pickles with its trainer, as ray's hyperparameter search does)
+        self._trainer = trainer
         self.history: list = []   # the metrics of every folded epoch (gdc_ext.cartographer.epoch_metrics)
 
     def _fold(self, args=None) -> None:
@@ -349,9 +349,8 @@ class CartoCallback(TrainerCallback):
 
         metrics = epoch_metrics(self.target)
         self.history.append(metrics)
-        log = None if self._trainer_log is None else self._trainer_log()
-        if log is not None and (args is None or args.logging_strategy != "no"):
-            log(dict(metrics))
+        if self._trainer is not None and (args is None or args.logging_strategy != "no"):
+            self._trainer.log(dict(metrics))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._folded = self._cut_short = False
