@@ -40,7 +40,7 @@ from gdc_ext.loss import CartoLoss
 from gdc_ext.sampler import CartoSampler
 from gdc_ext.state import CartoState, check_reference
 
-__all__ = ["Cartographer", "REFERENCE_MODES"]
+__all__ = ["Cartographer", "REFERENCE_MODES", "LOG_QUANTILES", "epoch_metrics"]
 
 # reference= values that name how the reference is obtained rather than give it
 REFERENCE_MODES = ("initial", "later")
@@ -319,3 +319,59 @@ class Cartographer:
         self._sampler = None
         self.quadrants = quadrants
         self.loss.set_sample_weights(weights)
+
+
+# The quantiles of the score that the integrations log after every epoch.
+LOG_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def epoch_metrics(target: Union[Cartographer, CartoState], quantiles: Sequence[float] = LOG_QUANTILES,
+                  prefix: str = "carto/") -> dict:
+    """What CartoTrainer and the Lightning CartoCallback log after each folded epoch, as plain
+    Python numbers (keys start with ``prefix``):
+
+    - ``epochs``: epochs folded; ``scored``: samples with a difficulty (seen in a burn-in epoch);
+    - ``{by}_p50``, ``{by}_p90``, ``{by}_p99`` (``quantiles``): quantiles of the score ``by`` over
+      the scored samples, ``by`` the Cartographer's ``memorization`` score (with its reference,
+      ``eps_index`` and seed), or :data:`~gdc_ext.cartography.DEFAULT_SCORE` for a CartoState;
+      left out while a calibrated score waits for its reference, or while nothing is scored;
+    - ``flagged``: samples in the hotspot-memorized quadrant (code 2): of the Cartographer's fixed
+      labels once it has labelled (the samples its loss weights act on), else of the quadrants the
+      score gives now (the Cartographer's ``alpha_d`` / ``alpha_m``, or 0.75 / 0.75 for a CartoState):
+      what labelling now would flag;
+    - once a Cartographer has labelled: the count of every quadrant of its fixed labels,
+      ``n_stable_easy``, ``n_ambiguous_hard``, ``n_hotspot_memorized``, ``n_noisy_outlier``,
+      ``n_unscored``.
+    """
+    from gdc_ext.cartography import quantiles as _quantiles
+    from gdc_ext.cartography import score_values
+
+    if isinstance(target, Cartographer):
+        carto, state = target, target.state
+        by, reference, eps_index, seed = carto.memorization, carto.reference, carto.eps_index, carto.seed
+        alpha_d, alpha_m = carto.alpha_d, carto.alpha_m
+    elif isinstance(target, CartoState):
+        carto, state = None, target
+        by, reference, eps_index, seed, alpha_d, alpha_m = DEFAULT_SCORE, None, 0, 0, 0.75, 0.75
+    else:
+        raise ValueError(f"epoch_metrics: target must be a Cartographer or CartoState, got {type(target).__name__}")
+    scores = state.scores()
+    out = {f"{prefix}epochs": int(state.epochs_done), f"{prefix}scored": int(scores.scored.sum())}
+    labelled = carto is not None and carto.quadrants is not None
+    if by in NEEDS_REFERENCE and reference is None:
+        score = None  # reference="initial" / "later" not measured yet
+    else:
+        score = score_values(scores, by, eps_index=eps_index, reference=reference, seed=seed)
+        for q, v in _quantiles(score, quantiles).items():
+            if v == v:  # NaN: nothing scored yet
+                out[f"{prefix}{by}_p{100 * q:g}"] = v
+    if labelled:
+        counts = carto.quadrants.counts()
+        out[f"{prefix}flagged"] = counts[QUADRANT_NAMES[2]]
+        for name, n in counts.items():
+            out[f"{prefix}n_{name.replace('-', '_')}"] = n
+    elif score is not None:
+        from gdc_ext.cartography import quadrants
+
+        out[f"{prefix}flagged"] = int((quadrants(scores.difficulty, score, alpha_d, alpha_m).codes == 2).sum())
+    return out

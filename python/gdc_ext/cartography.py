@@ -13,7 +13,8 @@ from gdc_ext._seed import check_seed
 
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
-           "NEEDS_REFERENCE", "score_values", "selection_order", "top_k", "resolve_eps"]
+           "NEEDS_REFERENCE", "score_values", "selection_order", "top_k", "resolve_eps", "score_columns",
+           "iter_score_columns", "quantiles", "flagged_ids"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -314,3 +315,96 @@ def prune(scores, fraction: float, by: str = "memorization", seed: int = 0, eps:
     keep = np.ones(len(score), dtype=bool)
     keep[top_k(score, k, scores.difficulty, ordered=False).numpy()] = False
     return torch.from_numpy(np.flatnonzero(keep)).to(torch.int64)
+
+
+def _eps_name(e: float) -> str:
+    return repr(float(e))  # distinct tracked thresholds get distinct column names
+
+
+def score_columns(scores, reference=None, *, seed: int = 0, quadrants=None) -> Dict[str, np.ndarray]:
+    """Every per-sample column of ``scores`` as [N] NumPy arrays (copies), in this order:
+
+    ``difficulty``, ``last_loss``, ``gain``, ``memorization`` and ``forgets`` (at the first tracked
+    eps; with several, ``memorization@EPS`` / ``forgets@EPS`` for each other one), ``transitions``,
+    ``observed``, the extras kept by the state (``min_loss``, ``loss_mean``, ``loss_std``,
+    ``grad_energy``), ``reference`` when given, then ``score_BY`` for every ``by`` of
+    :data:`SCORES` that can be computed (:func:`score_values`: higher = more memorized, NaN =
+    unscored; "excess" and "relative_excess" only with a ``reference``, "random" seeded by
+    ``seed``), and ``quadrant`` (int8 codes) when ``quadrants`` (a :class:`Quadrants` or [N]
+    codes) is given. :func:`iter_score_columns` yields them one at a time.
+    """
+    return dict(iter_score_columns(scores, reference, seed=seed, quadrants=quadrants))
+
+
+def iter_score_columns(scores, reference=None, *, seed: int = 0, quadrants=None):
+    """(name, [N] array) for every column of :func:`score_columns`, one at a time (so that a
+    caller reducing each, as :meth:`Scores.summary` does, holds one column of N at a time).
+    ``reference`` and ``quadrants`` are checked before the first column."""
+    from gdc_ext.state import check_reference
+
+    def f64(t):
+        return t.detach().cpu().double().numpy().copy()
+
+    N = scores.difficulty.shape[0]
+    # with a reference every calibrated score is computed, relative_excess too: it must be > 0
+    ref = None if reference is None else check_reference(reference, N, positive=True)
+    codes = None
+    if quadrants is not None:
+        codes = _codes(quadrants)
+        if codes.shape[0] != N:
+            raise ValueError(f"quadrants: {codes.shape[0]} codes for {N} samples")
+    seed = check_seed(seed)
+    yield "difficulty", f64(scores.difficulty)
+    yield "last_loss", f64(scores.last_loss)
+    yield "gain", f64(scores.gain)
+    for k, e in enumerate(scores.eps):
+        suffix = "" if k == 0 else f"@{_eps_name(e)}"
+        yield "memorization" + suffix, f64(scores.memorization_by_eps[:, k])
+        yield "forgets" + suffix, scores.forgets_by_eps[:, k].cpu().numpy().astype(np.int64)
+    yield "transitions", scores.transitions.cpu().numpy().astype(np.int64)
+    yield "observed", scores.observed.cpu().numpy().astype(np.int64)
+    for name in ("min_loss", "loss_mean", "loss_std", "grad_energy"):
+        t = getattr(scores, name)
+        if t is not None:
+            yield name, f64(t)
+    if ref is not None:
+        yield "reference", ref.numpy()
+    for by in SCORES:
+        if by in NEEDS_REFERENCE and ref is None:
+            continue
+        yield f"score_{by}", score_values(scores, by, seed=seed, reference=ref).numpy()
+    if codes is not None:
+        yield "quadrant", codes.numpy().astype(np.int8)
+
+
+def quantiles(values, qs=(0.5, 0.9, 0.99)) -> Dict[float, float]:
+    """The quantiles ``qs`` (each in [0, 1]; NumPy's linear interpolation) of the finite entries
+    of ``values`` (NaN / inf: unscored, left out); NaN for each when there is none."""
+    a = _as_f64(values, "values")
+    qs = tuple(float(q) for q in qs)
+    if any(not 0.0 <= q <= 1.0 for q in qs):
+        raise ValueError(f"quantiles must be in [0, 1], got {qs}")
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return {q: float("nan") for q in qs}
+    return dict(zip(qs, (float(v) for v in np.quantile(a, qs))))
+
+
+def flagged_ids(scores, by: str = DEFAULT_SCORE, *, fraction: Optional[float] = None, quadrant: Optional[int] = None,
+                reference=None, alpha_d: float = 0.75, alpha_m: float = 0.75, seed: int = 0,
+                eps: Optional[float] = None, eps_index: Optional[int] = None) -> torch.Tensor:
+    """Sorted int64 ids of the samples flagged by the score ``by`` (default :data:`DEFAULT_SCORE`):
+    exactly one of ``fraction`` (the ``round(fraction * N)`` samples :func:`prune` removes: the
+    highest scores, same ties) or ``quadrant`` (the samples with that code in
+    ``scores.quadrants(alpha_d, alpha_m, by=by, ...)``, e.g. 2 hotspot-memorized)."""
+    if (fraction is None) == (quadrant is None):
+        raise ValueError(f"give exactly one of fraction= or quadrant=, got fraction={fraction!r}, quadrant={quadrant!r}")
+    if fraction is not None:
+        kept = prune(scores, fraction, by=by, seed=seed, eps=eps, eps_index=eps_index, reference=reference).numpy()
+        keep = np.zeros(scores.difficulty.shape[0], dtype=bool)
+        keep[kept] = True
+        return torch.from_numpy(np.flatnonzero(~keep)).to(torch.int64)
+    if isinstance(quadrant, bool) or not isinstance(quadrant, (int, np.integer)) or quadrant not in QUADRANT_NAMES:
+        raise ValueError(f"quadrant must be one of {sorted(QUADRANT_NAMES)}, got {quadrant!r}")
+    q = scores.quadrants(alpha_d, alpha_m, eps=eps, eps_index=eps_index, by=by, reference=reference, seed=seed)
+    return torch.from_numpy(np.flatnonzero(q.codes.numpy() == int(quadrant))).to(torch.int64)

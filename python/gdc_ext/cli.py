@@ -1,6 +1,7 @@
 """`gdc`: the command line over a saved CartoState (``CartoState.save(path)``).
 
-    gdc report STATE [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top-k K] [--json]
+    gdc report STATE [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top K]
+                     [--json | --html PAGE] [--dataset PATH [--text-field text] [--id-field FIELD]]
     gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
     gdc select STATE (--quadrant Q | --prune FRACTION) [--by SCORE] [--reference FILE] [--seed S] [-o ids.txt]
 
@@ -117,12 +118,44 @@ def _choice(args, scores):
     return by, reference
 
 
+def _top(args) -> int:
+    """--top / --top-k: 50 rows when the text is shown (--dataset, --html), else 10."""
+    k = getattr(args, "top_k", None)
+    if k is None:
+        return 50 if args.dataset is not None or args.html is not None else 10
+    return k
+
+
+def _texts(args, ids, num_samples: int):
+    """The texts of ``ids`` from --dataset (None without it); usage errors name --dataset."""
+    if args.dataset is None:
+        return None
+    from gdc_ext.texts import read_texts
+
+    try:
+        texts = read_texts(args.dataset, ids, text_field=args.text_field, id_field=args.id_field,
+                           num_samples=num_samples)
+        if ids and all(t is None for t in texts):
+            print(f"gdc report: warning: no row of {args.dataset!r} carries any of the {len(ids)} sample ids shown "
+                  f"in {args.id_field!r} (--id-field): is this the data the run trained on?", file=sys.stderr)
+        return texts
+    except ValueError as e:
+        raise _UsageError(f"--dataset: {_one_line(e)}") from None
+    except ImportError as e:  # a saved `datasets` folder or Parquet without the package
+        raise _UsageError(f"--dataset {args.dataset!r}: {e} (pip install datasets)") from None
+
+
 def _report(args) -> int:
     from gdc_ext.cartography import QUADRANT_NAMES, SCORE_LABELS, score_values, top_k
 
+    if args.dataset is None and (args.text_field != "text" or args.id_field is not None):
+        raise _UsageError("--text-field / --id-field need --dataset PATH")
     scores = _load(args.state).scores()
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores)
+    k = _top(args)
+    if args.html is not None:
+        return _report_html(args, scores, eps, by, reference, k)
     score = score_values(scores, by, seed=args.seed, eps=eps, reference=reference).numpy()
     m = scores.memorization_at(eps).numpy()
     gain = scores.gain.numpy()
@@ -131,10 +164,17 @@ def _report(args) -> int:
     last = scores.last_loss.numpy()
     q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps, by=by, reference=reference, seed=args.seed)
     codes = q.codes.numpy()
+    excess = rel = None
+    if reference is not None:
+        excess = scores.excess(reference).numpy()
+        rel = scores.relative_excess(reference).numpy() if bool((reference > 0).all()) else None
     # partial sorts (top_k): a report over N = 1e8 samples never sorts all of them
-    top = [int(i) for i in top_k(score, args.top_k, scores.difficulty).numpy() if not np.isnan(score[i])]
+    top = [int(i) for i in top_k(score, k, scores.difficulty).numpy() if not np.isnan(score[i])]
     in_hot = np.where(codes == 2, score, np.nan)
-    hot = [int(i) for i in top_k(in_hot, args.top_k, scores.difficulty).numpy() if not np.isnan(in_hot[i])]
+    hot = [int(i) for i in top_k(in_hot, k, scores.difficulty).numpy() if not np.isnan(in_hot[i])]
+    shown = sorted(set(top) | set(hot))
+    texts = _texts(args, shown, len(codes))
+    text_of = None if texts is None else dict(zip(shown, texts))
     rows = []
     for code in (0, 1, 2, 3, -1):
         sel = codes == code
@@ -145,15 +185,26 @@ def _report(args) -> int:
                      "mean_m": float(np.mean(score[sel])) if n and code != -1 else None})
 
     def row(i):
-        return {"id": i, "score": float(score[i]), "memorization": float(m[i]), "difficulty": float(d[i]),
-                "last_loss": float(last[i]), "gain": float(gain[i]), "forgets": int(forgets[i]),
-                "transitions": int(scores.transitions[i])}
+        r = {"id": i, "score": float(score[i]), "memorization": float(m[i]), "difficulty": float(d[i]),
+             "last_loss": float(last[i]), "gain": float(gain[i]), "forgets": int(forgets[i]),
+             "transitions": int(scores.transitions[i])}
+        if excess is not None:
+            r["excess"] = float(excess[i])
+        if rel is not None:
+            r["relative_excess"] = float(rel[i])
+        if text_of is not None:
+            from gdc_ext.texts import clip
+
+            r["text"] = clip(text_of[i])  # None: no row carries this id (--id-field)
+        return r
 
     out = {"num_samples": len(codes), "epochs": scores.epoch, "burn_in": scores.burn_in,
            "eps": eps, "eps_index": args.eps_index, "by": by, "score": SCORE_LABELS[by],
            "reference": args.reference, "alpha_d": args.alpha_d,
            "alpha_m": args.alpha_m, "tau_d": q.tau_d, "tau_m": q.tau_m, "quadrants": rows,
            "top_candidates": [row(i) for i in top], "top_hotspots": [row(i) for i in hot]}
+    if args.dataset is not None:
+        out.update(dataset=args.dataset, text_field=args.text_field, id_field=args.id_field)
     if args.json:
         print(json.dumps(_finite(out), indent=2, allow_nan=False))
         return 0
@@ -167,12 +218,48 @@ def _report(args) -> int:
         md = "" if r["mean_d"] is None else f"{r['mean_d']:.3f}"
         mm = "" if r["mean_m"] is None else f"{r['mean_m']:.3f}"
         print(f"{r['code']:>4}  {r['quadrant']:<18}{r['n']:>8}{r['share']:>8.1%}{md:>9}{mm:>12}")
-    print(f"\ntop {len(top)} candidates by {by} (highest first, ties by higher d, then id):")
-    print(f"  {'id':>8}  {'score':>9}  {'d':>7}  {'last':>7}  {'gain':>7}  {'m (forgets/transitions)':<24}  quadrant")
+    where = "" if args.dataset is None else f", text from {args.dataset}"
+    print(f"\ntop {len(top)} candidates by {by} (highest first, ties by higher d, then id{where}):")
+    ref_head = (f"  {'excess':>7}" if excess is not None else "") + (f"  {'rel.exc':>7}" if rel is not None else "")
+    head = (f"  {'id':>8}  {'score':>9}  {'d':>7}  {'last':>7}  {'gain':>7}{ref_head}  "
+            f"{'m (forgets/transitions)':<24}  {'quadrant':<17}")
+    print(head + ("  text" if texts is not None else ""))
+    if texts is not None:
+        import shutil
+
+        from gdc_ext.texts import snippet
+
+        width = max(30, shutil.get_terminal_size((140, 24)).columns - len(head) - 2)
     for h in out["top_candidates"]:
         mem = f"{h['memorization']:.3f} ({h['forgets']}/{h['transitions']})"
-        print(f"  {h['id']:>8}  {h['score']:>9.3f}  {h['difficulty']:>7.3f}  {h['last_loss']:>7.3f}  "
-              f"{h['gain']:>7.3f}  {mem:<24}  {QUADRANT_NAMES[int(codes[h['id']])]}")
+        refs = (f"  {h['excess']:>7.3f}" if excess is not None else "") + \
+               (f"  {h['relative_excess']:>7.3f}" if rel is not None else "")
+        line = (f"  {h['id']:>8}  {h['score']:>9.3f}  {h['difficulty']:>7.3f}  {h['last_loss']:>7.3f}  "
+                f"{h['gain']:>7.3f}{refs}  {mem:<24}  {QUADRANT_NAMES[int(codes[h['id']])]:<17}")
+        if texts is not None:
+            t = text_of[h["id"]]
+            line += "  " + ("(no row with this id)" if t is None else snippet(t, width))
+        print(line.rstrip())
+    return 0
+
+
+def _report_html(args, scores, eps, by, reference, k) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gdc_ext.cartography import score_values, top_k
+    from gdc_ext.html_report import write_report
+
+    score = score_values(scores, by, seed=args.seed, eps=eps, reference=reference).numpy()
+    ids = [int(i) for i in top_k(score, k, scores.difficulty).numpy() if not np.isnan(score[i])]
+    texts = _texts(args, ids, len(score))
+    try:
+        write_report(args.html, scores, by=by, reference=reference, alpha_d=args.alpha_d, alpha_m=args.alpha_m,
+                     eps=eps, seed=args.seed, top=k, dataset=args.dataset, text_field=args.text_field,
+                     id_field=args.id_field, texts=texts, source=args.state, reference_source=args.reference)
+    except OSError as e:
+        raise _UsageError(f"--html {args.html!r}: cannot write: {_one_line(e)}") from None
+    print(f"wrote {args.html} ({len(ids)} samples in the table, by {by})")
     return 0
 
 
@@ -281,10 +368,23 @@ def _parser() -> argparse.ArgumentParser:
                              "one float per line")
         sp.add_argument("--seed", type=int, default=0, help="seed of --by random")
 
-    r = sub.add_parser("report", help="quadrant counts, thresholds and the top candidates by the score")
+    r = sub.add_parser("report", help="quadrant counts, thresholds and the top candidates by the score "
+                                      "(with their text: --dataset; as one HTML page: --html)")
     common(r)
-    r.add_argument("--top-k", type=int, default=10, help="candidate ids to list (default 10)")
-    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    r.add_argument("--top-k", "--top", dest="top_k", type=int, default=argparse.SUPPRESS,
+                   help="candidates to list (default 10; 50 with --dataset or --html)")
+    fmt = r.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fmt.add_argument("--html", metavar="PAGE", default=None,
+                     help="write one self-contained HTML page (data maps, histograms, quadrant counts, a sortable "
+                          "table of the top samples with their text) instead of printing the table")
+    r.add_argument("--dataset", metavar="PATH", default=None,
+                   help="the training data, to show each candidate's text: a folder written by Dataset.save_to_disk, "
+                        ".parquet, .jsonl, or .txt (one sample per line); only the rows shown are read")
+    r.add_argument("--text-field", default="text", help="the column holding the text (default text)")
+    r.add_argument("--id-field", default=None,
+                   help="the column holding each row's sample id (default: the sample id is the row index, and the "
+                        "data must have as many rows as the state has samples)")
     r.set_defaults(func=_report)
 
     pl = sub.add_parser("plot", help="write the data map (PNG)")

@@ -86,7 +86,7 @@ def check_reference(reference, num_samples: int, nonnegative: bool = False) -> t
     return torch.from_numpy(a.copy())
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr would print every tensor: see __repr__
 class Scores:
     """Per-sample scores after the epochs folded so far. All tensors are on the CPU.
 
@@ -229,6 +229,59 @@ class Scores:
         name = by if by is not None else (memorization if memorization is not None else "memorization")
         m = score_values(self, name, seed=seed, eps=eps, eps_index=eps_index, reference=reference)
         return quadrants(self.difficulty, m, alpha_d=alpha_d, alpha_m=alpha_m)
+
+    # ----------------------------------------------------------------------------- views
+    def __repr__(self) -> str:
+        N = self.difficulty.shape[0]
+        return (f"Scores(N={N}, epochs={self.epoch}, burn_in={self.burn_in}, eps={self.eps}, "
+                f"scored={int(self.scored.sum())}, extras={self.loss_mean is not None})")
+
+    def to_pandas(self, reference=None, *, quadrants=None, seed: int = 0):
+        """A ``pandas.DataFrame`` with one row per sample (index ``sample_id``, 0..N-1) and every
+        column of :func:`gdc_ext.cartography.score_columns`: the recorded statistics, each
+        ``score_BY`` of :data:`gdc_ext.cartography.SCORES` that can be computed ("excess" and
+        "relative_excess" need ``reference`` [N], nats per token; "random" is seeded by ``seed``),
+        and, given ``quadrants`` (``scores.quadrants(...)`` or [N] codes), ``quadrant`` (int8) and
+        ``quadrant_name`` (categorical). pandas is imported here, on use."""
+        import pandas as pd
+
+        from gdc_ext.cartography import QUADRANT_NAMES, score_columns
+
+        cols = score_columns(self, reference, seed=seed, quadrants=quadrants)
+        frame = pd.DataFrame(cols, index=pd.RangeIndex(self.difficulty.shape[0], name="sample_id"))
+        if "quadrant" in cols:
+            names = np.array([QUADRANT_NAMES[c] for c in (-1, 0, 1, 2, 3)], dtype=object)
+            frame["quadrant_name"] = pd.Categorical(names[cols["quadrant"].astype(np.int64) + 1],
+                                                    categories=[QUADRANT_NAMES[c] for c in (0, 1, 2, 3, -1)])
+        return frame
+
+    def summary(self, reference=None, *, quantiles: Sequence[float] = (0.01, 0.1, 0.5, 0.9, 0.99), seed: int = 0) -> str:
+        """A short text: N, epochs, burn-in, the tracked eps, how many samples are scored, and for
+        every column of :func:`gdc_ext.cartography.score_columns` (the score columns with
+        ``reference`` when given) the number of finite values, min, the ``quantiles`` and max."""
+        from gdc_ext.cartography import iter_score_columns
+        from gdc_ext.cartography import quantiles as _quantiles
+
+        qs = tuple(float(q) for q in quantiles)
+        if any(not 0.0 <= q <= 1.0 for q in qs):
+            raise ValueError(f"quantiles must be in [0, 1], got {qs}")
+        cols = iter_score_columns(self, reference, seed=seed)  # one column of N at a time
+        N = self.difficulty.shape[0]
+        scored = int(self.scored.sum())
+        head = [f"Scores: N = {N} samples, {self.epoch} epochs (burn-in {self.burn_in}), eps = {list(self.eps)}",
+                f"scored (seen in a burn-in epoch): {scored} ({scored / max(N, 1):.1%}), unscored: {N - scored}"]
+        names = ["min"] + [f"p{100 * q:g}" for q in qs] + ["max"]
+        width = 24
+        lines = [f"{'column':<{width}}{'finite':>10}" + "".join(f"{n:>11}" for n in names)]
+        for name, v in cols:
+            finite = np.isfinite(v.astype(np.float64))
+            vals = [float("nan")] * (len(qs) + 2)
+            if finite.any():
+                f = v[finite].astype(np.float64)
+                q = _quantiles(f, (0.0, *qs, 1.0))
+                vals = [q[k] for k in (0.0, *qs, 1.0)]
+            lines.append(f"{name:<{width}}{int(finite.sum()):>10}" + "".join(f"{x:>11.4g}" for x in vals))
+        return "\n".join(head + lines)
 
 
 class CartoState:

@@ -311,20 +311,46 @@ class CartoCallback(TrainerCallback):
     global step continues the epoch. (Folding on resume instead, from the saved global step, would
     leave such a checkpoint's state file an epoch short for anyone reading it, ``gdc report`` say,
     and could not undo the fold of a cut-short epoch that a later save of the same step holds.)
+
+    After each fold it logs :func:`gdc_ext.cartographer.epoch_metrics` (``carto/epochs``,
+    ``carto/scored``, quantiles ``carto/{score}_p50`` / ``_p90`` / ``_p99`` of the Cartographer's
+    score, ``carto/flagged`` and, once labelled, ``carto/n_{quadrant}``) through the ``trainer``'s
+    ``Trainer.log`` (CartoTrainer passes itself): they land in ``trainer.state.log_history`` and
+    reach every ``report_to`` integration (TensorBoard as ``train/carto/...``, W&B, MLflow) with
+    no extra code; ``logging_strategy="no"`` turns them off. :attr:`history` keeps them too.
     """
 
-    def __init__(self, target: Union[Cartographer, CartoState]):
+    def __init__(self, target: Union[Cartographer, CartoState], trainer: Optional[Trainer] = None):
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: expected a Cartographer or CartoState, got {type(target).__name__}")
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise ValueError(f"CartoCallback: trainer must be a transformers.Trainer or None, got {type(trainer).__name__}")
         self.target = target
         self.started_at: Optional[int] = None  # epochs done when the intervention phase started
         self._folded = False      # the Trainer's current epoch is folded already
         self._cut_short = False   # a cut-short epoch waits for on_train_end
+        # the trainer whose Trainer.log the metrics go through (a plain reference, so that the callback
+        # pickles with its trainer, as ray's hyperparameter search does)
+        self._trainer = trainer
+        self.history: list = []   # the metrics of every folded epoch (gdc_ext.cartographer.epoch_metrics)
 
-    def _fold(self) -> None:
+    def _fold(self, args=None) -> None:
         self._folded = True
         if self.target.end_epoch():
             self.started_at = self.target.state.epochs_done
+        self._log_epoch(args)
+
+    def _log_epoch(self, args) -> None:
+        """After each fold: :func:`gdc_ext.cartographer.epoch_metrics` (quantiles of the score, the
+        number flagged, the quadrant counts once labelled) into ``Trainer.log``, which puts them in
+        ``trainer.state.log_history`` and hands them to every reporting callback (TensorBoard, W&B,
+        MLflow, ...: ``report_to``), unless ``logging_strategy="no"``."""
+        from gdc_ext.cartographer import epoch_metrics
+
+        metrics = epoch_metrics(self.target)
+        self.history.append(metrics)
+        if self._trainer is not None and (args is None or args.logging_strategy != "no"):
+            self._trainer.log(dict(metrics))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._folded = self._cut_short = False
@@ -341,7 +367,7 @@ class CartoCallback(TrainerCallback):
         # been recorded by then (also when the last step has fewer of them), and max_steps or a stop
         # request mid-epoch leaves it fractional (the epoch stays open, see on_epoch_end).
         if not self._folded and _epoch_complete(state):
-            self._fold()
+            self._fold(args)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -350,13 +376,13 @@ class CartoCallback(TrainerCallback):
         if control.should_training_stop and not _epoch_complete(state):
             self._cut_short = True  # folded in on_train_end, after the checkpoints of this step
         else:
-            self._fold()  # an epoch that ended before its last planned step (its batches ran out, should_epoch_stop)
+            self._fold(args)  # an epoch that ended before its last planned step (its batches ran out, should_epoch_stop)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._cut_short:
             self._cut_short = False
-            self._fold()
+            self._fold(args)
         return control
 
 
@@ -640,7 +666,7 @@ class CartoTrainer(Trainer):
 
             check_fused_trainer(self)  # refuses a model it cannot handle before training
         if target is not None:
-            self.add_callback(CartoCallback(target))
+            self.add_callback(CartoCallback(target, trainer=self))
         if cartographer is not None and abs(cartographer.gamma - round(cartographer.gamma)) > 0:
             warnings.warn("CartoTrainer: a fractional gamma makes epoch lengths vary; the Trainer fixes steps per "
                           "epoch from the first epoch and may cut an epoch's last batches", stacklevel=2)

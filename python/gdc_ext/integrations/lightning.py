@@ -120,10 +120,15 @@ class CartoCallback(Callback):
             before the first step (:meth:`~gdc_ext.Cartographer.score_reference` over
             ``trainer.train_dataloader``; each rank its share, all-reduced). Without it such a
             Cartographer must have scored its reference before ``fit``.
+        log_metrics: after each folded epoch, log :func:`gdc_ext.cartographer.epoch_metrics`
+            (``carto/epochs``, ``carto/scored``, quantiles ``carto/{score}_p50`` / ``_p90`` /
+            ``_p99`` of the Cartographer's score, ``carto/flagged`` and, once labelled,
+            ``carto/n_{quadrant}``) with ``pl_module.log_dict`` at epoch level: every logger of the
+            Trainer receives them. Default True; :attr:`history` keeps them either way.
     """
 
     def __init__(self, target: Union[Cartographer, CartoState], sampling: bool = True, carto_resume: str = "exact",
-                 reference_forward=None):
+                 reference_forward=None, log_metrics: bool = True):
         if reference_forward is not None and not callable(reference_forward):
             raise ValueError(f"reference_forward must be a callable (model, batch) -> (logits, targets, sample_ids), "
                              f"got {type(reference_forward).__name__}")
@@ -140,6 +145,8 @@ class CartoCallback(Callback):
         self.sampling = bool(sampling) and self.cartographer is not None
         self.started_at: Optional[int] = None  # epochs done when the intervention phase started
         self._folded = False  # the current epoch is folded already (at its last batch)
+        self.log_metrics = bool(log_metrics)
+        self.history: list = []  # the metrics of every folded epoch (gdc_ext.cartographer.epoch_metrics)
 
     # ------------------------------------------------------------------------------ interventions
     def sampler(self) -> Optional[CartoSampler]:
@@ -177,21 +184,37 @@ class CartoCallback(Callback):
                                f"training DataLoader does not draw from callback.sampler(); build it in "
                                f"train_dataloader() with sampler=callback.sampler() (or pass sampling=False)")
 
-    def _fold(self) -> None:
+    def _fold(self, trainer=None, pl_module=None) -> None:
         self._folded = True
         if self.target.end_epoch():
             self.started_at = self.state.epochs_done
+        self._log_epoch(trainer, pl_module)
+
+    def _log_epoch(self, trainer, pl_module) -> None:
+        """After each fold: :func:`gdc_ext.cartographer.epoch_metrics` through ``pl_module.log_dict``
+        (epoch-level), so every logger of the Trainer (CSV, TensorBoard, W&B, MLflow, ...) and
+        ``trainer.callback_metrics`` (ModelCheckpoint / EarlyStopping monitors) get them."""
+        from gdc_ext.cartographer import epoch_metrics
+
+        metrics = epoch_metrics(self.target)
+        self.history.append(metrics)
+        if pl_module is None or not self.log_metrics:
+            return
+        # the state is all-reduced, so every rank holds the same values; a sync costs one small
+        # all-reduce and keeps Lightning from warning about epoch-level values logged unsynced
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, batch_size=1,
+                           sync_dist=getattr(trainer, "world_size", 1) > 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # A ModelCheckpoint(every_n_train_steps=...) saving after this batch writes a checkpoint from
         # which Lightning resumes at the next epoch when this batch is the epoch's last (it resets its
         # batch progress and skips on_train_epoch_end), so that checkpoint must hold the epoch folded.
         if not self._folded and _last_training_batch(trainer):
-            self._fold()
+            self._fold(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._folded:
-            self._fold()
+            self._fold(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
