@@ -158,9 +158,9 @@ def test_train_report_filter_next_run(tmp_path, capsys):
                      "--id-field", "sample_ids", "--html", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
     assert all(ds[r["id"]]["text"] in page for r in top)
-    # 4. the filtered dataset for the next run: the top 25 % by -last loss removed
+    # 4. the filtered dataset for the next run: the top 25 % by the default score removed
     scores = gdc_ext.CartoState.load(tmp_path / "carto.safetensors").scores()
-    flagged = flagged_ids(scores, by="last", fraction=0.25)
+    flagged = flagged_ids(scores, by=gdc_ext.DEFAULT_SCORE, fraction=0.25)
     assert len(flagged) == 6 and {r["id"] for r in top} == set(flagged.tolist())  # the report's top 6
     drop_ids(ds, flagged).save_to_disk(str(tmp_path / "corpus-clean"))
     clean = datasets.load_from_disk(str(tmp_path / "corpus-clean"))

@@ -249,7 +249,7 @@ def test_page_is_self_contained_and_escapes_the_text(run):
 def test_report_html_in_a_real_browser(run, browser, tmp_path):
     d, path, scores, texts = run
     page = _write(run)
-    score = score_values(scores, "last").numpy()
+    score = score_values(scores, gdc_ext.DEFAULT_SCORE).numpy()  # the CLI's default
     expected = [int(i) for i in top_k(score, 25, scores.difficulty).numpy()]
     browser.open(page.resolve().as_uri())
 
@@ -273,7 +273,7 @@ def test_report_html_in_a_real_browser(run, browser, tmp_path):
     assert browser.eval("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     quad = browser.eval("Array.from(document.querySelectorAll('#quadrants tbody tr')).map("
                         "r => [r.cells[1].innerText, parseInt(r.cells[2].innerText)])")
-    q = scores.quadrants(0.75, 0.75, by="last").counts()
+    q = scores.quadrants(0.75, 0.75, by=gdc_ext.DEFAULT_SCORE).counts()
     assert {name: n for name, n in quad} == q
 
     # a click on the "d" header sorts by difficulty, highest first; a second click reverses
@@ -305,15 +305,17 @@ def test_report_html_quadrant_filter_and_reference(run, browser, tmp_path):
     page = _write(run, "--reference", str(d / "ref.npy"))
     browser.open(page.resolve().as_uri())
     heads = browser.eval("Array.from(document.querySelectorAll('#top th')).map(h => h.dataset.key)")
-    assert "score_excess" in heads and "text" in heads  # by relative_excess: excess shown beside it
+    by = gdc_ext.cartography.DEFAULT_REFERENCE_SCORE  # the CLI's default with a reference
+    other = ({"excess", "relative_excess"} - {by}).pop()
+    assert f"score_{other}" in heads and "text" in heads  # the other calibrated score shown beside it
     rows = browser.eval("Array.from(document.querySelectorAll('#top tbody tr')).map(r => parseInt(r.dataset.id))")
-    score = score_values(scores, "relative_excess", reference=ref).numpy()
+    score = score_values(scores, by, reference=ref).numpy()
     assert rows == [int(i) for i in top_k(score, 25, scores.difficulty).numpy()]
     browser.eval("(function(){var s=document.getElementById('quadrant-filter'); s.value='2';"
                  "s.dispatchEvent(new Event('change'));})()")
     visible = browser.eval("Array.from(document.querySelectorAll('#top tbody tr')).filter(r => !r.hidden).map("
                            "r => r.dataset.quadrant)")
-    codes = scores.quadrants(0.75, 0.75, by="relative_excess", reference=ref).codes.numpy()
+    codes = scores.quadrants(0.75, 0.75, by=by, reference=ref).codes.numpy()
     assert visible == ["2"] * int(sum(codes[i] == 2 for i in rows))
     assert QUADRANT_NAMES[2] in browser.eval("document.body.innerText")
 

@@ -229,7 +229,7 @@ def test_snippet_is_one_printable_line():
 
 
 # --------------------------------------------------------------------------------------- the CLI
-def _expected_top(scores, k, by="last"):
+def _expected_top(scores, k, by=gdc_ext.DEFAULT_SCORE):  # the CLI default
     score = score_values(scores, by).numpy()
     return [int(i) for i in top_k(score, k, scores.difficulty).numpy() if not np.isnan(score[i])]
 

@@ -16,6 +16,8 @@ from gdc_ext.cartography import quadrants, score_values
 QUADRANT_KEYS = ["carto/n_stable_easy", "carto/n_ambiguous_hard", "carto/n_hotspot_memorized", "carto/n_noisy_outlier",
                  "carto/n_unscored"]
 
+D = gdc_ext.DEFAULT_SCORE  # the score the callbacks log (the Cartographer's default memorization=)
+
 
 def _expected(scores, by, alpha=(0.75, 0.75), reference=None, labels=None):
     """epoch_metrics computed by hand from the scores of that epoch."""
@@ -42,12 +44,12 @@ def test_epoch_metrics_by_hand():
         carto.end_epoch()
         seen.append(epoch_metrics(carto))
     s = carto.state.scores()
-    assert seen[0].keys() == {"carto/epochs", "carto/scored", "carto/last_p50", "carto/last_p90", "carto/last_p99",
+    assert seen[0].keys() == {"carto/epochs", "carto/scored", f"carto/{D}_p50", f"carto/{D}_p90", f"carto/{D}_p99",
                               "carto/flagged"}
-    assert seen[2] == pytest.approx(_expected(s, "last", labels=carto.quadrants))
+    assert seen[2] == pytest.approx(_expected(s, D, labels=carto.quadrants))
     assert set(QUADRANT_KEYS) <= seen[1].keys()  # labelled at the end of epoch 2
     plain = epoch_metrics(carto.state)  # a CartoState: the default score, quadrants 0.75 / 0.75
-    assert plain == pytest.approx(_expected(s, "last"))
+    assert plain == pytest.approx(_expected(s, D))
     waiting = gdc_ext.Cartographer(12, burn_in=2, eps=1.0, reference="later")  # no reference yet: counts only
     waiting.state.record(torch.rand(12, generator=g), torch.arange(12))
     waiting.state.end_epoch()
@@ -90,7 +92,7 @@ def test_hf_trainer_logs_every_epoch_to_log_history_and_tensorboard(tmp_path):
     for h in logged:
         e = h["carto/epochs"]
         scores = gdc_ext.CartoState.load(tmp_path / f"checkpoint-{3 * e}" / STATE_FILE).scores()
-        want = _expected(scores, "last", (0.5, 0.5), labels=carto.quadrants if e >= 2 else None)
+        want = _expected(scores, D, (0.5, 0.5), labels=carto.quadrants if e >= 2 else None)
         assert {k: h[k] for k in want} == pytest.approx(want)
         assert (set(QUADRANT_KEYS) <= h.keys()) == (e >= 2)  # the counts once labelled (end of epoch 2)
     # TensorBoard: the Trainer's own callback wrote them (as train/carto/...) at the epochs' last steps
@@ -98,7 +100,7 @@ def test_hf_trainer_logs_every_epoch_to_log_history_and_tensorboard(tmp_path):
     assert files
     acc = EventAccumulator(os.path.dirname(files[0]))
     acc.Reload()
-    for key in ("carto/last_p50", "carto/last_p99", "carto/flagged", "carto/n_hotspot_memorized"):
+    for key in (f"carto/{D}_p50", f"carto/{D}_p99", "carto/flagged", "carto/n_hotspot_memorized"):
         events = acc.Scalars(f"train/{key}")
         rows = [h for h in logged if key in h]
         assert [ev.step for ev in events] == [h["step"] for h in rows]
@@ -161,7 +163,7 @@ def test_lightning_callback_logs_every_epoch_to_the_csv_logger(tmp_path):
     assert [int(float(r["carto/epochs"])) for r in rows] == [1, 2, 3]
     for r in rows:
         e = int(float(r["carto/epochs"]))
-        want = _expected(snapshots[e], "last", (0.5, 0.5), labels=carto.quadrants if e >= 2 else None)
+        want = _expected(snapshots[e], D, (0.5, 0.5), labels=carto.quadrants if e >= 2 else None)
         np.testing.assert_allclose([float(r[k]) for k in want], list(want.values()), rtol=1e-6)
         assert all((r[k] != "") == (e >= 2) for k in QUADRANT_KEYS)
     assert float(trainer.callback_metrics["carto/flagged"]) == carto.counts()["hotspot-memorized"]

@@ -346,8 +346,8 @@ def iter_score_columns(scores, reference=None, *, seed: int = 0, quadrants=None)
         return t.detach().cpu().double().numpy().copy()
 
     N = scores.difficulty.shape[0]
-    # with a reference every calibrated score is computed, relative_excess too: it must be > 0
-    ref = None if reference is None else check_reference(reference, N, positive=True)
+    # with a reference every calibrated score is computed, relative_excess too: it must be >= 0
+    ref = None if reference is None else check_reference(reference, N, nonnegative=True)
     codes = None
     if quadrants is not None:
         codes = _codes(quadrants)
