@@ -171,8 +171,10 @@ def test_an_entry_of_another_checkpoint_raises(ckpts):
     cb = _restored(ckpts[2])
     later, earlier = _load(ckpts[2]), _load(ckpts[1])
     earlier[CHECKPOINT_KEY] = later[CHECKPOINT_KEY]  # a consistent entry, but of a later step
-    assert (earlier["global_step"], later["global_step"]) == (8, 14)  # 4 batches an epoch, then gamma = 2
-    _refused(cb, earlier, "written at global step 14 but the checkpoint is of step 8")
+    # 4 batches an epoch during burn-in, then the sampler's epoch (its length depends on the labels)
+    step_e, step_l = earlier["global_step"], later["global_step"]
+    assert step_e == 8 and step_l > step_e
+    _refused(cb, earlier, f"written at global step {step_l} but the checkpoint is of step {step_e}")
 
 
 @pytest.mark.parametrize("gone", ["state_dict", "global_step", "started_at", "sha256"])
