@@ -84,9 +84,11 @@ reproduce: $(VENV)/.exp-deps
 	$(PY) -m paper.run --config $(EXP_CONFIG) --out $(EXP_OUT) --docs docs
 
 # The counterfactual family alone (every score on every setting with its worst case; part of
-# `reproduce`): rewrites only its section of docs/RESULTS.md.
+# `reproduce`): rewrites only its section of docs/RESULTS.md. CF_SETTINGS="audit audit_b": only
+# those settings, merged into the previous run in results/counterfactual.
 reproduce-counterfactual: $(VENV)/.exp-deps
-	$(PY) -m paper.run --config $(EXP_CONFIG) --only counterfactual --out results/counterfactual --docs docs
+	$(PY) -m paper.run --config $(EXP_CONFIG) --only counterfactual --out results/counterfactual --docs docs \
+	  $(if $(CF_SETTINGS),--settings $(CF_SETTINGS))
 
 test-experiments: install
 	$(PY) -m pytest -q tests/test_experiments_metrics.py tests/test_experiments_smoke.py \

@@ -53,6 +53,17 @@ Settings (positives vs negatives; samples in neither are left out of the AUROC):
   recording; the initial reference is the pretrained model, the half and independent references
   are the pretrained model fine-tuned the same way on the half / the independent draw.
 
+- ``audit`` (E, ``audit_setting``): the audit kit's own report. Setting B's corpus without its
+  canaries, noise strings and injected copies; ``gdc_ext.audit.plant`` canaries (B's repetition
+  counts and canaries per count), the same model trained the same way as B, a cross-fit
+  reference, then ``gdc_ext.audit.report`` with the model (``run_audit_job``; rows of method
+  ``cf_audit``: the kit's AUROC / recall per score for every inserted row and per repetition
+  count, exposure and greedy extraction, inserted vs twins). The report compares its AUROC per
+  score with B's.
+- ``audit_b`` (E'): the same with the kit given B's canary format (``template=``, ``alphabet=``:
+  B's prefix and digit secrets), to tell a difference of the kit's measurement from one of its
+  canaries.
+
 Every seed changes the data, the model initialization and the data order. Rows (method
 ``cf_detect``, experiment ``counterfactual``) go to the run's rows.jsonl; the tables are written
 by ``paper/report_counterfactual.py``.
@@ -97,6 +108,7 @@ class CFSetting:
     pretrain_epochs: int = 0        # secrets_ft: epochs on the pretraining pool
     pretrain_lr: float = 1e-2
     seeds: Optional[Tuple[int, ...]] = None  # None: the family's seeds
+    audit: Optional[dict] = None    # the audit-kit setting: audit.plant / audit.report arguments (run_audit_job)
 
 
 @dataclass
@@ -105,16 +117,57 @@ class CFConfig:
     seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)
 
 
+# Setting B (planted canaries); setting E (the audit kit) is derived from it by audit_setting.
+_DEFAULT_CANARY = CFSetting("canary", data=dict(n_ordinary=800, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=6,
+                                                inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=10,
+                                                n_nonmembers=10, n_members=10),
+                            model=dict(dim=48, hidden=128), epochs=8, burn_in=2, batch=64, lr=1e-2,
+                            eps_grid=(0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0))
+_SMOKE_CANARY = CFSetting("canary", data=dict(n_ordinary=120, seq_len=16, canary_reps=(2, 8), canaries_per_rep=2,
+                                              inject_reps=(2,), injected_per_rep=1, n_valid=4, n_nonmembers=4,
+                                              n_members=4),
+                          model=dict(dim=16, hidden=32), epochs=4, burn_in=1, batch=32, lr=1e-2, eps_grid=(1.0, 2.0))
+
+
+def audit_setting(canary: CFSetting, *, sample_size: int = 1024, reference: str = "crossfit",
+                  design: str = "kit") -> CFSetting:
+    """Setting E, "the audit kit's own report": setting B's corpus without its own canaries (and
+    without its noise strings and injected copies, so that the kit's negatives, every original row,
+    are B's negatives, the ordinary Markov sequences), with ``gdc_ext.audit.plant`` canaries (B's
+    repetition counts and canaries per count, B's secret length), the same model trained the same
+    way (B's dimensions, epochs, optimizer, eps grid), then ``gdc_ext.audit.report`` with the model
+    and the cross-fit reference. ``sample_size``: the exposure estimate's candidates per secret.
+
+    design: "kit" (setting ``audit``, E: the kit's default canaries, a random prefix of the data's
+    tokens and a secret over an alphabet drawn from the data) or "compare" (setting ``audit_b``,
+    E': the kit given B's canary format through ``template=`` and ``alphabet=``: per canary the
+    prefix <10 11 name name 12> of B's token layout and a secret of digits 0-9; the data's own
+    tokens after it, as B's Markov tail), which tells a difference of the kit's measurement from a
+    difference of the canaries."""
+    if design not in ("kit", "compare"):
+        raise ValueError(f"design must be 'kit' or 'compare', got {design!r}")
+    d = canary.data
+    kit = dict(compare=canary.name, reps=tuple(d["canary_reps"]), num_canaries_per_rep=d["canaries_per_rep"],
+               secret_len=d.get("secret_len", 6), reference=reference, sample_size=sample_size, design=design)
+    return dataclasses.replace(canary, name="audit" if design == "kit" else "audit_b",
+                               data={**d, "canary_reps": (), "noise_frac": 0.0, "inject_reps": ()}, audit=kit)
+
+
+def _b_format(num_canaries: int, seed: int) -> Tuple[List[List[int]], List[int]]:
+    """Setting B's canary format in its token layout (paper.data.synthetic_corpus: 0-9 digits,
+    10-12 the template, 13-52 names): one prefix <10 11 name_a name_b 12> per canary (distinct
+    name pairs, seeded) and the digit alphabet."""
+    n_names, name0 = 40, 13
+    pairs = np.random.default_rng(seed + 7_000).permutation(n_names * n_names)[:num_canaries]
+    return [[10, 11, name0 + int(p) // n_names, name0 + int(p) % n_names, 12] for p in pairs], list(range(10))
+
+
 def _default_settings() -> List[CFSetting]:
     return [
         CFSetting("demo", data=dict(n=800, seq_len=24, noise_frac=0.3, canary_frac=0.05),
                   model=dict(dim=64, hidden=128), epochs=10, burn_in=3, batch=32, lr=3e-2,
                   eps_grid=(0.5, 1.0, 1.5, 2.0)),
-        CFSetting("canary", data=dict(n_ordinary=800, seq_len=20, canary_reps=(1, 2, 4, 8), canaries_per_rep=6,
-                                      inject_reps=(1, 2, 4, 8), injected_per_rep=3, n_valid=10, n_nonmembers=10,
-                                      n_members=10),
-                  model=dict(dim=48, hidden=128), epochs=8, burn_in=2, batch=64, lr=1e-2,
-                  eps_grid=(0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)),
+        _DEFAULT_CANARY,
         CFSetting("noisy", data=dict(n=1000, classes=10, dim=20, sep=0.8, flip=0.1),
                   model=dict(hidden=128), epochs=50, burn_in=5, batch=64, lr=3e-3,
                   eps_grid=(0.1, 0.25, 0.5, 1.0, 2.0)),
@@ -128,6 +181,8 @@ def _default_settings() -> List[CFSetting]:
                                           n_distractors=48, n_pretrain=800),
                   model=dict(dim=64, hidden=256), epochs=6, burn_in=1, batch=32, lr=5e-3,
                   eps_grid=(1.0, 2.0, 3.0, 4.0, 5.0), pretrain_epochs=5, pretrain_lr=1e-2),
+        audit_setting(_DEFAULT_CANARY, sample_size=1024),
+        audit_setting(_DEFAULT_CANARY, sample_size=1024, design="compare"),
     ]
 
 
@@ -138,15 +193,15 @@ def _smoke_settings() -> List[CFSetting]:
     return [
         CFSetting("demo", data=dict(n=160, seq_len=12, noise_frac=0.3, canary_frac=0.1),
                   model=dict(dim=16, hidden=48), epochs=6, burn_in=2, batch=32, lr=3e-2, eps_grid=(1.0, 1.5)),
-        CFSetting("canary", data=dict(n_ordinary=120, seq_len=16, canary_reps=(2, 8), canaries_per_rep=2,
-                                      inject_reps=(2,), injected_per_rep=1, n_valid=4, n_nonmembers=4, n_members=4),
-                  model=dict(dim=16, hidden=32), epochs=4, burn_in=1, batch=32, lr=1e-2, eps_grid=(1.0, 2.0)),
+        _SMOKE_CANARY,
         CFSetting("noisy", data=dict(n=200, classes=4, dim=8, sep=0.8, flip=0.1), model=dict(hidden=32),
                   epochs=8, burn_in=2, batch=32, lr=1e-2, eps_grid=(0.5, 1.0)),
         CFSetting("secrets", data=dict(text), model=dict(dim=16, hidden=48), epochs=10, burn_in=1, batch=16,
                   lr=3e-2, eps_grid=(2.0, 4.0)),
         CFSetting("secrets_ft", data=dict(text), model=dict(dim=16, hidden=48), epochs=6, burn_in=1, batch=16,
                   lr=2e-2, eps_grid=(2.0, 4.0), pretrain_epochs=4, pretrain_lr=3e-2),
+        audit_setting(_SMOKE_CANARY, sample_size=64),
+        audit_setting(_SMOKE_CANARY, sample_size=64, design="compare"),
     ]
 
 
@@ -530,6 +585,8 @@ def _pick_eps(scores) -> int:
 def run_cf_job(args) -> List[dict]:
     """(CFSetting, seed, out dir or None) -> one row per (target label, score)."""
     setting, seed, out_dir = args
+    if setting.audit is not None:
+        return run_audit_job(setting, seed, out_dir)
     import torch
 
     torch.set_num_threads(1)
@@ -613,7 +670,100 @@ def run_cf_job(args) -> List[dict]:
     return rows
 
 
-_COST = {"secrets_ft": 0, "secrets": 1, "canary": 2, "demo": 3, "noisy": 4}  # longest first
+def run_audit_job(setting: CFSetting, seed: int, out_dir: Optional[str]) -> List[dict]:
+    """Setting E (``audit_setting``): the audit kit run the way its README shows, on setting B's
+    corpus. Rows (method ``cf_audit``): per kit score (``score@reference`` for the reference
+    ones) the kit's AUROC and recall at 1 / 5 / 10 % for target ``planted`` (every inserted row)
+    and ``planted_r<r>`` per repetition count r (the rows of the canaries inserted r times), with the exposure and
+    extraction of the secrets, inserted vs twins, on every row. out_dir: the kit's JSON
+    (``<setting>_seed<k>.json``: the report; ``<setting>_canaries_seed<k>.json``: the planted canaries)."""
+    import json
+
+    import torch
+
+    import gdc_ext
+    from gdc_ext import audit
+    from gdc_ext.cartography import NEEDS_REFERENCE
+    from paper.data import synthetic_corpus
+    from paper.models import build_model
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    s, kit = setting, setting.audit
+    c = synthetic_corpus(seed, **s.data)
+    if (c.group == 2).any():
+        raise ValueError("the audit-kit setting needs a corpus without its own canaries (data canary_reps=())")
+    how = dict(num_canaries_per_rep=kit["num_canaries_per_rep"], reps=tuple(kit["reps"]), secret_len=kit["secret_len"])
+    shown = ", ".join(f"{k_}={v_}" for k_, v_ in how.items())
+    if kit.get("design", "kit") == "compare":
+        how["template"], how["alphabet"] = _b_format(kit["num_canaries_per_rep"] * len(kit["reps"]), seed)
+        shown += ", template=<10 11 name name 12> per canary, alphabet=digits 0-9"
+    planted = audit.plant(c.train, vocab_size=c.vocab_size, seed=seed, **how)
+    data = Data("lm", planted.data)
+    N = planted.num_rows
+
+    def fit(ids, gen_seed, state=None):
+        torch.manual_seed(seed)
+        m = build_model("lstm", c.vocab_size, c.train.shape[1], **s.model)
+        return _train(m, data, ids, s.epochs, s.lr, s.batch, gen_seed, state=state)
+
+    state = gdc_ext.CartoState(N, burn_in=s.burn_in, eps=list(s.eps_grid))
+    target = fit(np.arange(N), seed, state)
+    scores = state.scores()
+    reference, ref_name = None, "none"
+    if kit.get("reference") == "crossfit":  # as in setting B: identical rows (a canary's copies) on one side
+        half_a, half_b = gdc_ext.crossfit_split(N, gdc_ext.duplicate_groups(data.x), seed=seed)
+        a, b = half_a.numpy(), half_b.numpy()
+        ref = np.full(N, np.nan)
+        ref[b] = _ref_losses(fit(a, seed + 1_000), data, b, N)[b]
+        ref[a] = _ref_losses(fit(b, seed + 2_000), data, a, N)[a]
+        reference, ref_name = torch.from_numpy(ref), "crossfit"
+    elif kit.get("reference") not in (None, "none"):
+        raise ValueError(f"audit setting: reference must be 'crossfit' or None, got {kit.get('reference')!r}")
+    k = _pick_eps(scores)  # the memorization score at the eps setting B uses (the family's rule)
+    t_scores = time.time() - t0
+    rep = audit.report(planted, scores, model=target, reference=reference, eps=float(s.eps_grid[k]),
+                       sample_size=kit["sample_size"], seed=seed)
+    by_r = rep.exposure_by_reps()
+    base = {"experiment": "counterfactual", "method": "cf_audit", "setting": s.name, "seed": seed,
+            "compare": kit["compare"], "description": f"{c.description}; {planted!r}", "num_samples": N,
+            "plant": f"audit.plant(tokens, vocab_size={c.vocab_size}, {shown}, seed=seed)",
+            "design": kit.get("design", "kit"),
+            "eps": float(s.eps_grid[k]), "epochs": s.epochs, "burn_in": s.burn_in, "pretrain_epochs": 0, "lr": s.lr,
+            "batch": s.batch, "log_vocab": float(np.log(c.vocab_size)),
+            "model_dims": ", ".join(f"{k_}={v_}" for k_, v_ in s.model.items()),
+            "exposure_method": rep.exposure_method["method"], "exposure_max_bits": rep.exposure_method["max_bits"],
+            "exposure_cap_bits": rep.exposure_method["cap_bits"], "exposure_sample_size": kit["sample_size"],
+            "scores_seconds": t_scores}
+    for kind in ("inserted", "twin"):  # over every secret of that kind, then per r
+        sel = [x for x in rep.secrets if x["kind"] == kind]
+        base[f"exposure_{kind}"] = float(np.mean([x["exposure"] for x in sel]))
+        base[f"extracted_{kind}"] = float(np.mean([x["extracted"] for x in sel]))
+        base[f"capped_{kind}"] = float(np.mean([x["capped"] for x in sel]))
+    for r, v in by_r.items():
+        for kind, label in (("inserted", "inserted"), ("twin", "twins")):
+            base[f"exposure_r{r}_{kind}"] = v[label]["mean_exposure"]
+            base[f"extracted_r{r}_{kind}"] = v[label]["extracted"]
+    rows = []
+    for name, v in rep.scores.items():
+        score = f"{name}@{ref_name}" if name in NEEDS_REFERENCE else name
+        for r, m in [(None, v)] + sorted(v["by_reps"].items()):
+            rows.append({**base, "target": "planted" if r is None else f"planted_r{r}", "score": score, "by": name,
+                         "reference": ref_name if name in NEEDS_REFERENCE else "none",
+                         "positives": sum(len(x.ids) for x in planted.canaries if r is None or x.reps == r),
+                         "negatives": planted.num_original, "auroc": m["auroc"],
+                         **{f"recall@{q}": val for q, val in m["recall"].items()}})
+    if out_dir:
+        planted.save(os.path.join(out_dir, f"{s.name}_canaries_seed{seed}.json"))
+        with open(os.path.join(out_dir, f"{s.name}_seed{seed}.json"), "w") as fh:
+            json.dump(rep.to_dict(), fh, indent=1)
+    dt = time.time() - t0
+    for r in rows:
+        r["job_seconds"] = dt
+    return rows
+
+
+_COST = {"secrets_ft": 0, "secrets": 1, "canary": 2, "audit": 3, "audit_b": 3, "demo": 4, "noisy": 5}  # longest first
 
 
 def run_family(cfg: CFConfig, out_dir: Optional[str], workers: int = 1, progress: bool = True) -> List[dict]:

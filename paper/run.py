@@ -15,8 +15,11 @@ and writes DIR/RESULTS.md.
 
 The counterfactual family (paper/counterfactual.py: every score, with and without a reference
 model, on settings with fair labels) runs after the experiments; its rows (experiment
-"counterfactual", method "cf_detect") go to the same rows.jsonl. ``--only counterfactual`` runs it
-alone and then rewrites only its section of ``--docs``/RESULTS.md.
+"counterfactual", method "cf_detect"; the audit kit's settings: "cf_audit") go to the same rows.jsonl.
+``--only counterfactual`` runs it alone and then rewrites only its section of ``--docs``/RESULTS.md;
+``--settings NAME ...`` runs only those settings of it and merges their rows into the previous
+run's rows.jsonl in ``--out`` (the others' rows, config and wall time kept), e.g. ``--only
+counterfactual --settings audit audit_b --out results/counterfactual --docs docs``.
 """
 from __future__ import annotations
 
@@ -415,12 +418,50 @@ def _job_steps(cfg: Config, exp: ExperimentConfig) -> int:
 
 
 # --------------------------------------------------------------------------------------- driver
-def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
+def _merge_previous(out_dir: str, cfg: Config, rows: List[dict], timing: dict) -> Tuple[List[dict], dict, dict]:
+    """A partial run (``--settings``) merged into out_dir's previous one: its rows replace only the
+    rows of what it ran (the experiments it ran; the counterfactual settings it ran), its config's
+    counterfactual settings replace theirs in config.json, and its wall time becomes one more part
+    of the family's timing (``counterfactual_parts``: which settings ran in which wall time)."""
+    ran_exp = {e.name for e in cfg.experiments}
+    ran_cf = {s.name for s in cfg.counterfactual.settings} if cfg.counterfactual is not None else set()
+    old_rows: List[dict] = []
+    path = os.path.join(out_dir, "rows.jsonl")
+    if os.path.exists(path):
+        with open(path) as fh:
+            old_rows = [json.loads(line) for line in fh if line.strip()]
+    keep = [r for r in old_rows if not (r.get("setting") in ran_cf if r.get("experiment") == "counterfactual"
+                                        else r.get("experiment") in ran_exp)]
+    old_t: dict = {}
+    if os.path.exists(os.path.join(out_dir, "timing.json")):
+        with open(os.path.join(out_dir, "timing.json")) as fh:
+            old_t = json.load(fh)
+    parts = old_t.get("counterfactual_parts")
+    if parts is None and "counterfactual_seconds" in old_t:  # a full run written before parts were recorded
+        parts = [{"settings": list(dict.fromkeys(r["setting"] for r in old_rows if r.get("experiment") == "counterfactual")),
+                  "seconds": old_t["counterfactual_seconds"], "workers": old_t.get("workers")}]
+    parts = [dict(p_, settings=[n for n in p_["settings"] if n not in ran_cf]) for p_ in parts or []]
+    parts = [p_ for p_ in parts if p_["settings"]] + timing.get("counterfactual_parts", [])
+    merged_t = {**old_t, "counterfactual_parts": parts,
+                "counterfactual_seconds": sum(p_["seconds"] for p_ in parts)} if parts else {**old_t, **timing}
+    conf = dataclasses.asdict(cfg)
+    if os.path.exists(os.path.join(out_dir, "config.json")) and cfg.counterfactual is not None:
+        with open(os.path.join(out_dir, "config.json")) as fh:
+            old_c = json.load(fh)
+        if old_c.get("counterfactual"):
+            kept = [st for st in old_c["counterfactual"]["settings"] if st["name"] not in ran_cf]
+            old_c["counterfactual"]["settings"] = kept + conf["counterfactual"]["settings"]
+            conf = old_c
+    return keep + rows, merged_t, conf
+
+
+def run(cfg: Config, out_dir: str, progress: bool = True, merge: bool = False) -> List[dict]:
+    """Runs cfg, writes out_dir/rows.jsonl, timing.json and config.json, returns the rows of this
+    run. merge: keep out_dir's previous rows of everything this run did not run (``--settings``:
+    re-run some counterfactual settings without the others)."""
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(dataclasses.asdict(cfg), fh, indent=1)
     # longest experiments first, so the last worker to finish is not left alone with a long job
     jobs = [(exp, cfg, s) for exp in sorted(cfg.experiments, key=lambda e: e.name != "leak") for s in cfg.seeds]
     total = sum(_job_steps(cfg, exp) for exp, _, _ in jobs)
@@ -458,11 +499,19 @@ def run(cfg: Config, out_dir: str, progress: bool = True) -> List[dict]:
         t1 = time.time()
         rows += run_family(cfg.counterfactual, out_dir, workers=cfg.workers, progress=progress)
         timing["counterfactual_seconds"] = time.time() - t1
+        timing["counterfactual_parts"] = [{"settings": [st.name for st in cfg.counterfactual.settings],
+                                           "seconds": timing["counterfactual_seconds"], "workers": cfg.workers}]
+    timing["wall_seconds"] = time.time() - t0
+    all_rows, conf = rows, dataclasses.asdict(cfg)
+    if merge:
+        all_rows, timing, conf = _merge_previous(out_dir, cfg, rows, timing)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(conf, fh, indent=1)
     with open(os.path.join(out_dir, "rows.jsonl"), "w") as fh:
-        for r in rows:
+        for r in all_rows:
             fh.write(json.dumps(r) + "\n")
     with open(os.path.join(out_dir, "timing.json"), "w") as fh:
-        json.dump({**timing, "wall_seconds": time.time() - t0}, fh)
+        json.dump(timing, fh)
     return rows
 
 
@@ -474,6 +523,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--workers", type=int, help="parallel worker processes (default: the config's)")
     p.add_argument("--only", choices=["canary", "leak", "counterfactual"],
                    help="run one experiment only (counterfactual: the family of paper/counterfactual.py)")
+    p.add_argument("--settings", nargs="+", metavar="NAME",
+                   help="counterfactual family: run only these settings (of the config's: demo, canary, noisy, secrets, "
+                        "secrets_ft, audit) and merge their rows into --out's previous rows.jsonl, replacing only theirs")
     p.add_argument("--scale", choices=["config", "paper"], default="config",
                    help="'paper': GPT-2 small (12 x 768, full 50257 BPE vocabulary) for the leak experiment (GPU)")
     p.add_argument("--docs", help="also copy RESULTS.md and the figures into this folder")
@@ -489,6 +541,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                                   counterfactual=cfg.counterfactual if a.only == "counterfactual" else None)
     if a.seeds and cfg.counterfactual is not None:
         cfg = dataclasses.replace(cfg, counterfactual=dataclasses.replace(cfg.counterfactual, seeds=tuple(a.seeds)))
+    if a.settings:
+        if cfg.counterfactual is None:
+            p.error("--settings selects settings of the counterfactual family: not with --only canary / leak")
+        known = [st.name for st in cfg.counterfactual.settings]
+        unknown = [n for n in a.settings if n not in known]
+        if unknown:
+            p.error(f"--settings: unknown setting(s) {', '.join(unknown)}; the {cfg.name} config has {', '.join(known)}")
+        cfg = dataclasses.replace(cfg, counterfactual=dataclasses.replace(
+            cfg.counterfactual, settings=[st for st in cfg.counterfactual.settings if st.name in a.settings]))
     if a.scale == "paper":
         from paper.models import GPT2_SMALL
 
@@ -496,7 +557,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             dataclasses.replace(e, model="gpt2", dims=dict(GPT2_SMALL), lr=3e-4,
                                 corpus_args={**e.corpus_args, "vocab": 50257})
             if e.name == "leak" else e for e in cfg.experiments])
-    run(cfg, a.out)
+    run(cfg, a.out, merge=bool(a.settings))
     if not a.no_report:
         from paper.report import make_report
 

@@ -1,7 +1,8 @@
 """The counterfactual family of the reproduction (paper/counterfactual.py, paper/report_counterfactual.py):
-its smoke config end to end (every score on every setting, then the RESULTS.md section, figure and JSON),
-and its generators on known answers. No optional package needed (the text settings use the embedded
-paragraphs at smoke size)."""
+its smoke config end to end (every score on every setting, then the RESULTS.md section, figure and JSON;
+the audit kit's own report, settings E / E', and its agreement table with setting B;
+``--settings`` re-running some settings into a previous run), and its generators on known answers.
+No optional package needed (the text settings use the embedded paragraphs at smoke size)."""
 import dataclasses
 import json
 import math
@@ -16,6 +17,8 @@ from paper.report_counterfactual import MARK_BEGIN, MARK_END, splice_section
 SETTINGS = {"demo": {"memorized"}, "canary": {"canary"}, "noisy": {"flipped"},
             "secrets": {"extractable", "extractable_vs_easy", "injected"},
             "secrets_ft": {"extractable", "extractable_vs_easy", "injected"}}
+AUDIT = ("audit", "audit_b")  # E (the kit's defaults), E' (the kit given B's canary format)
+KIT_SCORES = {"last", "gain", "memorization", "loss", "random", "excess@crossfit", "relative_excess@crossfit"}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,10 @@ def smoke(tmp_path_factory):
 
 
 def test_every_score_on_every_setting(smoke):
-    _, rows = smoke
-    assert rows and all(r["experiment"] == "counterfactual" and r["method"] == "cf_detect" for r in rows)
+    _, all_rows = smoke
+    assert all_rows and all(r["experiment"] == "counterfactual" for r in all_rows)
+    assert {r["setting"] for r in all_rows if r["method"] == "cf_audit"} == set(AUDIT)
+    rows = [r for r in all_rows if r["method"] == "cf_detect"]
     seeds = set(CF_CONFIGS["smoke"].seeds)
     assert {r["setting"] for r in rows} == set(SETTINGS)
     for setting, targets in SETTINGS.items():
@@ -127,3 +132,133 @@ def test_synthetic_corpus_chain_seed_is_an_independent_draw_of_the_same_chain():
     ja = len(bigrams(a) & bigrams(same)) / len(bigrams(a) | bigrams(same))
     jo = len(bigrams(a) & bigrams(other)) / len(bigrams(a) | bigrams(other))
     assert ja > 0.5 > jo
+
+
+def _setting(name):
+    return next(st for st in CF_CONFIGS["smoke"].settings if st.name == name)
+
+
+def test_audit_kit_settings_are_b_with_the_kits_canaries(smoke):
+    """E / E': setting B's corpus without its canaries, noise strings and injected copies, the same
+    model trained the same way, and rows that are the kit's own report (saved beside them)."""
+    out, rows = smoke
+    b = _setting("canary")
+    reps = tuple(b.data["canary_reps"])
+    for name in AUDIT:
+        st = _setting(name)
+        assert (st.model, st.epochs, st.burn_in, st.lr, st.batch, st.eps_grid) == \
+            (b.model, b.epochs, b.burn_in, b.lr, b.batch, b.eps_grid)
+        assert st.data == {**b.data, "canary_reps": (), "noise_frac": 0.0, "inject_reps": ()}
+        assert st.audit["reps"] == reps and st.audit["num_canaries_per_rep"] == b.data["canaries_per_rep"]
+        for seed in CF_CONFIGS["smoke"].seeds:
+            sel = [r for r in rows if r["setting"] == name and r["seed"] == seed]
+            targets = {"planted"} | {f"planted_r{r}" for r in reps}
+            assert {r["target"] for r in sel} == targets
+            for t in targets:
+                assert {r["score"] for r in sel if r["target"] == t} == KIT_SCORES, (name, seed, t)
+            rep = json.load(open(os.path.join(out, f"{name}_seed{seed}.json")))
+            for r in sel:
+                v = rep["scores"][r["by"]]
+                if r["target"] != "planted":
+                    v = v["by_reps"][r["target"][len("planted_r"):]]
+                assert r["auroc"] == v["auroc"] and r["recall@10%"] == v["recall"]["10%"]
+                assert r["negatives"] == b.data["n_ordinary"]  # B's negatives: the ordinary sequences
+                assert r["method"] == "cf_audit" and r["compare"] == "canary"
+            assert {r["positives"] for r in sel if r["target"] == "planted"} == {b.data["canaries_per_rep"] * sum(reps)}
+            r0 = sel[0]
+            for kind in ("inserted", "twin"):
+                assert 0.0 <= r0[f"extracted_{kind}"] <= 1.0
+                assert math.isfinite(r0[f"exposure_{kind}"]) and r0[f"exposure_{kind}"] <= r0["exposure_max_bits"] + 1e-9
+            can = json.load(open(os.path.join(out, f"{name}_canaries_seed{seed}.json")))
+            if name == "audit_b":  # B's format: <10 11 name name 12> and digit secrets
+                assert can["alphabet"] == list(range(10))
+                assert all(c["prefix"][:2] == [10, 11] and c["prefix"][4] == 12 and 13 <= min(c["prefix"][2:4])
+                           and max(c["prefix"][2:4]) <= 52 for c in can["canaries"])
+            else:  # the kit's defaults: drawn from the data's tokens (the Markov words, ids 53..)
+                assert min(can["alphabet"]) >= 53 and all(min(c["prefix"]) >= 53 for c in can["canaries"])
+
+
+def _nan(d):
+    return {k: (float("nan") if v is None else v) for k, v in d.items()}
+
+
+def test_audit_agreement_table_is_generated(smoke, tmp_path):
+    from paper.report import make_report
+    from paper.report_counterfactual import audit_verdict
+
+    out, rows = smoke
+    docs = tmp_path / "docs"
+    text = make_report(out, docs_dir=str(docs))
+    summary = json.load(open(docs / "counterfactual_summary.json"))
+    assert [a["setting"] for a in summary["audit"]] == list(AUDIT)
+    assert "### E audit kit: the audit kit's own report" in text and "### E' audit kit, B's canary format" in text
+    b = _setting("canary")
+    reps = b.data["canary_reps"]
+    for a in summary["audit"]:
+        assert (a["compare"], a["compare_target"]) == ("canary", "canary") and set(a["scores"]) == KIT_SCORES
+        assert a["agree"] == [n for n, v in a["scores"].items() if v["verdict"] == "agree"]
+        assert a["differ"] == [n for n, v in a["scores"].items() if v["verdict"].startswith("differ")]
+        for n, v in a["scores"].items():
+            # the reproduction's column is B's entry of the main table; the verdict follows the rule
+            assert v["repro"]["mean"] == summary["scores"][n]["per_column"]["canary/canary"]["mean"]
+            assert v["verdict"] == audit_verdict(_nan(v["kit"]["planted"]), _nan(v["repro"]))
+            assert f"- {v['label']}: **{v['verdict']}**" in text
+            # B per r, from its saved scores and regenerated corpus: the positives of every r together
+            # are B's label, so the per-r AUROCs weighted by their positives give B's AUROC exactly
+            assert set(v["repro_by_reps"]) == {str(r) for r in reps}
+            for seed, auc in v["repro"]["per_seed"].items():
+                w = {r: b.data["canaries_per_rep"] * r for r in reps}
+                mix = sum(w[r] * v["repro_by_reps"][str(r)]["per_seed"][seed] for r in reps) / sum(w.values())
+                assert mix == pytest.approx(auc, abs=1e-12), (n, seed)
+    page = (docs / "RESULTS.md").read_text()
+    assert page.index(MARK_BEGIN) < page.index("### E audit kit") < page.index(MARK_END)
+
+
+def test_audit_verdict_is_interval_overlap():
+    from paper.report_counterfactual import audit_verdict
+
+    nan = float("nan")
+    assert audit_verdict({"mean": 0.90, "half": 0.05}, {"mean": 0.98, "half": 0.04}) == "agree"
+    assert audit_verdict({"mean": 0.83, "half": 0.02}, {"mean": 0.98, "half": 0.01}) == "differ (kit lower)"
+    assert audit_verdict({"mean": 0.78, "half": 0.07}, {"mean": 0.41, "half": 0.07}) == "differ (kit higher)"
+    assert audit_verdict({"mean": 1.0, "half": 0.0}, {"mean": 0.999, "half": 0.001}) == "agree"  # touching
+    assert audit_verdict({"mean": 0.5, "half": nan}, {"mean": 0.5, "half": 0.1}) == "agree"  # one seed: a point
+    assert audit_verdict({"mean": 0.7, "half": nan}, {"mean": 0.5, "half": 0.1}) == "differ (kit higher)"
+    assert audit_verdict({"mean": nan, "half": nan}, {"mean": 0.5, "half": 0.1}) == "n/a"
+
+
+def test_settings_reruns_only_those_into_the_previous_run(smoke, tmp_path):
+    """``--settings audit``: only E runs; the other settings' rows, config entries and wall time of
+    the previous run stay (also when its timing.json predates the recorded parts)."""
+    import shutil
+
+    from paper.run import main
+
+    out, _ = smoke
+    prev = tmp_path / "prev"
+    shutil.copytree(out, prev)
+
+    def load():
+        return [json.loads(line) for line in open(prev / "rows.jsonl")]
+    before = load()
+    timing = json.load(open(prev / "timing.json"))
+    old_part = timing.pop("counterfactual_parts")[0]  # as written before parts were recorded
+    json.dump(timing, open(prev / "timing.json", "w"))
+    main(["--config", "smoke", "--only", "counterfactual", "--settings", "audit", "--out", str(prev), "--no-report"])
+    after = load()
+    assert [r for r in after if r["setting"] != "audit"] == [r for r in before if r["setting"] != "audit"]
+
+    def keys(rows):
+        return sorted((r["seed"], r["target"], r["score"]) for r in rows if r["setting"] == "audit")
+    assert keys(after) == keys(before) and len(after) == len(before)
+    t = json.load(open(prev / "timing.json"))
+    parts = t["counterfactual_parts"]
+    assert [sorted(p["settings"]) for p in parts] == [sorted(n for n in old_part["settings"] if n != "audit"), ["audit"]]
+    assert parts[0]["seconds"] == old_part["seconds"] and t["counterfactual_seconds"] == pytest.approx(
+        sum(p["seconds"] for p in parts))
+    conf = json.load(open(prev / "config.json"))
+    assert sorted(st["name"] for st in conf["counterfactual"]["settings"]) == \
+        sorted(st.name for st in CF_CONFIGS["smoke"].settings)
+    for bad in (["--settings", "nope"], ["--only", "canary", "--settings", "audit"]):
+        with pytest.raises(SystemExit):
+            main(["--config", "smoke", "--out", str(tmp_path / "x"), "--no-report"] + bad)
