@@ -15,7 +15,10 @@
 5. Conclude in two sentences: which score found the canaries best (AUROC) next to the default
    score, and what the interventions did against plain training.
 
---quick runs the smallest configuration (a few seconds; the tests use it).
+--quick runs the smallest configuration (a few seconds; the tests use it). --crossfit adds a
+counterfactual reference to the comparison: two more models, each trained on one half of the corpus
+(gdc_ext.crossfit_split) and scoring the other (gdc_ext.reference_losses), for "excess" and
+"relative_excess" (about 5 s more at the default size).
 
 Corpus: most sequences follow a fixed low-entropy Markov chain (learnable); some are uniform
 noise (hard); a few are unique canaries, a fixed prefix then random secret digits (what a model
@@ -29,11 +32,13 @@ import os
 import shlex
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
-from gdc_ext import DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, prune, score_values, unigram_reference, zlib_reference
+from gdc_ext import (DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, crossfit_split, prune, reference_losses,
+                     score_values, unigram_reference, zlib_reference)
 from paper.metrics import auc
 from paper.models import LSTMLM
 from paper.train import train_epoch
@@ -42,6 +47,7 @@ VOCAB = 48
 DIGITS = list(range(10, 20))           # token ids used as secret digits
 PREFIX = [40, 41, 42, 43, 44, 45]      # the canary template's fixed prefix
 GROUPS = ("markov", "noise", "canary")
+CROSSFIT = "cross-fit"  # the name of the model-based reference (--crossfit)
 # --quick: the tests' configuration (6 canaries among 120 samples, 3 epochs, a small LSTM)
 QUICK = {"samples": 120, "val": 20, "seq_len": 12, "burn_in": 1, "label_after": 2, "epochs": 3, "hidden": 32, "dim": 16}
 
@@ -115,6 +121,8 @@ def detection_rows(scores, is_canary: torch.Tensor, references: dict, budget: fl
             ("gain", None, "d - last loss"),
             ("last", None, "-last loss")]
     rows += [("excess", name, f"{name} reference - last loss") for name in references]
+    if CROSSFIT in references:  # the model-based reference: its ratio too
+        rows.append(("relative_excess", CROSSFIT, f"{CROSSFIT} reference / last loss - 1"))
     rows.append(("random", None, "random order"))
     out = []
     for by, ref_name, what in rows:
@@ -133,14 +141,35 @@ def detection_rows(scores, is_canary: torch.Tensor, references: dict, budget: fl
 def detection_table(scores, is_canary: torch.Tensor, references: dict, budget: float = 0.05, rows=None) -> str:
     """:func:`detection_rows` as a table (``rows``: already computed ones)."""
     rows = detection_rows(scores, is_canary, references, budget) if rows is None else rows
-    lines = [f"{'score':<14}{'what':<36}{'AUROC':>7}{f'recall@{budget:.0%}':>12}"]
+    w = max(14, *(len(r["by"]) + 2 for r in rows))  # relative_excess is wider than the rest
+    lines = [f"{'score':<{w}}{'what':<36}{'AUROC':>7}{f'recall@{budget:.0%}':>12}"]
     for r in rows:
-        lines.append(f"{r['by']:<14}{r['what']:<36}{r['auroc']:>7.3f}{r['recall']:>12.0%}")
+        lines.append(f"{r['by']:<{w}}{r['what']:<36}{r['auroc']:>7.3f}{r['recall']:>12.0%}")
     return "\n".join(lines)
 
 
-def _score_name(row: dict) -> str:
-    return row["by"] if row["reference"] is None else f"{row['by']} ({row['reference']} reference)"
+def crossfit_reference(tokens: torch.Tensor, args) -> torch.Tensor:
+    """Each sample's loss under a model that never trained on it: two LSTMs like the main one, each
+    trained plainly on one half of the corpus (gdc_ext.crossfit_split) for --label-after epochs,
+    each scoring the other half (gdc_ext.reference_losses). [N] float64."""
+    N = len(tokens)
+    halves = crossfit_split(N, seed=args.seed)
+    ref = torch.full((N,), float("nan"), dtype=torch.float64)
+    ce = nn.CrossEntropyLoss()
+    for k, (train_ids, score_ids) in enumerate((halves, halves[::-1])):
+        torch.manual_seed(args.seed + 10 + k)
+        model = LSTMLM(VOCAB, dim=args.dim, hidden=args.hidden)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        g = torch.Generator().manual_seed(args.seed + 10 + k)
+        for _ in range(args.label_after):
+            train_epoch(model, opt, tokens, train_ids[torch.randperm(len(train_ids), generator=g)],
+                        lambda z, y, ids: ce(z, y), args.batch, progress=False)
+        batches = [(tokens[ids, :-1], tokens[ids, 1:], ids) for ids in score_ids.split(256)]
+        with warnings.catch_warnings():  # each model scores only the half it did not see: the rest is NaN
+            warnings.filterwarnings("ignore", message="reference_losses: .* had no scored token")
+            losses = reference_losses(model, batches, N, progress=False)
+        ref[score_ids] = losses[score_ids]
+    return ref
 
 
 def conclusion(rows: list, by: str, budget: float, plain: dict, after: dict, label_after: int,
@@ -230,7 +259,11 @@ def main(argv=None) -> dict:
                    help="data map PNG ('' to skip; the README's figure: docs/data_map.png)")
     p.add_argument("--state", default=os.path.join("results", "demo", "demo_state.safetensors"),
                    help="where to save the CartoState for `gdc report` ('' to skip); the reference losses "
-                        "are saved beside it (unigram_reference.npy, zlib_reference.npy) for `gdc --reference`")
+                        "are saved beside it (unigram_reference.npy, zlib_reference.npy, crossfit_reference.npy) for "
+                        "`gdc --reference`")
+    p.add_argument("--crossfit", action="store_true",
+                   help="also compare a cross-fit reference (two models, each trained on one half, scoring the "
+                        "other: gdc_ext.crossfit_split / reference_losses) in the detection table")
     p.add_argument("--quick", action="store_true",
                    help="the smallest configuration (120 samples, 3 epochs: a few seconds); explicit options win")
     args = p.parse_args(argv)
@@ -261,6 +294,12 @@ def main(argv=None) -> dict:
     print(f"Algorithm 1: burn-in T_e = {args.burn_in}, labels after epoch {args.label_after}, eps = {args.eps} nats, "
           f"alpha_d = {args.alpha_d}, alpha_m = {args.alpha_m}, gamma = {args.gamma}, alpha = {args.alpha}, "
           f"keep_outliers = {args.keep_outliers}, prune = {args.prune}, score (--by) = {args.by}\n")
+
+    if args.crossfit:
+        t_ref = time.time()
+        refs[CROSSFIT] = crossfit_reference(tokens, args)
+        print(f"cross-fit reference: two models, each trained on one half of the corpus for {args.label_after} epochs, "
+              f"scoring the other half ({time.time() - t_ref:.1f}s)\n")
 
     # ---- phase 1: record (burn-in and the epochs up to labelling)
     g = torch.Generator().manual_seed(args.seed)
@@ -317,7 +356,7 @@ def main(argv=None) -> dict:
     if args.state:
         os.makedirs(os.path.dirname(os.path.abspath(args.state)), exist_ok=True)
         carto.state.save(args.state)
-        ref_paths = {name: os.path.join(os.path.dirname(args.state), f"{name}_reference.npy") for name in refs}
+        ref_paths = {name: os.path.join(os.path.dirname(args.state), f"{name.replace('-', '')}_reference.npy") for name in refs}
         for name, path in ref_paths.items():  # for `gdc --by excess --reference FILE`
             np.save(path, np.asarray(refs[name], dtype=np.float64))
         print(f"state written to {args.state}, the references to {', '.join(ref_paths.values())}")

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from examples import demo
@@ -128,3 +129,16 @@ def test_make_demo_installs_no_extras():
     test_plan = subprocess.run([make, "-n", "-C", REPO, "install"], capture_output=True, text=True, env=env)
     assert test_plan.returncode == 0, test_plan.stderr
     assert '"test,hf"' in test_plan.stdout and "/nonexistent-venv/.extras-test-hf" in test_plan.stdout
+
+
+def test_crossfit_reference_joins_the_table(tmp_path, capsys):
+    """--crossfit: every sample gets a finite loss from the model that did not train on it, and the
+    calibrated scores on it join the AUROC table (and the conclusion's choice)."""
+    r = demo.main(["--quick", "--crossfit", "--out", "", "--state", str(tmp_path / "s.safetensors")])
+    text = capsys.readouterr().out
+    table = _auroc_table(text)
+    assert ("excess", "cross-fit reference - last loss") in table
+    assert ("relative_excess", "cross-fit reference / last loss - 1") in table
+    assert {row["reference"] for row in r["detection"]} == {None, "unigram", "zlib", "cross-fit"}
+    ref = np.load(tmp_path / "crossfit_reference.npy")
+    assert ref.shape == (120,) and np.isfinite(ref).all() and (ref > 0).all()

@@ -267,13 +267,13 @@ def _plot_path(output: str) -> str:
 def _select(args) -> int:
     from gdc_ext.cartography import SCORE_LABELS, prune
 
+    if args.removed and args.quadrant is not None:
+        raise _UsageError("--removed goes with --prune (it writes the pruned ids instead of the kept ones)")
     state_file = _state_path(args.state)  # a folder resolved once (and named on stderr once)
     scores = _load(state_file).scores()
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores)
     n = len(scores.difficulty)
-    if args.removed and args.quadrant is not None:
-        raise _UsageError("--removed goes with --prune (it writes the pruned ids instead of the kept ones)")
     selection = {"by": by, "score": SCORE_LABELS[by], "reference": args.reference, "eps": eps,
                  "eps_index": args.eps_index, "seed": args.seed}
     if args.quadrant is not None:
@@ -291,11 +291,11 @@ def _select(args) -> int:
         # which list is written is easy to mistake (the kept ids by default): always said on stderr
         if args.removed:
             ids = np.setdiff1d(np.arange(n), kept)
-            what = (f"removed {len(ids)} ids (kept {len(kept)}): the top {args.prune:g} by {by}, "
+            what = (f"removed {len(ids)} ids (kept {len(kept)}): the top {args.prune * 100:g}% by {by}, "
                     f"as --removed asks")
         else:
             ids = kept
-            what = (f"kept {len(kept)} ids (removed {n_removed}: the top {args.prune:g} by {by}; "
+            what = (f"kept {len(kept)} ids (removed {n_removed}: the top {args.prune * 100:g}% by {by}; "
                     f"--removed writes those instead)")
         selection.update(prune=args.prune, ids_are="removed" if args.removed else "kept",
                          kept=len(kept), removed=n_removed)
