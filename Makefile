@@ -1,6 +1,9 @@
 # Quick start: `make demo` (main job end to end on CPU) and `make test` (the whole suite).
-# Both create or reuse .venv and install everything, torch included. Dependencies are declared once,
-# in pyproject.toml (build requirements and extras); constraints.txt pins the versions tested here.
+# Both create or reuse .venv; each installs only what it needs, torch included: `make demo` the
+# package and its runtime dependencies, `make test` also the extras EXTRAS (one stamp file per extra
+# set, so `make demo` then `make test` in one clone installs the extras the demo skipped).
+# Dependencies are declared once, in pyproject.toml (build requirements and extras); constraints.txt
+# pins the versions tested here.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,27 +13,49 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,hf
 PIP := $(PY) -m pip install -q -c constraints.txt
 BUILD_REQUIRES = $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+# prints the requirements of the extras $(EXTRAS), read from pyproject.toml (installed without
+# reinstalling the package); an unknown extra is an error naming the known ones
+EXTRA_REQUIRES = $(PY) -c 'import sys, tomllib; opt = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+  bad = [e for e in sys.argv[1].split(",") if e and e not in opt]; \
+  sys.exit(f"EXTRAS: no extra {bad} in pyproject.toml (known: {sorted(opt)})") if bad else None; \
+  print(" ".join(r for e in sys.argv[1].split(",") if e for r in opt[e]))' "$(EXTRAS)"
 SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt pyproject.toml
 # Test workers: CI has 2 cores.
 PYTEST_WORKERS ?= 2
+# C++ build jobs: every core (ninja's [n/m] lines show through pip -v)
+NPROC ?= $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+comma := ,
+EXTRAS_STAMP := $(VENV)/.extras-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo test lint install bench clean cuda-check compat-check
 
 # torch first (the extension builds against the installed torch, without build isolation), then
-# the build requirements; the package and its extras come with the editable install below.
+# the build requirements; the package comes with the editable install below, its extras after.
 $(VENV)/.deps: pyproject.toml constraints.txt
+	@echo "==> venv $(VENV), $(TORCH_SPEC) and the build requirements"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PIP) $(BUILD_REQUIRES)
 	touch $@
 
+# The package and its runtime dependencies (what the demo needs); the C++ build shows its steps.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) --no-build-isolation -e ".[$(EXTRAS)]"
+	@echo "==> gdc_ext and its runtime dependencies; the C++ extension builds with $(NPROC) jobs (about 1 min on 2 cores; CMake's and ninja's [n/6] lines below)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) $(PY) -m pip install -v -c constraints.txt --no-build-isolation -e .
 	touch $@
 
-install: $(VENV)/.built
+# The extras EXTRAS (tests, Hugging Face), one stamp per extra set; the installed torch is pinned so
+# that no extra replaces the one the extension was built against.
+$(EXTRAS_STAMP): $(VENV)/.deps pyproject.toml constraints.txt
+	@echo "==> the extras [$(EXTRAS)]"
+	reqs=$$($(EXTRA_REQUIRES)) && torch=$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch"))') && \
+	  $(PIP) "torch==$$torch" $$reqs
+	touch $@
 
-demo: install
+install: $(VENV)/.built $(EXTRAS_STAMP)
+
+# only the package and its runtime dependencies: no test or Hugging Face extras
+demo: $(VENV)/.built
 	$(PY) -m examples.demo
 
 # The CUDA compile-and-link check (no GPU needed; see cuda-check below), lint, the suite against the

@@ -3,13 +3,22 @@
 1. Train a tiny LSTM language model on a synthetic corpus with CartoLoss, recording per-sample
    losses (burn-in), then label the samples (Algorithm 1) and print the quadrant table with where
    the injected canaries landed.
-2. Write the data map (docs/data_map.png by default) and the state (for `gdc report`).
+2. Write the data map, the state and the reference losses under results/demo/ (gitignored; the
+   README's docs/data_map.png is written only when asked: --out docs/data_map.png), and print
+   `gdc` commands that read them, runnable as printed.
 3. From that checkpoint, continue training twice for the same number of epochs: plainly, and with
    the interventions (CartoSampler: ambiguous-hard up-sampled by gamma, noisy-outliers removed;
    hotspots down-weighted by alpha in the loss; optionally the top --prune fraction by the score removed).
    The score on the memorized axis and for pruning is --by (default gdc_ext.DEFAULT_SCORE; "memorization"
    is the paper's m_i).
 4. Print validation perplexity and canary (secret) loss at labelling time and after each branch.
+5. Conclude in two sentences: which score found the canaries best (AUROC) next to the default
+   score, and what the interventions did against plain training.
+
+--quick runs the smallest configuration (a few seconds; the tests use it). --crossfit adds a
+counterfactual reference to the comparison: two more models, each trained on one half of the corpus
+(gdc_ext.crossfit_split) and scoring the other (gdc_ext.reference_losses), for "excess" and
+"relative_excess" (about 5 s more at the default size).
 
 Corpus: most sequences follow a fixed low-entropy Markov chain (learnable); some are uniform
 noise (hard); a few are unique canaries, a fixed prefix then random secret digits (what a model
@@ -20,12 +29,16 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shlex
+import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
-from gdc_ext import DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, prune, score_values, unigram_reference, zlib_reference
+from gdc_ext import (DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, crossfit_split, prune, reference_losses,
+                     score_values, unigram_reference, zlib_reference)
 from paper.metrics import auc
 from paper.models import LSTMLM
 from paper.train import train_epoch
@@ -34,6 +47,9 @@ VOCAB = 48
 DIGITS = list(range(10, 20))           # token ids used as secret digits
 PREFIX = [40, 41, 42, 43, 44, 45]      # the canary template's fixed prefix
 GROUPS = ("markov", "noise", "canary")
+CROSSFIT = "cross-fit"  # the name of the model-based reference (--crossfit)
+# --quick: the tests' configuration (6 canaries among 120 samples, 3 epochs, a small LSTM)
+QUICK = {"samples": 120, "val": 20, "seq_len": 12, "burn_in": 1, "label_after": 2, "epochs": 3, "hidden": 32, "dim": 16}
 
 
 def make_corpus(n: int, seq_len: int, seed: int = 0, noise_frac: float = 0.3, canary_frac: float = 0.05,
@@ -95,26 +111,119 @@ def summary_table(scores, codes, group, by: str = "memorization", reference=None
     return "\n".join(lines)
 
 
-def detection_table(scores, is_canary: torch.Tensor, references: dict, budget: float = 0.05) -> str:
-    """How well each score finds the canaries (the memorized samples): AUROC (canary vs not; 0.5 is
-    chance) and recall of the canaries in the top ``budget`` fraction (what pruning would remove)."""
+def detection_rows(scores, is_canary: torch.Tensor, references: dict, budget: float = 0.05) -> list:
+    """How well each score finds the canaries (the memorized samples), one dict per score: ``by``,
+    ``reference`` (the reference's name or None), ``what``, ``auroc`` (canary vs not; 0.5 is chance)
+    and ``recall`` of the canaries in the top ``budget`` fraction (what pruning would remove)."""
     N, n_can = len(is_canary), int(is_canary.sum())
-    rows = [("memorization", "the paper's m_i (forget rate)", {}),
-            ("loss", "difficulty d (mean burn-in loss)", {}),
-            ("gain", "d - last loss", {}),
-            ("last", "-last loss", {})]
-    rows += [("excess", f"{name} reference - last loss", {"reference": ref}) for name, ref in references.items()]
-    rows.append(("random", "random order", {}))
-    lines = [f"{'score':<14}{'what':<36}{'AUROC':>7}{f'recall@{budget:.0%}':>12}"]
-    for by, what, kw in rows:
+    rows = [("memorization", None, "the paper's m_i (forget rate)"),
+            ("loss", None, "difficulty d (mean burn-in loss)"),
+            ("gain", None, "d - last loss"),
+            ("last", None, "-last loss")]
+    rows += [("excess", name, f"{name} reference - last loss") for name in references]
+    if CROSSFIT in references:  # the model-based reference: its ratio too
+        rows.append(("relative_excess", CROSSFIT, f"{CROSSFIT} reference / last loss - 1"))
+    rows.append(("random", None, "random order"))
+    out = []
+    for by, ref_name, what in rows:
+        kw = {} if ref_name is None else {"reference": references[ref_name]}
         v = score_values(scores, by, **kw).numpy()
         v = np.where(np.isnan(v), -np.inf, v)  # unscored samples rank last, as in selection
         kept = prune(scores, budget, by=by, **kw)
         removed = torch.ones(N, dtype=torch.bool)
         removed[kept] = False
-        rec = int((removed & is_canary).sum()) / max(n_can, 1)
-        lines.append(f"{by:<14}{what:<36}{auc(v[is_canary.numpy()], v[~is_canary.numpy()]):>7.3f}{rec:>12.0%}")
+        out.append({"by": by, "reference": ref_name, "what": what,
+                    "auroc": float(auc(v[is_canary.numpy()], v[~is_canary.numpy()])),
+                    "recall": int((removed & is_canary).sum()) / max(n_can, 1)})
+    return out
+
+
+def detection_table(scores, is_canary: torch.Tensor, references: dict, budget: float = 0.05, rows=None) -> str:
+    """:func:`detection_rows` as a table (``rows``: already computed ones)."""
+    rows = detection_rows(scores, is_canary, references, budget) if rows is None else rows
+    w = max(14, *(len(r["by"]) + 2 for r in rows))  # relative_excess is wider than the rest
+    lines = [f"{'score':<{w}}{'what':<36}{'AUROC':>7}{f'recall@{budget:.0%}':>12}"]
+    for r in rows:
+        lines.append(f"{r['by']:<{w}}{r['what']:<36}{r['auroc']:>7.3f}{r['recall']:>12.0%}")
     return "\n".join(lines)
+
+
+def crossfit_reference(tokens: torch.Tensor, args) -> torch.Tensor:
+    """Each sample's loss under a model that never trained on it: two LSTMs like the main one, each
+    trained plainly on one half of the corpus (gdc_ext.crossfit_split) for --label-after epochs,
+    each scoring the other half (gdc_ext.reference_losses). [N] float64."""
+    N = len(tokens)
+    halves = crossfit_split(N, seed=args.seed)
+    ref = torch.full((N,), float("nan"), dtype=torch.float64)
+    ce = nn.CrossEntropyLoss()
+    for k, (train_ids, score_ids) in enumerate((halves, halves[::-1])):
+        torch.manual_seed(args.seed + 10 + k)
+        model = LSTMLM(VOCAB, dim=args.dim, hidden=args.hidden)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        g = torch.Generator().manual_seed(args.seed + 10 + k)
+        for _ in range(args.label_after):
+            train_epoch(model, opt, tokens, train_ids[torch.randperm(len(train_ids), generator=g)],
+                        lambda z, y, ids: ce(z, y), args.batch, progress=False)
+        batches = [(tokens[ids, :-1], tokens[ids, 1:], ids) for ids in score_ids.split(256)]
+        with warnings.catch_warnings():  # each model scores only the half it did not see: the rest is NaN
+            warnings.filterwarnings("ignore", message="reference_losses: .* had no scored token")
+            losses = reference_losses(model, batches, N, progress=False)
+        ref[score_ids] = losses[score_ids]
+    return ref
+
+
+def conclusion(rows: list, by: str, budget: float, plain: dict, after: dict, label_after: int,
+               epochs: int, chance_nll: float) -> str:
+    """The demo's conclusion, plain words: the best score at finding the canaries (by AUROC, random
+    excluded) beside the default score (gdc_ext.DEFAULT_SCORE) and the one this run used (``by``,
+    with the unigram reference for "excess"), then what the interventions did against plain training."""
+    def row(name):
+        return next(r for r in rows if r["by"] == name and r["reference"] in (None, "unigram"))
+
+    def verdict(r):
+        return "below chance (it ranks the canaries under the rest)" if r["auroc"] < 0.5 else "above chance"
+
+    best = max((r for r in rows if r["by"] != "random"), key=lambda r: r["auroc"])
+    found = (f'Conclusion: on this corpus the score that best found the memorized samples (the canaries) is '
+             f'"{best["by"]}"{"" if best["reference"] is None else " with the " + best["reference"] + " reference"} '
+             f'(AUROC {best["auroc"]:.3f}; pruning the top {budget:.0%} by it removes {best["recall"]:.0%} of the '
+             f'canaries). ')
+    dflt = row(DEFAULT_SCORE)
+    if best is dflt:
+        found += f'It is also the default score "{DEFAULT_SCORE}" (gdc_ext.DEFAULT_SCORE).'
+    else:
+        found += (f'The default score "{DEFAULT_SCORE}" (gdc_ext.DEFAULT_SCORE) reaches AUROC {dflt["auroc"]:.3f}, '
+                  f'{verdict(dflt)}; pick the score per corpus with --by.')
+    if by != DEFAULT_SCORE:
+        used = row(by)
+        found += f' This run labelled and pruned by "{by}" (--by): AUROC {used["auroc"]:.3f}.'
+    dppl = after["val_ppl"] - plain["val_ppl"]
+    dnll = after["canary_nll"] - plain["canary_nll"]
+    span = f"epoch {epochs}" if epochs == label_after + 1 else f"epochs {label_after + 1}-{epochs}"
+    what = (f'Interventions vs plain training ({span} from the same checkpoint): validation '
+            f'perplexity {after["val_ppl"]:.3f} vs {plain["val_ppl"]:.3f} '
+            f'({"lower, better" if dppl < 0 else "higher, worse" if dppl > 0 else "unchanged"}); canary loss '
+            f'{after["canary_nll"]:.3f} vs {plain["canary_nll"]:.3f} nats (chance {chance_nll:.3f}; '
+            f'{"higher: the secrets are memorized less" if dnll > 0 else "lower: memorized more" if dnll < 0 else "unchanged"}).')
+    return found + "\n" + what
+
+
+def _gdc_script():
+    """The `gdc` script beside this Python (e.g. .venv/bin/gdc), or None where there is none."""
+    gdc = os.path.join(os.path.dirname(sys.executable), "gdc")
+    return gdc if os.access(gdc, os.X_OK) else None
+
+
+def _command(*args: str) -> str:
+    """A `gdc` command line that runs as printed from the current folder: the gdc script beside this
+    Python (.venv/bin/gdc, which is not on PATH unless the venv is activated), else
+    `python -m gdc_ext.cli` with this Python. The program is a path relative to the current folder
+    when it lies under it, else absolute."""
+    script = _gdc_script()
+    exe, rest = (script, []) if script else (sys.executable, ["-m", "gdc_ext.cli"])
+    rel = os.path.relpath(exe)
+    exe = exe if rel.startswith(os.pardir) else rel if os.sep in rel else os.path.join(os.curdir, rel)
+    return shlex.join([exe, *rest, *args])
 
 
 def main(argv=None) -> dict:
@@ -146,10 +255,21 @@ def main(argv=None) -> dict:
     p.add_argument("--concentration", type=float, default=0.005, help="Dirichlet concentration of the Markov chain")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("docs", "data_map.png"), help="data map PNG ('' to skip)")
-    p.add_argument("--state", default=os.path.join("build", "demo_state.safetensors"),
-                   help="where to save the CartoState for `gdc report` ('' to skip)")
+    p.add_argument("--out", default=os.path.join("results", "demo", "data_map.png"),
+                   help="data map PNG ('' to skip; the README's figure: docs/data_map.png)")
+    p.add_argument("--state", default=os.path.join("results", "demo", "demo_state.safetensors"),
+                   help="where to save the CartoState for `gdc report` ('' to skip); the reference losses "
+                        "are saved beside it (unigram_reference.npy, zlib_reference.npy, crossfit_reference.npy) for "
+                        "`gdc --reference`")
+    p.add_argument("--crossfit", action="store_true",
+                   help="also compare a cross-fit reference (two models, each trained on one half, scoring the "
+                        "other: gdc_ext.crossfit_split / reference_losses) in the detection table")
+    p.add_argument("--quick", action="store_true",
+                   help="the smallest configuration (120 samples, 3 epochs: a few seconds); explicit options win")
     args = p.parse_args(argv)
+    if args.quick:  # parsed again with the quick defaults, so that options given explicitly still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
     if not 2 <= args.label_after < args.epochs or args.burn_in > args.label_after:
         p.error("need burn-in <= label-after < epochs and label-after >= 2")
 
@@ -174,6 +294,12 @@ def main(argv=None) -> dict:
     print(f"Algorithm 1: burn-in T_e = {args.burn_in}, labels after epoch {args.label_after}, eps = {args.eps} nats, "
           f"alpha_d = {args.alpha_d}, alpha_m = {args.alpha_m}, gamma = {args.gamma}, alpha = {args.alpha}, "
           f"keep_outliers = {args.keep_outliers}, prune = {args.prune}, score (--by) = {args.by}\n")
+
+    if args.crossfit:
+        t_ref = time.time()
+        refs[CROSSFIT] = crossfit_reference(tokens, args)
+        print(f"cross-fit reference: two models, each trained on one half of the corpus for {args.label_after} epochs, "
+              f"scoring the other half ({time.time() - t_ref:.1f}s)\n")
 
     # ---- phase 1: record (burn-in and the epochs up to labelling)
     g = torch.Generator().manual_seed(args.seed)
@@ -203,7 +329,9 @@ def main(argv=None) -> dict:
           f"vs others {float(sc[group != 2].nanmean()):.3f}")
     print(f"\ndetection of the canaries after {args.label_after} epochs (AUROC 0.5 = chance; {len(canary_ids)} canaries "
           f"of {N} samples):")
-    print(detection_table(scores, group == 2, refs, budget=args.prune if args.prune > 0 else 0.05))
+    budget = args.prune if args.prune > 0 else 0.05
+    det = detection_rows(scores, group == 2, refs, budget=budget)
+    print(detection_table(scores, group == 2, refs, budget=budget, rows=det))
     kept = carto.prune(args.prune) if args.prune > 0 else torch.arange(N)
     removed = torch.ones(N, dtype=torch.bool)
     removed[kept] = False
@@ -224,10 +352,19 @@ def main(argv=None) -> dict:
                  title=f"Data map of the demo corpus after {args.label_after} epochs (burn-in {args.burn_in}, "
                        f"eps = {args.eps})\ntau_d = {q.tau_d:.3f}, tau_m = {q.tau_m:.3f}; circles: injected canaries")
         print(f"data map written to {args.out}")
+    hints = []
     if args.state:
         os.makedirs(os.path.dirname(os.path.abspath(args.state)), exist_ok=True)
         carto.state.save(args.state)
-        print(f"state written to {args.state} (try: gdc report {args.state})")
+        ref_paths = {name: os.path.join(os.path.dirname(args.state), f"{name.replace('-', '')}_reference.npy") for name in refs}
+        for name, path in ref_paths.items():  # for `gdc --by excess --reference FILE`
+            np.save(path, np.asarray(refs[name], dtype=np.float64))
+        print(f"state written to {args.state}, the references to {', '.join(ref_paths.values())}")
+        best = max((r for r in det if r["by"] != "random"), key=lambda r: r["auroc"])
+        by_best = ["--by", best["by"]] + ([] if best["reference"] is None else ["--reference", ref_paths[best["reference"]]])
+        hints = [_command("report", args.state, *by_best),
+                 _command("select", args.state, "--prune", f"{budget:g}", *by_best, "--removed"),
+                 _command("plot", args.state, *by_best, "-o", os.path.join(os.path.dirname(args.state), f"map_{best['by']}.png"))]
 
     # ---- phase 2: continue from the same checkpoint, plainly and with the interventions
     before = evaluate(model, val, tokens[canary_ids])
@@ -262,9 +399,15 @@ def main(argv=None) -> dict:
         print(f"{name:<34}{r['val_ppl']:>9.3f}{r['canary_nll']:>12.3f}{r['canary_acc']:>12.1%}")
     print("canary NLL / acc: mean loss and greedy accuracy of the model on the canaries' secret digits "
           f"(chance: {np.log(len(DIGITS)):.3f} nats, {1 / len(DIGITS):.0%})")
+    text = conclusion(det, args.by, budget, plain, after, args.label_after, args.epochs, float(np.log(len(DIGITS))))
+    print("\n" + text)
+    if hints:
+        print("\nnext, from this folder (the saved state, by the best score):")
+        for h in hints:
+            print(f"  {h}")
     print(f"\ntotal {time.time() - t0:.1f}s")
     return {"before": before, "plain": plain, "after": after, "hot_canary": hot_canary, "n_hot": n_hot,
-            "n_canary": len(canary_ids)}
+            "n_canary": len(canary_ids), "detection": det, "conclusion": text, "hints": hints}
 
 
 if __name__ == "__main__":

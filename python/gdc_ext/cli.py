@@ -3,7 +3,13 @@
     gdc report STATE [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top K]
                      [--json | --html PAGE] [--dataset PATH [--text-field text] [--id-field FIELD]]
     gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
-    gdc select STATE (--quadrant Q | --prune FRACTION) [--by SCORE] [--reference FILE] [--seed S] [-o ids.txt]
+    gdc select STATE (--quadrant Q | --prune FRACTION [--removed]) [--by SCORE] [--reference FILE] [--seed S]
+                     [--json] [-o ids.txt]
+
+STATE is a state file, a Hugging Face checkpoint folder (holding gdc_carto_state.safetensors,
+gdc_ext.integrations.files.STATE_FILE) or a training output folder: the checkpoint-<step> subfolder
+with the highest step that holds a state is read, and named on stderr. ``select --prune`` writes
+the KEPT ids (``--removed``: the removed ones); a line on stderr says which and how many.
 
 SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, relative_excess, last, loss,
 random): the score of the memorized axis (report, plot, --quadrant) and of pruning. The default is
@@ -34,9 +40,47 @@ class _UsageError(Exception):
     pass
 
 
+def _state_path(path: str) -> str:
+    """The state file STATE names: the file itself; a Hugging Face checkpoint folder holding
+    gdc's STATE_FILE; or a training output folder with checkpoint-<step> subfolders, whose last
+    step holding a state is read (which one is said on stderr, since the folder does not name it).
+    The file names come from gdc_ext.integrations.files, so that transformers is not imported."""
+    import re
+
+    from gdc_ext.integrations.files import CHECKPOINT_PREFIX, STATE_FILE
+
+    if not os.path.isdir(path):
+        return path
+    inside = os.path.join(path, STATE_FILE)
+    if os.path.isfile(inside):
+        return inside
+    steps = {}
+    for name in os.listdir(path):
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}-(\d+)", name)
+        if m and os.path.isdir(os.path.join(path, name)):
+            steps[int(m.group(1))] = name
+    with_state = [s for s in steps if os.path.isfile(os.path.join(path, steps[s], STATE_FILE))]
+    if not with_state:
+        where = (f"none of its {len(steps)} {CHECKPOINT_PREFIX}-N folders holds one (a stock Trainer's?)" if steps
+                 else f"nor {CHECKPOINT_PREFIX}-N subfolders")
+        raise _UsageError(f"folder {path!r} holds no {STATE_FILE} ({where}); name a state file, a checkpoint folder "
+                          f"or a training output folder")
+    last = max(with_state)
+    chosen = os.path.join(path, steps[last], STATE_FILE)
+    # a later checkpoint without a state (an interrupted save, a stock Trainer's) is skipped, and said so
+    newer = [steps[s] for s in sorted(steps) if s > last]
+    skipped = f"; skipped the later {', '.join(newer)} (no {STATE_FILE})" if newer else ""
+    print(f"gdc: reading {chosen} (the last of {len(with_state)} checkpoint(s) with a CartoState{skipped})",
+          file=sys.stderr)
+    return chosen
+
+
 def _load(path: str):
+    """The CartoState at ``path``: a state file, a checkpoint folder or a training output folder
+    (see _state_path); usage errors name the path."""
     from gdc_ext.state import CartoState
 
+    path = _state_path(path)
     try:
         return CartoState.load(path)
     except FileNotFoundError:
@@ -308,35 +352,57 @@ def _plot_path(output: str) -> str:
 
 
 def _select(args) -> int:
-    from gdc_ext.cartography import prune
+    from gdc_ext.cartography import SCORE_LABELS, prune
 
-    scores = _load(args.state).scores()
+    if args.removed and args.quadrant is not None:
+        raise _UsageError("--removed goes with --prune (it writes the pruned ids instead of the kept ones)")
+    state_file = _state_path(args.state)  # a folder resolved once (and named on stderr once)
+    scores = _load(state_file).scores()
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores)
+    n = len(scores.difficulty)
+    selection = {"by": by, "score": SCORE_LABELS[by], "reference": args.reference, "eps": eps,
+                 "eps_index": args.eps_index, "seed": args.seed}
     if args.quadrant is not None:
         q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps, by=by, reference=reference, seed=args.seed)
         ids = np.flatnonzero(q.codes.numpy() == args.quadrant)
-        what = f"quadrant {args.quadrant} (memorized axis: {by})"
+        what = f"{len(ids)} ids in quadrant {args.quadrant} of {n} (memorized axis: {by})"
+        selection.update(quadrant=args.quadrant, alpha_d=args.alpha_d, alpha_m=args.alpha_m,
+                         tau_d=q.tau_d, tau_m=q.tau_m)
     else:
         try:
             kept = prune(scores, args.prune, by=by, seed=args.seed, eps=eps, reference=reference).numpy()
         except ValueError as e:
             raise _UsageError(str(e)) from None
+        n_removed = n - len(kept)
+        # which list is written is easy to mistake (the kept ids by default): always said on stderr
         if args.removed:
-            ids = np.setdiff1d(np.arange(len(scores.difficulty)), kept)
-            what = f"removed by pruning {args.prune:g} by {by}"
+            ids = np.setdiff1d(np.arange(n), kept)
+            what = (f"removed {len(ids)} ids (kept {len(kept)}): the top {args.prune * 100:g}% by {by}, "
+                    f"as --removed asks")
         else:
-            ids, what = kept, f"kept after pruning {args.prune:g} by {by}"
-    text = "".join(f"{int(i)}\n" for i in ids)
+            ids = kept
+            what = (f"kept {len(kept)} ids (removed {n_removed}: the top {args.prune * 100:g}% by {by}; "
+                    f"--removed writes those instead)")
+        selection.update(prune=args.prune, ids_are="removed" if args.removed else "kept",
+                         kept=len(kept), removed=n_removed)
+    if args.json:
+        out = {"state": args.state, "state_file": state_file, "num_samples": n, "selection": selection, "n": len(ids),
+               "ids": [int(i) for i in ids]}
+        text = json.dumps(_finite(out), allow_nan=False) + "\n"
+    else:
+        text = "".join(f"{int(i)}\n" for i in ids)
     if args.output in (None, "-"):
         sys.stdout.write(text)
+        sys.stdout.flush()  # a closed pipe or a full disk shows before the summary line below
+        print(f"gdc select: {what}", file=sys.stderr)
     else:
         try:
             with open(args.output, "w") as fh:
                 fh.write(text)
         except OSError as e:
             raise _UsageError(f"cannot write {args.output!r}: {e}") from None
-        print(f"wrote {len(ids)} ids ({what}) to {args.output}", file=sys.stderr)
+        print(f"gdc select: {what}; wrote {'JSON' if args.json else 'them'} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -354,7 +420,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("state", help="state file written by CartoState.save()")
+        sp.add_argument("state", help="state file written by CartoState.save(), a Hugging Face checkpoint folder "
+                                      "(holding gdc_carto_state.safetensors), or a training output folder (its "
+                                      "last checkpoint-N with a state is read, named on stderr)")
         sp.add_argument("--alpha-d", type=_fraction, default=0.75, help="difficulty percentile rate (default 0.75)")
         sp.add_argument("--alpha-m", type=_fraction, default=0.75,
                         help="percentile rate of the memorized-axis score (default 0.75)")
@@ -394,13 +462,20 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=_plot)
 
-    s = sub.add_parser("select", help="write sample ids, one per line")
+    s = sub.add_parser("select", help="write sample ids, one per line (or JSON)",
+                       description="Write sample ids, one per line: those in a quadrant (--quadrant), or those "
+                                   "KEPT after pruning (--prune; --removed writes the removed ones instead). "
+                                   "A summary line on stderr says which, e.g. 'kept 950 ids (removed 50 ...)'.")
     common(s)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--quadrant", type=int, choices=[-1, 0, 1, 2, 3], help="ids in this quadrant")
     g.add_argument("--prune", type=_fraction, metavar="FRACTION",
-                   help="ids kept after removing round(FRACTION * N) samples, highest score first")
-    s.add_argument("--removed", action="store_true", help="with --prune: write the removed ids instead")
+                   help="writes the ids KEPT after removing round(FRACTION * N) samples, highest score first "
+                        "(with --removed: the removed ones)")
+    s.add_argument("--removed", action="store_true", help="with --prune: write the removed ids instead of the kept")
+    s.add_argument("--json", action="store_true",
+                   help='write one JSON object: {"ids": [...], "n", "num_samples", "state", "selection": '
+                        '{the parameters: by, eps, seed, quadrant or prune, kept / removed counts, ...}}')
     s.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
     s.set_defaults(func=_select)
     return p

@@ -85,6 +85,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from gdc_ext._io import checked_json, file_sha256, json_with_checksum, write_atomic
 from gdc_ext.cartographer import Cartographer
+from gdc_ext.integrations.files import META_FILE, STATE_FILE  # the names, shared with the CLI (no transformers)
 from gdc_ext.loss import CartoLoss
 from gdc_ext.state import CartoState
 
@@ -92,8 +93,6 @@ __all__ = ["SAMPLE_IDS", "IGNORED_ID", "STATE_FILE", "META_FILE", "CartoCollator
 
 SAMPLE_IDS = "sample_ids"
 IGNORED_ID = -1  # per-token id of padding positions (their label is -100, so it is never read)
-STATE_FILE = "gdc_carto_state.safetensors"
-META_FILE = "gdc_carto.json"
 _META_VERSION = 2  # 2: sha256 of the payload and of the state file, the Trainer's global step
 RESUME_MODES = ("exact", "fresh")  # CartoTrainer(carto_resume=...)
 
