@@ -64,7 +64,8 @@ def test_uint8_target_through_cartoloss_and_linear_cross_entropy():
     c, d = CartoState(5, burn_in=1), CartoState(5, burn_in=1)
     la = gdc_ext.linear_cross_entropy(h, w, t, torch.arange(5), state=c, record=True)
     lb = gdc_ext.linear_cross_entropy(h, w, t.to(torch.uint8), torch.arange(5), state=d, record=True)
-    torch.testing.assert_close(lb, F.linear_cross_entropy(h, w, t.to(torch.uint8)))
+    # the plain computation (F.linear_cross_entropy needs torch >= 2.13; the suite also runs on 2.11)
+    torch.testing.assert_close(lb, F.cross_entropy(h @ w.T, t))
     assert torch.equal(la, lb) and torch.equal(c.acc, d.acc)
 
 
