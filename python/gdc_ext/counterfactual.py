@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from gdc_ext import functional
+from gdc_ext._seed import check_seed
 from gdc_ext.layout import ACC_COUNT, ACC_LOSS_SUM
 from gdc_ext.linear_cross_entropy import linear_cross_entropy
 from gdc_ext.references import _chunks, _classify
@@ -160,12 +161,6 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     return out
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return int(seed)
-
-
 def crossfit_split(num_samples: int, groups=None, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two halves of the ids 0..N-1 for cross-fit references, keeping each group on one side.
 
@@ -187,7 +182,7 @@ def crossfit_split(num_samples: int, groups=None, seed: int = 0) -> Tuple[torch.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2 (two non-empty halves), got {num_samples!r}")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     N = int(num_samples)
     if groups is None:
         g = np.arange(N)
