@@ -544,6 +544,16 @@ def _accepts_use_cache(model: torch.nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------- references
+def _no_cache_when_packed(model: torch.nn.Module, inputs: dict) -> None:
+    """Sets ``use_cache=False`` in a padding-free packed batch (position_ids, no attention mask)
+    unless the caller chose: transformers finds the documents of a packed row from its position_ids
+    only without a key/value cache; TrainingArguments(use_cache=True) would let attention cross them
+    (the fused path never uses a cache either)."""
+    if ("position_ids" in inputs and inputs.get("attention_mask") is None and "use_cache" not in inputs
+            and _accepts_use_cache(model)):
+        inputs["use_cache"] = False
+
+
 def _causal_lm_forward(head: Optional[torch.nn.Linear]):
     """forward(model, batch) for :func:`gdc_ext.reference_losses` over CartoCollator batches: the
     rows and ids CartoTrainer.compute_loss records (shifted as GPT-2 does); with ``head`` the
@@ -560,8 +570,7 @@ def _causal_lm_forward(head: Optional[torch.nn.Linear]):
 
             _, x, _ = hf_fused.hidden_states(model, batch)
         else:
-            if "position_ids" in batch and batch.get("attention_mask") is None and _accepts_use_cache(model):
-                batch.setdefault("use_cache", False)  # padding-free packing, as compute_loss
+            _no_cache_when_packed(model, batch)
             out = model(**batch)
             x = out["logits"] if isinstance(out, dict) else out[0]
         ids = ids.to(x.device)
@@ -807,12 +816,7 @@ class CartoTrainer(Trainer):
                 outputs = hf_fused.outputs_with_logits(outputs, logits)
                 fused = False
         else:
-            if ("position_ids" in inputs and inputs.get("attention_mask") is None and "use_cache" not in inputs
-                    and _accepts_use_cache(model)):
-                # padding-free packing: transformers finds the documents of a packed row from its
-                # position_ids only without a key/value cache; TrainingArguments(use_cache=True)
-                # would let attention cross them (the fused path never uses a cache either)
-                inputs["use_cache"] = False
+            _no_cache_when_packed(model, inputs)
             outputs = model(**inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         # position t predicts the label at t+1; that row belongs to the sample of token t+1
