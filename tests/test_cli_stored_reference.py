@@ -170,3 +170,31 @@ def test_checkpoint_folders_score_with_the_cartographers_reference(tmp_path, cap
     assert got["reference_stored"] == "given" and got["epochs"] == 2
     assert err.splitlines()[0].startswith(f"gdc: reading {chosen}")
     assert err.splitlines()[1].startswith(f"gdc report: using the reference 'given' stored in {chosen}")
+
+
+def test_cartotrainer_checkpoints_carry_the_initial_reference(tmp_path, capsys):
+    """A real CartoTrainer run with Cartographer(reference="initial") saving checkpoints: `gdc
+    report OUTPUT_DIR` reads the last checkpoint's state file and scores with the base model's
+    reference, the values the Cartographer measured."""
+    transformers = pytest.importorskip("transformers")
+    from gdc_ext.integrations.hf import CartoCollator, CartoTrainer
+    from helpers import TokenData, lm_batch
+
+    n, length, vocab = 12, 8, 64
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32,
+                                                                 n_layer=1, n_head=2, bos_token_id=0,
+                                                                 eos_token_id=0))
+    carto = gdc_ext.Cartographer(n, burn_in=2, eps=4.0, alpha_d=0.5, alpha_m=0.5, reference="initial")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], save_strategy="epoch",
+                                          logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+                                          disable_tqdm=True)
+    CartoTrainer(model=model, args=args, train_dataset=TokenData(n, length, vocab),
+                 data_collator=CartoCollator(lm_batch), cartographer=carto).train()
+    capsys.readouterr()  # the Trainer's own prints
+    got, err = _report([tmp_path], capsys)
+    assert got["reference_stored"] == "initial" and got["by"] == gdc_ext.cartography.DEFAULT_REFERENCE_SCORE
+    assert f"{CHECKPOINT_PREFIX}-6" in err.splitlines()[0] and "'initial' stored in" in err.splitlines()[1]
+    stored = gdc_ext.CartoState.load_references(tmp_path / f"{CHECKPOINT_PREFIX}-6" / STATE_FILE)
+    assert torch.equal(stored["initial"], carto.reference)
