@@ -670,12 +670,27 @@ def run_cf_job(args) -> List[dict]:
     return rows
 
 
+def _edge_tied(values: np.ndarray, fraction: float) -> bool:
+    """Whether the top round(fraction N) of ``values`` (NaN lowest) depends on how ties are broken:
+    more rows share the last selected value than the budget has slots left for them."""
+    v = np.where(np.isnan(values), -np.inf, values)
+    k = int(round(fraction * len(v)))
+    if k == 0 or k >= len(v):
+        return False
+    t = np.sort(v)[::-1][k - 1]
+    return bool((v == t).sum() > k - (v > t).sum())
+
+
 def run_audit_job(setting: CFSetting, seed: int, out_dir: Optional[str]) -> List[dict]:
     """Setting E (``audit_setting``): the audit kit run the way its README shows, on setting B's
     corpus. Rows (method ``cf_audit``): per kit score (``score@reference`` for the reference
     ones) the kit's AUROC and recall at 1 / 5 / 10 % for target ``planted`` (every inserted row)
     and ``planted_r<r>`` per repetition count r (the rows of the canaries inserted r times), with the exposure and
-    extraction of the secrets, inserted vs twins, on every row. out_dir: the kit's JSON
+    extraction of the secrets, inserted vs twins, on every row; ``repro_auroc`` / ``repro_recall@p``: the
+    same labels on the same run measured by the reproduction's own code (each score as ``run_cf_job``
+    computes it, ``paper.scores.detection_metrics``), which the kit's should match; ``repro_edge_tied@p``:
+    whether that budget's selection depends on the tie rule (the kit counts tied rows in expectation,
+    the reproduction by lower id). out_dir: the kit's JSON
     (``<setting>_seed<k>.json``: the report; ``<setting>_canaries_seed<k>.json``: the planted canaries)."""
     import json
 
@@ -686,6 +701,7 @@ def run_audit_job(setting: CFSetting, seed: int, out_dir: Optional[str]) -> List
     from gdc_ext.cartography import NEEDS_REFERENCE
     from paper.data import synthetic_corpus
     from paper.models import build_model
+    from paper.scores import RECALL_PS, detection_metrics
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -744,15 +760,32 @@ def run_audit_job(setting: CFSetting, seed: int, out_dir: Optional[str]) -> List
         for kind, label in (("inserted", "inserted"), ("twin", "twins")):
             base[f"exposure_r{r}_{kind}"] = v[label]["mean_exposure"]
             base[f"extracted_r{r}_{kind}"] = v[label]["extracted"]
+    # The same labels measured by the reproduction's own code on the same run: each score computed
+    # as run_cf_job computes it (gdc_ext.score_values at the family's eps index, the same seed and
+    # reference) and measured by paper.scores.detection_metrics (AUROC: paper.metrics.auc; recall:
+    # the top round(p N) by select_top, ties by lower id), columns repro_*: the kit's table should
+    # equal these (AUROC) or be within their interval (recall: the kit counts rows tied at the
+    # budget's edge in expectation, the reproduction by id).
+    neg = np.zeros(N, dtype=bool)
+    neg[:planted.num_original] = True
+    pos_of = {None: np.asarray(planted.inserted_ids, dtype=np.int64)}
+    pos_of.update({r: np.array([i for x in planted.canaries if x.reps == r for i in x.ids], dtype=np.int64)
+                   for r in planted.reps})
     rows = []
     for name, v in rep.scores.items():
         score = f"{name}@{ref_name}" if name in NEEDS_REFERENCE else name
+        values = gdc_ext.score_values(scores, name, eps_index=k, seed=seed,
+                                      reference=reference if name in NEEDS_REFERENCE else None).numpy()
         for r, m in [(None, v)] + sorted(v["by_reps"].items()):
+            pos = np.zeros(N, dtype=bool)
+            pos[pos_of[r]] = True
+            own = detection_metrics(values, pos, neg)
+            own.update({f"edge_tied@{q:.0%}": _edge_tied(values, q) for q in RECALL_PS})
             rows.append({**base, "target": "planted" if r is None else f"planted_r{r}", "score": score, "by": name,
                          "reference": ref_name if name in NEEDS_REFERENCE else "none",
-                         "positives": sum(len(x.ids) for x in planted.canaries if r is None or x.reps == r),
-                         "negatives": planted.num_original, "auroc": m["auroc"],
-                         **{f"recall@{q}": val for q, val in m["recall"].items()}})
+                         "positives": int(pos.sum()), "negatives": planted.num_original, "auroc": m["auroc"],
+                         **{f"recall@{q}": val for q, val in m["recall"].items()},
+                         **{f"repro_{key}": val for key, val in own.items()}})
     if out_dir:
         planted.save(os.path.join(out_dir, f"{s.name}_canaries_seed{seed}.json"))
         with open(os.path.join(out_dir, f"{s.name}_seed{seed}.json"), "w") as fh:

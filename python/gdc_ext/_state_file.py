@@ -6,7 +6,9 @@ metadata holds the sha256 of the whole file in which the 64 hex digits of the ch
 as zeros. Any flipped byte, in the length, the header (tensor table, metadata, padding) or the data,
 then fails the check (or an earlier structural one). Reading parses the header itself to check the
 declared sizes against the metadata and the file before allocating, and reads each tensor once,
-with no pickle and no mmap.
+with no pickle and no mmap. An optional section holds named per-sample references
+(``reference/<name>`` tensors, their names in the metadata's ``references``; gdc_ext._state_references):
+absent from files without references, so every older file reads as before.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import warnings
 import numpy as np
 import torch
 
+from gdc_ext import _state_references
 from gdc_ext.layout import ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, I_COLS
 
 __all__ = ["FORMAT_VERSION", "read_state_file", "write_state_file"]
@@ -188,6 +191,7 @@ def _parse_meta(raw: str, bad) -> dict:
             raise bad(f"has damaged metadata: {key} must be true or false, got {meta.get(key)!r}")
     if meta["eps_scalar"] and len(eps) != 1:
         raise bad(f"has damaged metadata: eps_scalar is true but eps has {len(eps)} values")
+    _state_references.check_meta_names(meta, bad)  # the optional section of named references
     return meta
 
 
@@ -208,7 +212,8 @@ def _expected_layout(meta: dict) -> dict:
             "istats": (torch.int32, (N, I_COLS)),
             "forgets": (torch.int32, (N, K)),
             "epoch": (torch.int64, (1,)),
-            "eps": (torch.float64, (K,))}
+            "eps": (torch.float64, (K,)),
+            **_state_references.layout(meta)}
 
 
 def _check_table(table: dict, layout: dict, data_size: int, bad) -> list:

@@ -250,6 +250,25 @@ class Cartographer:
         phase = f"intervening, {self.counts()}" if self.intervening else "burn-in"
         return f"Cartographer({self.config()}, epochs_done={self.state.epochs_done}, {phase})"
 
+    @property
+    def reference_name(self) -> Optional[str]:
+        """The name its reference is stored under in a state file (:meth:`save_state`, the Hugging
+        Face checkpoints): "initial" for ``reference="initial"`` (the base model's loss), "given"
+        for one given or set by hand; None while there is no reference."""
+        if self.reference is None:
+            return None
+        return "initial" if self.reference_mode == "initial" else "given"
+
+    def stored_references(self) -> dict:
+        """{:attr:`reference_name`: reference [N]} to save with the state ({} without one)."""
+        return {} if self.reference is None else {self.reference_name: self.reference}
+
+    def save_state(self, path) -> None:
+        """Saves its CartoState to ``path`` (:meth:`CartoState.save`) with its reference, if any,
+        stored in the same file under :attr:`reference_name`, so that ``gdc report PATH`` scores
+        with it. (The labels and configuration are in :meth:`state_dict`.)"""
+        self.state.save(path, references=self.stored_references())
+
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume: the CartoState, the configuration (with the ``memorization``

@@ -1,10 +1,11 @@
 """`gdc`: the command line over a saved CartoState (``CartoState.save(path)``).
 
-    gdc report STATE [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top K]
+    gdc report STATE [--by SCORE] [REF] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top K]
                      [--json | --html PAGE] [--dataset PATH [--text-field text] [--id-field FIELD]]
-    gdc plot   STATE -o map.png [--by SCORE] [--reference FILE] [--alpha-d A] [--alpha-m A] [--jitter J]
-    gdc select STATE (--quadrant Q | --prune FRACTION [--removed]) [--by SCORE] [--reference FILE] [--seed S]
+    gdc plot   STATE -o map.png [--by SCORE] [REF] [--alpha-d A] [--alpha-m A] [--jitter J]
+    gdc select STATE (--quadrant Q | --prune FRACTION [--removed]) [--by SCORE] [REF] [--seed S]
                      [--json] [-o ids.txt]
+    REF: --reference FILE | --stored-reference NAME | --no-reference
 
 STATE is a state file, a Hugging Face checkpoint folder (holding gdc_carto_state.safetensors,
 gdc_ext.integrations.files.STATE_FILE) or a training output folder: the checkpoint-<step> subfolder
@@ -13,10 +14,13 @@ the KEPT ids (``--removed``: the removed ones); a line on stderr says which and 
 
 SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, relative_excess, last, loss,
 random): the score of the memorized axis (report, plot, --quadrant) and of pruning. The default is
-gdc_ext.cartography.DEFAULT_SCORE, or DEFAULT_REFERENCE_SCORE when --reference is given. FILE holds
+gdc_ext.cartography.DEFAULT_SCORE, or DEFAULT_REFERENCE_SCORE with a reference. FILE holds
 one reference loss per sample (nats per token; the loss of a model that did not train on the
 sample, e.g. from gdc_ext.reference_losses): a .npy array, a .pt tensor, or text with one float
-per line.
+per line. A reference stored in the state file (``CartoState.save(path, references={"crossfit":
+ref})``; a Cartographer's Hugging Face checkpoints store its own) is used without --reference:
+the first one saved, or --stored-reference NAME; a line on stderr names it, and the output says
+which reference scored. --reference FILE overrides it; --no-reference ignores it.
 
 A missing, corrupted or foreign state or reference file, a bad argument, or an I/O error (a full
 disk, say) prints one line on stderr and exits with status 2 (no traceback). When the reader of
@@ -142,23 +146,67 @@ def _read_reference(path: str, num_samples: int):
         raise _UsageError(f"--reference {path!r}: {e}") from None
 
 
-def _choice(args, scores):
-    """(by, reference) from --by and --reference: --by defaults to DEFAULT_SCORE, or to
-    DEFAULT_REFERENCE_SCORE when a reference is given; a calibrated score ("excess",
-    "relative_excess") without a reference is a usage error."""
+def _stored_reference(args, state_file: str):
+    """(name, [N] tensor) of the reference stored in the state file (CartoState.save(path,
+    references=...); a Cartographer's checkpoints store its own): --stored-reference NAME, else
+    the first one saved; (None, None) when the file stores none or --no-reference. Usage errors
+    name the file (a damaged reference) or the stored names (an unknown NAME)."""
+    from gdc_ext.state import CartoState
+
+    if args.no_reference:
+        return None, None
+    try:
+        stored = CartoState.load_references(state_file)
+    except (ValueError, OSError) as e:
+        raise _UsageError(f"cannot read the references stored in {state_file!r}: {_one_line(e)} (--reference FILE "
+                          f"overrides them, --no-reference ignores them)") from None
+    if args.stored_reference is not None:
+        if args.stored_reference not in stored:
+            have = ", ".join(repr(n) for n in stored) or "none"
+            raise _UsageError(f"--stored-reference {args.stored_reference!r}: {state_file!r} stores no reference of "
+                              f"that name (it stores: {have})")
+        return args.stored_reference, stored[args.stored_reference]
+    if not stored:
+        return None, None
+    name = next(iter(stored))
+    return name, stored[name]
+
+
+def _choice(args, scores, state_file: str):
+    """(by, reference, source) from --by, --reference and the references stored in the state
+    file: --reference FILE, else the stored one (_stored_reference); ``source`` says which, for
+    the output (the file's path, or "'NAME' stored in STATE_FILE"; None without a reference).
+    --by defaults to DEFAULT_SCORE, or to DEFAULT_REFERENCE_SCORE with a reference; a calibrated
+    score ("excess", "relative_excess") without one is a usage error."""
     from gdc_ext.cartography import DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_REFERENCE
 
-    reference = None if args.reference is None else _read_reference(args.reference, len(scores.difficulty))
+    n = len(scores.difficulty)
+    if args.reference is not None:
+        reference, source, name = _read_reference(args.reference, n), args.reference, None
+        from gdc_ext._state_references import stored_names
+
+        over = stored_names(state_file)  # the header alone: said, not read
+        if over:
+            print(f"gdc {args.command}: --reference {args.reference} overrides the reference(s) "
+                  f"{', '.join(repr(x) for x in over)} stored in {state_file}", file=sys.stderr)
+    else:
+        name, reference = _stored_reference(args, state_file)
+        source = None if name is None else f"{name!r} stored in {state_file}"
+        if name is not None:
+            others = " (--reference FILE overrides it, --no-reference ignores it)"
+            print(f"gdc {args.command}: using the reference {source}{others}", file=sys.stderr)
+    args.reference_source, args.reference_stored = source, name
     by = args.by if args.by is not None else (DEFAULT_REFERENCE_SCORE if reference is not None else DEFAULT_SCORE)
     if by in NEEDS_REFERENCE and reference is None:
-        raise _UsageError(f"--by {by} needs --reference FILE (one reference loss per sample, nats per token)")
+        raise _UsageError(f"--by {by} needs --reference FILE (one reference loss per sample, nats per token) or a "
+                          f"reference stored in the state file (CartoState.save(path, references={{name: ref}}))")
     if by == "relative_excess":
         from gdc_ext.state import check_reference
 
         try:
-            check_reference(reference, len(scores.difficulty), nonnegative=True)
+            check_reference(reference, n, nonnegative=True)
         except ValueError as e:
-            raise _UsageError(f"--reference {args.reference!r}: {e}") from None
+            raise _UsageError(f"--reference {source}: {e}") from None
     return by, reference
 
 
@@ -194,9 +242,10 @@ def _report(args) -> int:
 
     if args.dataset is None and (args.text_field != "text" or args.id_field is not None):
         raise _UsageError("--text-field / --id-field need --dataset PATH")
-    scores = _load(args.state).scores()
+    state_file = _state_path(args.state)  # a folder resolved once (and named on stderr once)
+    scores = _load(state_file).scores()
     eps = _eps(scores, args.eps_index)
-    by, reference = _choice(args, scores)
+    by, reference = _choice(args, scores, state_file)
     k = _top(args)
     if args.html is not None:
         return _report_html(args, scores, eps, by, reference, k)
@@ -244,7 +293,7 @@ def _report(args) -> int:
 
     out = {"num_samples": len(codes), "epochs": scores.epoch, "burn_in": scores.burn_in,
            "eps": eps, "eps_index": args.eps_index, "by": by, "score": SCORE_LABELS[by],
-           "reference": args.reference, "alpha_d": args.alpha_d,
+           "reference": args.reference_source, "reference_stored": args.reference_stored, "alpha_d": args.alpha_d,
            "alpha_m": args.alpha_m, "tau_d": q.tau_d, "tau_m": q.tau_m, "quadrants": rows,
            "top_candidates": [row(i) for i in top], "top_hotspots": [row(i) for i in hot]}
     if args.dataset is not None:
@@ -254,7 +303,8 @@ def _report(args) -> int:
         return 0
     print(f"state: {args.state}")
     print(f"N = {out['num_samples']}, epochs = {out['epochs']}, burn-in = {out['burn_in']}, eps = {out['eps']:g} nats")
-    print(f"score (--by {by}): {SCORE_LABELS[by]}" + (f", reference {args.reference}" if args.reference else ""))
+    print(f"score (--by {by}): {SCORE_LABELS[by]}"
+          + (f", reference {args.reference_source}" if args.reference_source else ""))
     print(f"tau_d = {q.tau_d:.4f} (alpha_d = {args.alpha_d}), tau_m = {q.tau_m:.4f} (alpha_m = {args.alpha_m}, "
           f"on the score)\n")
     print(f"{'code':>4}  {'quadrant':<18}{'n':>8}{'share':>8}{'mean d':>9}{'mean score':>12}")
@@ -300,7 +350,7 @@ def _report_html(args, scores, eps, by, reference, k) -> int:
     try:
         write_report(args.html, scores, by=by, reference=reference, alpha_d=args.alpha_d, alpha_m=args.alpha_m,
                      eps=eps, seed=args.seed, top=k, dataset=args.dataset, text_field=args.text_field,
-                     id_field=args.id_field, texts=texts, source=args.state, reference_source=args.reference)
+                     id_field=args.id_field, texts=texts, source=args.state, reference_source=args.reference_source)
     except OSError as e:
         raise _UsageError(f"--html {args.html!r}: cannot write: {_one_line(e)}") from None
     print(f"wrote {args.html} ({len(ids)} samples in the table, by {by})")
@@ -325,9 +375,10 @@ def _plot(args) -> int:
     from gdc_ext.plot import data_map
 
     out = _plot_path(args.output)
-    scores = _load(args.state).scores()
+    state_file = _state_path(args.state)
+    scores = _load(state_file).scores()
     eps = _eps(scores, args.eps_index)
-    by, reference = _choice(args, scores)
+    by, reference = _choice(args, scores, state_file)
     try:
         data_map(scores, alpha_d=args.alpha_d, alpha_m=args.alpha_m, eps=eps, jitter=args.jitter,
                  path=out, title=args.title, by=by, reference=reference, seed=args.seed)
@@ -359,9 +410,10 @@ def _select(args) -> int:
     state_file = _state_path(args.state)  # a folder resolved once (and named on stderr once)
     scores = _load(state_file).scores()
     eps = _eps(scores, args.eps_index)
-    by, reference = _choice(args, scores)
+    by, reference = _choice(args, scores, state_file)
     n = len(scores.difficulty)
-    selection = {"by": by, "score": SCORE_LABELS[by], "reference": args.reference, "eps": eps,
+    selection = {"by": by, "score": SCORE_LABELS[by], "reference": args.reference_source,
+                 "reference_stored": args.reference_stored, "eps": eps,
                  "eps_index": args.eps_index, "seed": args.seed}
     if args.quadrant is not None:
         q = scores.quadrants(args.alpha_d, args.alpha_m, eps=eps, by=by, reference=reference, seed=args.seed)
@@ -429,11 +481,18 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--eps-index", type=int, default=0, help="which tracked eps m uses (default 0)")
         sp.add_argument("--by", choices=list(SCORES), default=None,
                         help=f"score of the memorized axis and of pruning (default {DEFAULT_SCORE}, or "
-                             f"{DEFAULT_REFERENCE_SCORE} with --reference; memorization is the paper's m)")
-        sp.add_argument("--reference", metavar="FILE", default=None,
-                        help="per-sample reference losses (nats per token) of a model that did not train on the "
-                             "samples (gdc_ext.reference_losses), for --by excess / relative_excess: .npy, .pt, or "
-                             "one float per line")
+                             f"{DEFAULT_REFERENCE_SCORE} with a reference: --reference or one stored in the state "
+                             f"file; memorization is the paper's m)")
+        ref = sp.add_mutually_exclusive_group()
+        ref.add_argument("--reference", metavar="FILE", default=None,
+                         help="per-sample reference losses (nats per token) of a model that did not train on the "
+                              "samples (gdc_ext.reference_losses), for --by excess / relative_excess: .npy, .pt, or "
+                              "one float per line; overrides a reference stored in the state file")
+        ref.add_argument("--stored-reference", metavar="NAME", default=None,
+                         help="which reference stored in the state file to use (CartoState.save(path, "
+                              "references={NAME: ref}); default: the first one saved, if any)")
+        ref.add_argument("--no-reference", action="store_true",
+                         help="ignore the references stored in the state file")
         sp.add_argument("--seed", type=int, default=0, help="seed of --by random")
 
     r = sub.add_parser("report", help="quadrant counts, thresholds and the top candidates by the score "

@@ -14,12 +14,12 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from gdc_ext import ops
+from gdc_ext import _state_references, ops
 from gdc_ext._io import write_atomic
 from gdc_ext._state_file import _READABLE_VERSIONS, FORMAT_VERSION, read_state_file, write_state_file
 from gdc_ext.layout import (ACC_COLS, ACC_COUNT, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
@@ -638,14 +638,33 @@ class CartoState:
         return new
 
     @_synchronized
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: Union[str, os.PathLike], references: Optional[Mapping] = None) -> None:
         """Writes the state to a safetensors file atomically (temp file, fsync, rename, folder
         fsync), with a sha256 checksum that :meth:`load` verifies. Temps left in the folder by
-        saves of the same file that were killed are removed first."""
+        saves of the same file that were killed are removed first.
+
+        references: optional named per-sample references to store with the state, {name: [N]
+        finite reference losses (nats per token)}, e.g. ``{"crossfit": ref}``; read back with
+        :meth:`load_references` (``gdc report`` / ``plot`` / ``select`` use a stored one). Checked
+        (names: 1-64 letters, digits, '_', '.', '-'; values as ``check_reference``) before
+        anything is written; covered by the file's checksum. :meth:`load` ignores them."""
         path = os.fspath(path)
+        refs = _state_references.checked_references(references, self.num_samples)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
-        meta = json.dumps(self._meta())
+        meta = self._meta()
+        if refs:  # the optional section: absent from files without references
+            tensors.update(_state_references.file_tensors(refs))
+            meta[_state_references.META_KEY] = list(refs)
+        meta = json.dumps(meta)
         write_atomic(path, lambda tmp: write_state_file(tmp, tensors, meta), prefix=".gdc-state-")
+
+    @staticmethod
+    def load_references(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+        """The references stored by ``save(path, references=...)``: {name: CPU float64 [N]}, in
+        the order saved; {} for a file without any (every file written before references could
+        be stored). The file is checked as :meth:`load` checks it (checksum included); a damaged
+        reference (non-finite values) raises ValueError naming the file and the reference."""
+        return _state_references.read_references(path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "CartoState":

@@ -36,7 +36,8 @@ gives the stock Trainer's gradients. Recording happens only for training batches
 mode, grad enabled); per-sample loss weights apply only there too.
 
 Checkpoints: every checkpoint folder gets :data:`STATE_FILE` (the CartoState with its epoch
-accumulator, written atomically by :meth:`CartoState.save`) and :data:`META_FILE` (the
+accumulator, and the Cartographer's reference if it has one, written atomically by
+:meth:`CartoState.save`: ``gdc report <checkpoint>`` scores with that reference) and :data:`META_FILE` (the
 Cartographer's configuration and fixed labels, whether the interrupted ``train()`` call sampled
 with the CartoSampler, the Trainer's global step, the sha256 of the state file, and a sha256 of
 all this; written atomically). ``train(resume_from_checkpoint=...)`` restores them before the
@@ -410,7 +411,8 @@ def save_carto_checkpoint(folder: str, state: CartoState, cartographer: Optional
     sha256 of the state file just written (binding the pair) and its own sha256."""
     os.makedirs(folder, exist_ok=True)
     spath = os.path.join(folder, STATE_FILE)
-    state.save(spath)
+    # the Cartographer's reference in the state file too, so that `gdc report <checkpoint>` uses it
+    state.save(spath, references=None if cartographer is None else cartographer.stored_references())
     carto = None
     if cartographer is not None:  # Cartographer.state_dict() but the CartoState (in STATE_FILE), as JSON
         carto = {k: (v.tolist() if torch.is_tensor(v) else v)
