@@ -279,7 +279,7 @@ def test_lazy_scores_equal_hand_built_ones(extras):
     lazy = s.scores()
     assert repr(lazy) == repr(hand).replace(f"extras={extras}", f"extras={extras}")
     ids = torch.tensor([7, 0, 3, 3])
-    for a, b in ((lazy, hand), (lazy._take(ids), hand._take(ids))):
+    for a, b in ((lazy, hand), (lazy.take(ids), hand.take(ids))):
         for f, t in cols.items():
             x, y = getattr(a, f), getattr(b, f)
             if t is None:

@@ -136,10 +136,11 @@ def _end_epoch_fake(acc, fstats, istats, forgets, epoch, eps, burn_in, groups=CO
     N = acc.shape[0] if acc.dim() == 2 else None
     for name, t in (("acc", acc), ("fstats", fstats), ("istats", istats), ("forgets", forgets)):
         dtype, (_, cols) = layout.shapes(0, K, groups)[name]
-        torch._check_value(t.dim() == 2 and (N is None or t.shape[0] == N) and t.shape[1] == cols and t.dtype == dtype,
-                           lambda: f"{op}: {name} must be {str(dtype).replace('torch.', '')} [N, {cols}]"
-                                   f"{'' if N is None or name == 'acc' else f' with N = {N}'} (groups = {groups}, "
-                                   f"K = {K}), got {t.shape} {t.dtype}")
+        ok = t.dim() == 2 and (N is None or t.shape[0] == N) and t.shape[1] == cols and t.dtype == dtype
+        msg = (f"{op}: {name} must be {str(dtype).replace('torch.', '')} [N, {cols}]"
+               f"{'' if N is None or name == 'acc' else f' with N = {N}'} (groups = {groups}, K = {K}), got "
+               f"{t.shape} {t.dtype}")
+        torch._check_value(ok, lambda msg=msg: msg)
     torch._check_value(epoch.numel() == 1 and epoch.dtype == torch.int64,
                        lambda: f"{op}: epoch must be a single int64, got {epoch.shape} {epoch.dtype}")
     torch._check_value(burn_in >= 0, lambda: f"{op}: burn_in must be >= 0, got {burn_in}")

@@ -187,8 +187,9 @@ class Scores:
             return self._compute(name)
         return from_columns()
 
-    def _take(self, ids) -> "Scores":
-        """These scores restricted to the samples ``ids`` (an int64 tensor), rows in that order."""
+    def take(self, ids: torch.Tensor) -> "Scores":
+        """These scores restricted to the samples ``ids`` ([k] int64 tensor), rows in that order (a
+        snapshot-backed Scores stays lazy: it keeps the k rows of the snapshot)."""
         if self._snap is not None:
             return Scores._from_snapshot({k: v[ids] for k, v in self._snap.items()}, self._groups, self.eps,
                                          self.epoch, self.burn_in, self.single_eps)
@@ -417,6 +418,8 @@ class CartoState:
             setattr(self, name, torch.zeros(shape, dtype=dtype, device=dev))
         self.epoch = torch.zeros(1, dtype=torch.int64, device=dev)
         self.eps = torch.tensor(eps_list, dtype=torch.float64, device=dev)
+        # epochs folded, as the host knows them (end_epoch's check without reading a CUDA tensor)
+        self._epochs_host = 0
         self.process_group = None  # torch.distributed group to all-reduce over (None: the default group)
         self._lock = threading.RLock()  # see the lock property
 
@@ -502,14 +505,18 @@ class CartoState:
         abort the process.
 
         The int16 counters hold at most :data:`gdc_ext.layout.MAX_EPOCHS` (32767) epochs: folding
-        one more raises ValueError and changes nothing (every rank alike). This reads the epoch
-        counter on the host: on CUDA one small synchronisation per epoch.
+        one more raises ValueError and changes nothing (every rank alike). On CUDA the count the
+        host keeps is checked (no synchronisation, so end_epoch stays CUDA-graph capturable); epochs
+        folded by replaying a captured graph are not counted there, and the kernel itself leaves
+        a full state unchanged.
         """
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size(self.process_group) > 1
         if distributed:
             self._check_ranks_agree()  # first: every rank then has the same epoch count
-        done = self.epochs_done
+        # the device's counter where reading it is free (or already done by the agreement check)
+        host = getattr(self, "_epochs_host", None)
+        done = self.epochs_done if distributed or host is None or self.epoch.device.type == "cpu" else host
         if done >= MAX_EPOCHS:
             raise ValueError(f"CartoState.end_epoch: the state has folded {done} epochs, the most its int16 counters "
                              f"(observed epochs, forget events) can hold ({MAX_EPOCHS}); nothing was changed. "
@@ -526,6 +533,7 @@ class CartoState:
                           stacklevel=2)
         ops.end_epoch_(self.acc, self.fstats, self.istats, self.forgets, self.epoch, self.eps, self.burn_in,
                        self.groups)
+        self._epochs_host = done + 1
 
     @_synchronized
     def record(self, losses: torch.Tensor, sample_ids: torch.Tensor,
@@ -713,6 +721,7 @@ class CartoState:
         before anything is replaced, so a rejected dict leaves this state unchanged."""
         for name, t in self._checked_state_dict(state_dict).items():
             setattr(self, name, t)
+        self._epochs_host = self.epochs_done
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
         """The tensors :meth:`load_state_dict` would set (copies on this state's device), after all
@@ -742,6 +751,7 @@ class CartoState:
         replaced unless every check passes."""
         for name, t in self._checked_tensors(tensors, device, copy).items():
             setattr(self, name, t)
+        self._epochs_host = self.epochs_done
 
     def _checked_tensors(self, tensors: dict, device: torch.device, copy: bool) -> dict:
         """``tensors`` checked (shapes and dtypes of this state's, consistent counters) and placed on
