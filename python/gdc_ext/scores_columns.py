@@ -13,8 +13,8 @@ import torch
 
 __all__ = ["CHUNK", "Column", "COLUMNS"]
 
-# rows per chunk: 1M rows keep each float64 temporary at 8 MiB
-CHUNK = 1 << 20
+# rows per chunk: 256K rows keep each float64 temporary at 2 MiB
+CHUNK = 1 << 18
 _NAN = float("nan")
 
 

@@ -90,8 +90,13 @@ def check_reference(reference, num_samples: int, nonnegative: bool = False) -> t
     return torch.from_numpy(a.copy())
 
 
+# the columns Scores(...) takes by hand (its constructor's signature)
 _SCORES_FIELDS = ("difficulty", "memorization_by_eps", "forgets_by_eps", "transitions", "observed", "last_loss",
                   "min_loss", "loss_mean", "loss_std", "grad_energy")
+# the columns Scores exposes as attributes: every column of gdc_ext.scores_columns but the derived
+# properties (a new statistic's column appears here with its derivation, None in hand-built Scores)
+_DERIVED = ("gain", "scored")
+_COLUMN_FIELDS = tuple(name for name in COLUMNS if name not in _DERIVED)
 
 
 class Scores:
@@ -193,8 +198,11 @@ class Scores:
         if self._snap is not None:
             return Scores._from_snapshot({k: v[ids] for k, v in self._snap.items()}, self._groups, self.eps,
                                          self.epoch, self.burn_in, self.single_eps)
-        cols = {f: None if self._cols.get(f) is None else self._cols[f][ids] for f in _SCORES_FIELDS}
-        return Scores(**cols, eps=self.eps, epoch=self.epoch, burn_in=self.burn_in, single_eps=self.single_eps)
+        cols = {f: None if self._cols.get(f) is None else self._cols[f][ids] for f in _COLUMN_FIELDS}
+        out = Scores(**{f: cols.pop(f) for f in _SCORES_FIELDS}, eps=self.eps, epoch=self.epoch, burn_in=self.burn_in,
+                     single_eps=self.single_eps)
+        out._cols.update(cols)
+        return out
 
     # ----------------------------------------------------------------------------- per threshold
     def _column(self, eps: Optional[float]) -> int:
@@ -367,7 +375,7 @@ def _column_property(name: str) -> property:
     return property(get, set, doc=doc)
 
 
-for _name in _SCORES_FIELDS:
+for _name in _COLUMN_FIELDS:
     setattr(Scores, _name, _column_property(_name))
 del _name
 
