@@ -62,14 +62,7 @@ inline EpochParams check_epoch_inputs(const at::Tensor& acc, const at::Tensor& f
   P.N = N;
   P.K = eps.size(0);
   P.burn_in = burn_in;
-  P.w_acc = L.width[kTensor_acc];
-  P.w_f = L.width[kTensor_fstats];
-  P.w_i = L.width[kTensor_istats];
-  P.w_pe = L.width[kTensor_forgets];
-  for (int32_t s = 0; s < kNumStats; ++s) {
-    P.col[s] = L.col[s];
-    P.partner[s] = L.partner[s];
-  }
+  P.groups = static_cast<int32_t>(groups);
   return P;
 }
 

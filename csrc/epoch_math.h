@@ -16,19 +16,18 @@
 
 namespace gdc {
 
-// Everything one launch of the fold needs, filled on the host by make_epoch_params
-// (csrc/epoch_checks.h) after the checks; shared by the CPU and CUDA end_epoch.
+// Everything one launch of the fold needs, filled on the host by check_epoch_inputs
+// (csrc/epoch_checks.h) after the checks; shared by the CPU and CUDA end_epoch. The columns are
+// not here: the fold is compiled per group set (fold_sample<G>), with them as constants.
 struct EpochParams {
-  double* acc = nullptr;        // [N, w_acc] this epoch's sums (zeroed by the fold)
-  float* fstats = nullptr;      // [N, w_f] folded float statistics
-  int16_t* istats = nullptr;    // [N, w_i] counters
-  int16_t* forgets = nullptr;   // [N, w_pe] per-eps counters
+  double* acc = nullptr;        // [N, acc columns] this epoch's sums (zeroed by the fold)
+  float* fstats = nullptr;      // [N, fstats columns] folded float statistics
+  int16_t* istats = nullptr;    // [N, istats columns] counters
+  int16_t* forgets = nullptr;   // [N, per-eps statistics * K] per-eps counters
   const double* eps = nullptr;  // [K]
   int64_t* epoch = nullptr;     // [1] epochs folded so far (read by the fold, incremented after it)
   int64_t N = 0, K = 0, burn_in = 0;
-  int64_t w_acc = 0, w_f = 0, w_i = 0, w_pe = 0;
-  int32_t col[kNumStats] = {};      // StateLayout::col
-  int32_t partner[kNumStats] = {};  // StateLayout::partner
+  int32_t groups = 0;           // the state's statistic groups (csrc/state_stats.def)
 };
 
 // What every fold of one sample in one epoch shares.
@@ -81,43 +80,64 @@ GDC_HD void fold_forget_events(int16_t* v, const float* old, int32_t p, double x
 }
 GDC_HD void fold_row_sum(double*, const float*, int32_t, double, const FoldCtx&, const EpochParams&) {}
 
-// Folds epoch e (1-based) into sample i and zeroes its accumulator row. A sample not observed in
-// the epoch (token count 0) keeps its statistics.
+// Column of statistic s in its tensor for group set G (per-eps tensors: in units of K; -1: off),
+// and the column of the statistic its fold also reads (-1: none): compile-time constants.
+constexpr int32_t stat_col(int32_t G, int32_t s) { return make_state_layout(G, 1).col[s]; }
+constexpr int32_t stat_partner(int32_t G, int32_t s) { return make_state_layout(G, 1).partner[s]; }
+constexpr int64_t tensor_width(int32_t G, int32_t t) { return make_state_layout(G, 1).width[t]; }
+constexpr bool tensor_per_eps(int32_t t) { return kTensorDecls[t].per == kPer_eps; }
+
+// Folds epoch e (1-based) into sample i of a state with the group set G and zeroes its
+// accumulator row. A sample not observed in the epoch (token count 0) keeps its statistics.
+template <int32_t G>
 GDC_HD void fold_sample(const EpochParams& P, int64_t i, int64_t e) {
-  double* a = P.acc + i * P.w_acc;
-  float* f = P.fstats + i * P.w_f;
-  int16_t* ist = P.istats + i * P.w_i;
-  int16_t* pe = P.forgets + i * P.w_pe;
-  const double cnt = a[P.col[kStat_count]];
+  constexpr int64_t w_acc = tensor_width(G, kTensor_acc);
+  constexpr int64_t w_f = tensor_width(G, kTensor_fstats);
+  constexpr int64_t w_i = tensor_width(G, kTensor_istats);
+  constexpr int64_t w_pe = tensor_width(G, kTensor_forgets);  // times K
+  double* a = P.acc + i * w_acc;
+  float* f = P.fstats + i * w_f;
+  int16_t* ist = P.istats + i * w_i;
+  int16_t* pe = P.forgets + i * w_pe * P.K;
+  constexpr int32_t c_count = stat_col(G, kStat_count);
+  constexpr int32_t c_observed = stat_col(G, kStat_observed);
+  const double cnt = a[c_count];
   if (cnt > 0) {
     FoldCtx c;
     c.burn = e <= P.burn_in;
-    c.n_prev = ist[P.col[kStat_observed]];
-    float old[kMaxFCols > 0 ? kMaxFCols : 1];
-    for (int64_t j = 0; j < P.w_f; ++j) old[j] = f[j];
+    c.n_prev = ist[c_observed];
+    // the float statistics before this epoch (a fold may read another's old value)
+    float old[w_f > 0 ? w_f : 1];
+    for (int64_t j = 0; j < w_f; ++j) old[j] = f[j];
     // the inputs: each acc statistic's epoch sum (0 when its group is off), then the signals
     double in[kNumInputs];
-    for (int32_t j = 0; j < kNumInputs; ++j) in[j] = 0.0;
-#define GDC_STAT(name, group, tensor, fold, input, saved, scores) \
-    if (kTensor_##tensor == kTensor_acc && P.col[kStat_##name] >= 0) in[kIn_##name] = a[P.col[kStat_##name]];
+#define GDC_STAT(name, group, tensor, fold, input, saved, scores)                         \
+    if constexpr (kTensor_##tensor == kTensor_acc) {                                     \
+      constexpr int32_t col = stat_col(G, kStat_##name);                                 \
+      in[kIn_##name] = col >= 0 ? a[col >= 0 ? col : 0] : 0.0;                            \
+    }
 #include "state_stats.def"
 #define GDC_SIGNAL(name, sum) in[kIn_##name] = in[kIn_##sum] / cnt;
 #include "state_stats.def"
-    // each statistic of the enabled groups, in declaration order
+    // each folded statistic of the group set, in declaration order
 #define GDC_ROW_OF_acc a
 #define GDC_ROW_OF_fstats f
 #define GDC_ROW_OF_istats ist
 #define GDC_ROW_OF_forgets pe
-#define GDC_STAT(name, group, tensor, fold, input, saved, scores)                                   \
-    if (P.col[kStat_##name] >= 0)                                                                    \
-      fold_##fold(GDC_ROW_OF_##tensor + P.col[kStat_##name], old, P.partner[kStat_##name], in[kIn_##input], c, P);
+#define GDC_STAT(name, group, tensor, fold, input, saved, scores)                                            \
+    if constexpr (kTensor_##tensor != kTensor_acc && stat_col(G, kStat_##name) >= 0) {                       \
+      constexpr int32_t col = stat_col(G, kStat_##name);                                                     \
+      constexpr int32_t partner = stat_partner(G, kStat_##name);                                             \
+      constexpr bool eps_cols = tensor_per_eps(kTensor_##tensor);                                            \
+      fold_##fold(GDC_ROW_OF_##tensor + (eps_cols ? col * P.K : col), old, partner, in[kIn_##input], c, P);   \
+    }
 #include "state_stats.def"
 #undef GDC_ROW_OF_acc
 #undef GDC_ROW_OF_fstats
 #undef GDC_ROW_OF_istats
 #undef GDC_ROW_OF_forgets
   }
-  for (int64_t j = 0; j < P.w_acc; ++j) a[j] = 0.0;
+  for (int64_t j = 0; j < w_acc; ++j) a[j] = 0.0;
 }
 
 }  // namespace gdc

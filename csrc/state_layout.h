@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace gdc {
 
@@ -156,11 +157,14 @@ struct StateLayout {
   int32_t partner[kNumStats] = {};    // column of the statistic its fold also reads, -1 if none
 };
 
-inline bool groups_are_valid(int64_t groups) { return (groups & kGroup_core) && (groups & ~int64_t(kAllGroups)) == 0; }
+constexpr bool groups_are_valid(int64_t groups) {
+  return (groups & kGroup_core) && (groups & ~int64_t(kAllGroups)) == 0;
+}
 
-// groups must be valid (groups_are_valid) and K >= 1.
-inline StateLayout make_state_layout(int64_t groups, int64_t K) {
-  StateLayout L;
+// groups must be valid (groups_are_valid) and K >= 1. constexpr: the fold is compiled for each
+// group set with its columns as constants (csrc/epoch_math.h).
+constexpr StateLayout make_state_layout(int64_t groups, int64_t K) {
+  StateLayout L{};
   L.groups = static_cast<int32_t>(groups);
   L.K = K;
   for (int32_t s = 0; s < kNumStats; ++s) {
@@ -178,6 +182,21 @@ inline StateLayout make_state_layout(int64_t groups, int64_t K) {
     L.partner[s] = p >= 0 && L.col[s] >= 0 ? L.col[p] : -1;
   }
   return L;
+}
+
+// Calls f(std::integral_constant<int32_t, G>{}) with G == groups, for every valid group set G
+// (host code: picks the fold compiled for the state's groups). groups must be valid.
+template <int32_t G = kAllGroups, typename F>
+void with_groups(int64_t groups, F&& f) {
+  if constexpr (G >= 1) {
+    if constexpr (groups_are_valid(G)) {
+      if (groups == G) {
+        f(std::integral_constant<int32_t, G>{});
+        return;
+      }
+    }
+    with_groups<G - 1>(groups, static_cast<F&&>(f));
+  }
 }
 
 }  // namespace gdc

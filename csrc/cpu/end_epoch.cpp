@@ -16,8 +16,10 @@ void end_epoch_cpu(at::Tensor& acc, at::Tensor& fstats, at::Tensor& istats, at::
   // Before anything changes: the int16 counters grow by at most 1 per epoch (csrc/state_stats.def).
   TORCH_CHECK_VALUE(e <= kMaxEpochs, "gdc.end_epoch: the state has folded ", P.epoch[0], " epochs, the most its int16 "
                     "counters can hold (", kMaxEpochs, "); nothing was changed");
-  at::parallel_for(0, P.N, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) fold_sample(P, i, e);
+  with_groups(P.groups, [&](auto g) {  // the fold compiled for the state's group set
+    at::parallel_for(0, P.N, 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) fold_sample<decltype(g)::value>(P, i, e);
+    });
   });
   P.epoch[0] = e;
 }
