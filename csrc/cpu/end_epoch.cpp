@@ -18,7 +18,8 @@ void end_epoch_cpu(at::Tensor& acc, at::Tensor& fstats, at::Tensor& istats, at::
                     "counters can hold (", kMaxEpochs, "); nothing was changed");
   with_groups(P.groups, [&](auto g) {  // the fold compiled for the state's group set
     at::parallel_for(0, P.N, 16384, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) fold_sample<decltype(g)::value>(P, i, e);
+      const EpochParams local = P;  // a copy the loop owns: no reload of its fields after each store
+      for (int64_t i = i0; i < i1; ++i) fold_sample<decltype(g)::value>(local, i, e);
     });
   });
   P.epoch[0] = e;
