@@ -413,7 +413,7 @@ def bench_end_epoch(sizes: list[int], device: torch.device, repeats: int, bar) -
 
     rows = []
     for N in sizes:
-        per_sample = 24 * 2 + 48 + 12 + 4  # acc (+ its refill source), fstats, istats, forgets (K = 1)
+        per_sample = 16 * 2 + 8 + 4 + 2  # acc (+ its refill source), fstats, istats, forgets (K = 1): compact default
         need = N * per_sample
         free = (torch.cuda.mem_get_info()[0] if device.type == "cuda" else _mem_available())
         if need > 0.8 * free:
@@ -422,10 +422,9 @@ def bench_end_epoch(sizes: list[int], device: torch.device, repeats: int, bar) -
             continue
         state = CartoState(N, burn_in=2, eps=0.1, device=device)
         g = torch.Generator(device="cpu").manual_seed(0)
-        src = torch.empty(N, 3, dtype=torch.float64)
+        src = torch.empty(N, state.acc.shape[1], dtype=torch.float64)  # loss sum, token count
         src[:, 0] = torch.rand(N, generator=g, dtype=torch.float64) * 5
         src[:, 1] = 1.0
-        src[:, 2] = torch.rand(N, generator=g, dtype=torch.float64)
         src = src.to(device)
         ts = []
         for i in range(repeats + 1):

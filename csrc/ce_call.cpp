@@ -1,6 +1,8 @@
 // Checks of the cross-entropy ops' inputs and the filling of CeParams (see csrc/ce_call.h).
 #include "ce_call.h"
 
+#include "epoch_checks.h"  // check_groups
+
 namespace gdc {
 
 bool is_float_dtype(at::ScalarType t) {
@@ -53,7 +55,7 @@ void check_row_indices(const at::Tensor& t, const char* name, const char* what, 
 CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at::Tensor& target,
                        const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
                        const at::Tensor& sample_weight, const at::Tensor& grad_scale, const at::Tensor& acc,
-                       int64_t ignore_index, double label_smoothing) {
+                       int64_t ignore_index, double label_smoothing, int64_t groups) {
   // ---- shapes, dtypes and devices (no data read)
   check_row_indices(target, "target", "class index", R, device);
   const bool has_cw = class_weight.has_value() && class_weight->defined();
@@ -71,12 +73,16 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
   const bool has_ids = sample_ids.numel() > 0, has_sw = sample_weight.numel() > 0, recording = acc.numel() > 0;
   int64_t N = -1;
   if (has_ids) check_row_indices(sample_ids, "sample_ids", "id", R, device);
+  check_groups(groups, "gdc.cross_entropy");
+  const StateLayout layout = make_state_layout(groups, 1);
+  const int64_t acc_cols = layout.width[kTensor_acc];
   if (recording) {
     TORCH_CHECK_VALUE(has_ids || R == 0, "gdc.cross_entropy: recording into a state needs sample_ids");
-    TORCH_CHECK_VALUE(acc.dim() == 2 && acc.size(1) == kNumACols && acc.scalar_type() == at::kDouble &&
+    TORCH_CHECK_VALUE(acc.dim() == 2 && acc.size(1) == acc_cols && acc.scalar_type() == at::kDouble &&
                           acc.is_contiguous(),
-                      "gdc.cross_entropy: acc must be a contiguous float64 [N, ", static_cast<int>(kNumACols),
-                      "] epoch accumulator, got ", acc.sizes(), " ", acc.scalar_type());
+                      "gdc.cross_entropy: acc must be a contiguous float64 [N, ", acc_cols,
+                      "] epoch accumulator (the state's groups = ", groups, "), got ", acc.sizes(), " ",
+                      acc.scalar_type());
     TORCH_CHECK_VALUE(acc.device() == device, "gdc.cross_entropy: the CartoState is on ", acc.device(),
                       " but input (logits) is on ", device);
     N = acc.size(0);
@@ -131,6 +137,10 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
   P.sw = ptr(c.sw);
   P.grad_scale = ptr(c.gs);
   P.acc = recording ? acc.data_ptr<double>() : nullptr;
+  P.acc_cols = static_cast<int32_t>(acc_cols);
+  for (int32_t s = 0; s < kNumStats; ++s) {
+    if (kStatDecls[s].tensor == kTensor_acc && layout.col[s] >= 0) P.acc_src[layout.col[s]] = kStatDecls[s].input;
+  }
   P.bad = c.bad.defined() ? c.bad.data_ptr<int>() : nullptr;
   return c;
 }
@@ -138,7 +148,7 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
 CeCall prepare_ce(const at::Tensor& logits, at::Tensor* grad, const at::Tensor& target,
                   const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
                   const at::Tensor& sample_weight, const at::Tensor& grad_scale, const at::Tensor& acc,
-                  int64_t ignore_index, double label_smoothing) {
+                  int64_t ignore_index, double label_smoothing, int64_t groups) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "gdc.cross_entropy: input (logits) must be 2-D [rows, classes], got ",
                     logits.sizes());
   TORCH_CHECK_VALUE(is_float_dtype(logits.scalar_type()),
@@ -148,7 +158,7 @@ CeCall prepare_ce(const at::Tensor& logits, at::Tensor* grad, const at::Tensor& 
   const int64_t R = logits.size(0), V = logits.size(1);
   TORCH_CHECK_VALUE(V > 0 || R == 0, "gdc.cross_entropy: input (logits) has no classes");
   CeCall c = prepare_ce_rows(R, V, logits.device(), target, class_weight, sample_ids, sample_weight, grad_scale,
-                             acc, ignore_index, label_smoothing);
+                             acc, ignore_index, label_smoothing, groups);
   c.p = c.p.rows(0, R, logits.scalar_type(), logits.data_ptr(), grad ? grad->data_ptr() : nullptr);
   return c;
 }

@@ -24,17 +24,19 @@ bool is_float_dtype(at::ScalarType t);
 // Checks everything but the logits for R rows of V classes whose logits live on `device`, and
 // fills every field of the result except p.dtype / p.logits / p.grad (see CeParams::rows). On the
 // CPU it also range-checks targets (IndexError) and sample ids (ValueError), which reads them.
+// groups: the statistic groups of the state that owns acc (csrc/state_stats.def): they fix
+// acc's columns and what the kernels add into each.
 CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at::Tensor& target,
                        const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
                        const at::Tensor& sample_weight, const at::Tensor& grad_scale, const at::Tensor& acc,
-                       int64_t ignore_index, double label_smoothing);
+                       int64_t ignore_index, double label_smoothing, int64_t groups);
 
 // prepare_ce_rows for a [R, V] logits tensor (checked first), with grad (null: no gradient;
 // may be &logits) filled in.
 CeCall prepare_ce(const at::Tensor& logits, at::Tensor* grad, const at::Tensor& target,
                   const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
                   const at::Tensor& sample_weight, const at::Tensor& grad_scale, const at::Tensor& acc,
-                  int64_t ignore_index, double label_smoothing);
+                  int64_t ignore_index, double label_smoothing, int64_t groups);
 
 // scale_grad_(grad, grad_output): grad_output is a scalar or one value per row, on grad's device
 // (a tensor on another device would need a hidden blocking copy).
@@ -47,9 +49,9 @@ std::tuple<at::Tensor, at::Tensor> run_ce(const at::Tensor& logits, at::Tensor* 
                                           const c10::optional<at::Tensor>& class_weight,
                                           const at::Tensor& sample_ids, const at::Tensor& sample_weight,
                                           const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
-                                          double label_smoothing) {
+                                          double label_smoothing, int64_t groups) {
   CeCall call = prepare_ce(logits, grad, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                           ignore_index, label_smoothing);
+                           ignore_index, label_smoothing, groups);
   if (call.p.R == 0) return {call.loss, call.nll};
   const typename Device::Guard guard(logits.device());
   Device::rows(call.p);
@@ -63,11 +65,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(const at::Tensor& logits, 
                                                       const at::Tensor& sample_ids, const at::Tensor& sample_weight,
                                                       const at::Tensor& grad_scale, at::Tensor& acc,
                                                       int64_t ignore_index, double label_smoothing,
-                                                      bool compute_grad) {
+                                                      bool compute_grad, int64_t groups) {
   at::Tensor grad =
       compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : at::empty({0}, logits.options());
   auto out = run_ce<Device>(logits, compute_grad ? &grad : nullptr, target, class_weight, sample_ids,
-                            sample_weight, grad_scale, acc, ignore_index, label_smoothing);
+                            sample_weight, grad_scale, acc, ignore_index, label_smoothing, groups);
   return {std::get<0>(out), std::get<1>(out), grad};
 }
 
@@ -76,10 +78,10 @@ std::tuple<at::Tensor, at::Tensor> ce_fwd_inplace(at::Tensor& logits, const at::
                                                   const c10::optional<at::Tensor>& class_weight,
                                                   const at::Tensor& sample_ids, const at::Tensor& sample_weight,
                                                   const at::Tensor& grad_scale, at::Tensor& acc,
-                                                  int64_t ignore_index, double label_smoothing) {
+                                                  int64_t ignore_index, double label_smoothing, int64_t groups) {
   TORCH_CHECK_VALUE(logits.is_contiguous(), "gdc.cross_entropy_inplace: input (logits) must be contiguous");
   return run_ce<Device>(logits, &logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                        ignore_index, label_smoothing);
+                        ignore_index, label_smoothing, groups);
 }
 
 }  // namespace gdc

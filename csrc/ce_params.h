@@ -6,7 +6,7 @@
 // at each chunk with CeParams::rows() and calls the row kernel of its device:
 //
 //   CeCall call = prepare_ce_rows(R, V, hidden.device(), target, class_weight, sample_ids,
-//                                 sample_weight, grad_scale, acc, ignore_index, label_smoothing);
+//                                 sample_weight, grad_scale, acc, ignore_index, label_smoothing, groups);
 //   for each chunk [r0, r1):              // chunk: [r1 - r0, V] contiguous logits of `dtype`
 //     ce_rows_cpu(call.p.rows(r0, r1, dtype, chunk.data_ptr(), grad_chunk_or_null));
 //     // (CUDA: ce_rows_cuda(..., stream); chunk may be overwritten by its own gradient)
@@ -19,7 +19,8 @@
 
 #include <cstdint>
 
-#include "epoch_math.h"  // ACol: the columns of acc
+#include "ce_math.h"      // GDC_HD
+#include "state_layout.h"  // the columns of acc (csrc/state_stats.def)
 
 struct CUstream_st;  // cudaStream_t is CUstream_st*; declared here so CPU code needs no CUDA headers
 
@@ -46,7 +47,9 @@ struct CeParams {
   const float* wsum = nullptr;        // scalar sum of cw (same device), or null without cw
   const float* sw = nullptr;          // [N] per-sample loss weights, or null
   const float* grad_scale = nullptr;  // scalar folded into the gradient
-  double* acc = nullptr;              // [N, kNumACols] epoch accumulator, or null (not recording)
+  double* acc = nullptr;              // [N, acc_cols] epoch accumulator, or null (not recording)
+  int32_t acc_cols = 0;               // columns of acc: the acc statistics of the state's groups
+  int32_t acc_src[kMaxAccCols > 0 ? kMaxAccCols : 1] = {};  // the GDC_SOURCE added into each column
   int* bad = nullptr;                 // CUDA with recording: device flag set by a row that must
                                       // not be recorded (the host cannot raise without a sync)
 
@@ -68,10 +71,27 @@ struct CeParams {
   }
 };
 
+// The value row r adds into an acc column whose source is src (csrc/state_stats.def, GDC_SOURCE);
+// the CPU and CUDA recording both add exactly this. A new source needs a case here.
+GDC_HD double ce_source_value(const CeParams& P, int32_t src, int64_t r) {
+  static_assert(kNumSources == 3, "a new GDC_SOURCE needs its per-row value in ce_source_value");
+  switch (src) {
+    case kSrc_nll:
+      return static_cast<double>(P.nll[r]);
+    case kSrc_one:
+      return 1.0;
+    case kSrc_energy:
+      return static_cast<double>(P.energy[r]);
+    default:
+      return 0.0;
+  }
+}
+
 // Per-row kernels: fill loss, nll, energy (and grad if set) for rows [0, P.R). They do not record.
 // CPU: targets and ids must already be range-checked (prepare_ce does it on the host).
 void ce_rows_cpu(const CeParams& P);
-// Folds the rows' NLL, a token count and energy into acc[ids[r]] in row order. Raises ValueError
+// Adds each recorded row's source values (NLL, a token count, energy: see acc_src) into
+// acc[ids[r]] in row order. Raises ValueError
 // (state unchanged) if a recorded row has a non-finite NLL. Requires P.acc and P.ids.
 void ce_record_cpu(const CeParams& P);
 

@@ -87,12 +87,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
     double label_smoothing, int64_t chunk_size, bool compute_grad_input, bool compute_grad_weight,
-    bool compute_grad_bias, const CeRowKernels& kernels) {
+    bool compute_grad_bias, int64_t groups, const CeRowKernels& kernels) {
   check_lce_inputs(input, weight, bias, chunk_size);
   const int64_t R = input.size(0), H = input.size(1), V = weight.size(0);
   // Every input check (targets and ids included) runs here, before anything is written.
   CeCall call = prepare_ce_rows(R, V, input.device(), target, class_weight, sample_ids, sample_weight, grad_scale,
-                                acc, ignore_index, label_smoothing);
+                                acc, ignore_index, label_smoothing, groups);
   const c10::DeviceGuard guard(input.device());
   const bool has_bias = bias.has_value() && bias->defined();
   // Each gradient only when asked for: a frozen weight (LoRA fine-tuning) skips the dW matmul of

@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
     double label_smoothing, int64_t chunk_size, bool compute_grad_input, bool compute_grad_weight,
-    bool compute_grad_bias, const CeRowKernels& kernels);
+    bool compute_grad_bias, int64_t groups, const CeRowKernels& kernels);
 
 // The op's kernel for one device, registered by register_ce_ops<Device> (csrc/ce_register.h)
 // with the device policy of ce_fwd<Device>: Device::rows / Device::record. The chunk loop makes
@@ -43,10 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce
     const at::Tensor& target, const c10::optional<at::Tensor>& class_weight, const at::Tensor& sample_ids,
     const at::Tensor& sample_weight, const at::Tensor& grad_scale, at::Tensor& acc, int64_t ignore_index,
     double label_smoothing, int64_t chunk_size, bool compute_grad_input, bool compute_grad_weight,
-    bool compute_grad_bias) {
+    bool compute_grad_bias, int64_t groups) {
   return linear_ce_fwd(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
                        ignore_index, label_smoothing, chunk_size, compute_grad_input, compute_grad_weight,
-                       compute_grad_bias,
+                       compute_grad_bias, groups,
                        CeRowKernels{&Device::rows, &Device::record});
 }
 

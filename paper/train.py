@@ -115,7 +115,8 @@ def record_run(make_model: Callable[[], nn.Module], data: torch.Tensor, spec: Tr
     opt = _optimizer(model, spec)
     N = data.shape[0]
     eps = spec.eps[0] if len(spec.eps) == 1 else list(spec.eps)
-    state = CartoState(N, burn_in=spec.burn_in, eps=eps)
+    # extras: the reproduction reads grad_energy and loss_mean (paper/run.py), opt-in since the compact layout
+    state = CartoState(N, burn_in=spec.burn_in, eps=eps, extras=True)
     loss_fn = CartoLoss(state=state)
     gen = torch.Generator().manual_seed(seed)
     snap = {}

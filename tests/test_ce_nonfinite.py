@@ -8,6 +8,7 @@ it skips the whole batch instead, which leaves the state unchanged too.
 """
 import pytest
 import torch
+from gdc_ext.layout import ACC_COLS
 
 import gdc_ext  # noqa: F401  (loads torch.ops.gdc)
 
@@ -25,8 +26,8 @@ def _rows(R, V, dtype, device, offset=0, seed=0):
 
 
 def _acc(device):
-    """A non-zero epoch accumulator [N, 3], so that any write to it shows."""
-    return torch.arange(N_SAMPLES * 3, dtype=torch.float64, device=device).reshape(N_SAMPLES, 3) + 1.0
+    """A non-zero epoch accumulator [N, ACC_COLS] (a default state's), so that any write to it shows."""
+    return torch.arange(N_SAMPLES * ACC_COLS, dtype=torch.float64, device=device).reshape(N_SAMPLES, ACC_COLS) + 1.0
 
 
 def _run(logits, acc, inplace=False):

@@ -14,7 +14,10 @@ import torch
 from helpers import require_cuda_kernels
 
 from gdc_ext import CartoState, ops
+from gdc_ext import layout
 from gdc_ext.layout import ACC_COLS, ACC_COUNT, ACC_ENERGY_SUM, ACC_LOSS_SUM, I_OBSERVED
+
+EXTRAS = layout.CORE | layout.EXTRAS  # the statistic groups of a state with extras
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -57,14 +60,15 @@ def _call(d, device, inplace=False):
     def mv(t):
         return None if t is None else t.to(device)
 
-    acc = torch.zeros(N_SAMPLES, ACC_COLS, dtype=torch.float64, device=device)
+    # the accumulator of a state with extras: the energy column is recorded (and compared) too
+    acc = torch.zeros(N_SAMPLES, layout.widths(EXTRAS, 1)["acc"], dtype=torch.float64, device=device)
     args = (mv(d["target"]), mv(d["cw"]), mv(d["ids"]), mv(d["sw"]), mv(d["gs"]), acc, -100, d["smoothing"])
     x = _logits_on(d, device)
     if inplace:
-        loss, nll = ops.cross_entropy_fwd_inplace(x, *args)
+        loss, nll = ops.cross_entropy_fwd_inplace(x, *args, EXTRAS)
         grad = x
     else:
-        loss, nll, grad = ops.cross_entropy_fwd(x, *args, True)
+        loss, nll, grad = ops.cross_entropy_fwd(x, *args, True, EXTRAS)
     return loss.cpu(), nll.cpu(), grad.cpu(), acc.cpu()
 
 
@@ -110,7 +114,7 @@ def test_bad_rows_poison_loss_and_leave_state_unchanged():
         e[field][r] = value
         loss, nll, grad, acc = _call(e, "cuda")
         assert torch.isnan(loss[r]) and torch.isnan(nll[r]) and torch.isnan(grad[r]).all()
-        assert torch.equal(acc, torch.zeros(N_SAMPLES, ACC_COLS))
+        assert torch.equal(acc, torch.zeros_like(acc))
         ok = torch.ones(8, dtype=torch.bool)
         ok[r] = False
         assert torch.isfinite(loss[ok]).all()
@@ -118,7 +122,7 @@ def test_bad_rows_poison_loss_and_leave_state_unchanged():
     e["flat"][e["offset"] + 6 * 50 + 3] = float("nan")
     e["target"][6] = 2
     _, _, _, acc = _call(e, "cuda")
-    assert torch.equal(acc, torch.zeros(N_SAMPLES, ACC_COLS))
+    assert torch.equal(acc, torch.zeros_like(acc))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,9 +141,9 @@ def test_scale_grad(dtype):
 
 def test_end_epoch_matches_cpu():
     g = torch.Generator().manual_seed(0)
-    states = [CartoState(1000, burn_in=2, eps=[0.3, 1.0], device=dev) for dev in ("cpu", "cuda")]
+    states = [CartoState(1000, burn_in=2, eps=[0.3, 1.0], device=dev, extras=True) for dev in ("cpu", "cuda")]
     for _ in range(5):
-        acc = torch.zeros(1000, ACC_COLS, dtype=torch.float64)
+        acc = torch.zeros_like(states[0].acc)  # with extras: loss sum, count, energy sum
         seen = torch.rand(1000, generator=g) < 0.7
         acc[:, ACC_COUNT] = seen * torch.randint(1, 4, (1000,), generator=g)
         acc[:, ACC_LOSS_SUM] = acc[:, ACC_COUNT] * torch.rand(1000, generator=g).double() * 2
@@ -153,7 +157,9 @@ def test_end_epoch_matches_cpu():
     for key in ("forgets", "transitions", "observed"):
         assert torch.equal(getattr(b, key), getattr(a, key))
     assert b.epoch == a.epoch == 5
-    assert torch.equal(states[1].acc.cpu(), torch.zeros(1000, ACC_COLS, dtype=torch.float64))
+    assert torch.equal(states[1].acc.cpu(), torch.zeros_like(states[0].acc))
+    for name, t in states[0].tensors().items():  # the float32 fold too: bit for bit (-fmad=false)
+        assert torch.equal(states[1].tensors()[name].cpu(), t), name
 
 
 def _record_many(R=8192, V=129, N=7, seed=3):
@@ -223,7 +229,7 @@ def test_cuda_graph_capture_of_a_step(deterministic):
 
 def test_end_epoch_1e8_samples():
     N = 100_000_000
-    per_sample = 24 + 48 + 12 + 4  # acc, fstats (extras), istats, forgets (K = 1)
+    per_sample = 16 + 8 + 4 + 2  # acc, fstats, istats, forgets (K = 1): the compact default state
     free, _ = torch.cuda.mem_get_info()
     if free < 1.3 * N * per_sample:
         pytest.skip(f"needs {1.3 * N * per_sample / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")
@@ -237,11 +243,11 @@ def test_end_epoch_1e8_samples():
     state.end_epoch()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    moved = N * (2 * 24 + 2 * 48 + 2 * 12 + 2 * 4)
+    moved = N * 2 * per_sample
     print(f"end_epoch N=1e8: {dt * 1e3:.1f} ms, ~{moved / dt / 1e9:.0f} GB/s")
     idx = torch.randint(0, N, (1000,), device="cuda")
-    assert torch.equal(state.fstats[idx, 0].cpu(), torch.full((1000,), 0.5, dtype=torch.float64))
-    assert torch.equal(state.istats[idx, 1].cpu(), torch.ones(1000, dtype=torch.int32))
+    assert torch.equal(state.fstats[idx, 0].cpu(), torch.full((1000,), 0.5, dtype=torch.float32))
+    assert torch.equal(state.istats[idx, 1].cpu(), torch.ones(1000, dtype=torch.int16))
     assert state.epochs_done == 1 and float(state.acc[idx].abs().sum()) == 0.0
     del state
     torch.cuda.empty_cache()

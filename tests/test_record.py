@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
+from helpers import assert_within_storage_tolerance, near_threshold
+
 from gdc_ext import CartoLoss, CartoState, reference
 
 
@@ -29,7 +31,7 @@ def histories(draw):
 def _run(h):
     g = torch.Generator().manual_seed(h["seed"])
     N = h["N"]
-    state = CartoState(N, burn_in=h["burn_in"], eps=h["eps"])
+    state = CartoState(N, burn_in=h["burn_in"], eps=h["eps"], extras=True)
     history = []
     for batches in h["epochs"]:
         ep = []
@@ -54,12 +56,15 @@ def _run(h):
 def test_record_equals_reference(h):
     state, history = _run(h)
     L = reference.loss_matrix(history, h["N"])
-    assume(not np.any(np.abs(L[~np.isnan(L)][:, None] - np.atleast_1d(h["eps"])[None]) < 1e-9))
+    # a loss within float32 rounding of a threshold may flip a forget event (docs/method.md, "Storage")
+    assume(not near_threshold(L, h["eps"]))
     ref = reference.scores_from_matrix(L, h["burn_in"], h["eps"])
     s = state.scores()
-    tol = dict(rtol=1e-12, atol=1e-12, equal_nan=True)
-    for name in ("difficulty", "last_loss", "min_loss", "loss_mean", "loss_std", "memorization"):
-        np.testing.assert_allclose(getattr(s, name).numpy(), ref[name], err_msg=name, **tol)
+    # the float32 statistics: within the stated tolerance of the float64 reference (it was 1e-12
+    # with float64 statistics); memorization is a ratio of exact counters
+    for name in ("difficulty", "last_loss", "min_loss", "loss_mean", "loss_std"):
+        assert_within_storage_tolerance(getattr(s, name).numpy(), ref[name], L, name)
+    np.testing.assert_allclose(s.memorization.numpy(), ref["memorization"], rtol=1e-12, atol=1e-12)
     for name in ("forgets", "transitions", "observed"):
         np.testing.assert_array_equal(getattr(s, name).numpy(), ref[name], err_msg=name)
     assert s.grad_energy.abs().sum() == 0  # unknown for an arbitrary loss: left at 0
@@ -69,7 +74,7 @@ def test_record_equals_reference(h):
 def test_record_of_the_nll_equals_the_fused_kernels_recording(seed, per_token):
     g = torch.Generator().manual_seed(seed)
     N, V, T = 6, 11, 4
-    a, b = CartoState(N, burn_in=2, eps=[1.5, 2.5]), CartoState(N, burn_in=2, eps=[1.5, 2.5])
+    a, b = CartoState(N, burn_in=2, eps=[1.5, 2.5], extras=True), CartoState(N, burn_in=2, eps=[1.5, 2.5], extras=True)
     fused = CartoLoss(state=a)
     plain = CartoLoss(reduction="none")  # the same kernel, no recording: the per-row NLL
     for _ in range(T):

@@ -44,9 +44,11 @@ def test_state_bytes_do_not_grow_with_epochs():
     _train(s, _batches(0, 6))
     assert s.nbytes() == n0
     assert {k: tuple(v.shape) for k, v in s.tensors().items()} == shapes0
-    # per-sample cost: 24 + 48 + 12 + 4K bytes, plus the epoch counter and eps
-    assert n0 == 9 * (24 + 48 + 12 + 4 * 3) + 8 + 8 * 3
-    assert CartoState(9, burn_in=2, eps=0.5, extras=False).nbytes() == 9 * (24 + 16 + 12 + 4) + 8 + 8
+    # per-sample cost (csrc/state_stats.def, the compact layout): 28 + 2K bytes, 52 + 2K with extras,
+    # plus the epoch counter and eps; 30 bytes for the default state (one eps)
+    assert n0 == 9 * (28 + 2 * 3) + 8 + 8 * 3
+    assert CartoState(9, burn_in=2, eps=0.5, extras=True).nbytes() == 9 * (52 + 2) + 8 + 8
+    assert CartoState(9, burn_in=2).nbytes() == 9 * 30 + 8 + 8
 
 
 def test_save_load_round_trip(tmp_path):
@@ -126,7 +128,7 @@ def test_load_state_dict_mismatch_leaves_state_unchanged():
         with pytest.raises(ValueError, match="mismatched state"):
             a.load_state_dict(other.state_dict())
     sd = a.state_dict()
-    sd["istats"][0, 2] = 99  # transitions > observed
+    sd["forgets"][0, 0] = 99  # forgets > transitions (= observed - 1)
     with pytest.raises(ValueError, match="counters"):
         a.load_state_dict(sd)
     for k, v in a.tensors().items():

@@ -20,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gdc_ext import CartoState, _io
+from gdc_ext import CartoState, _io, layout
+from gdc_ext._state_legacy import LEGACY_VERSIONS, legacy_shapes
 from gdc_ext.state import FORMAT_VERSION
 
 
@@ -69,7 +70,7 @@ def test_round_trip_and_safetensors_compatible(saved, tmp_path):
     p = tmp_path / "s.safetensors"
     p.write_bytes(data)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a version 2 file loads without the no-checksum warning
+        warnings.simplefilter("error")  # a version 3 file loads without the no-checksum warning
         r = CartoState.load(p)
     _same(s, r)
     assert r.scores().eps == (0.5, 1.0) and r.epochs_done == 2
@@ -77,7 +78,7 @@ def test_round_trip_and_safetensors_compatible(saved, tmp_path):
 
     with safe_open(str(p), framework="pt") as fh:
         meta = json.loads(fh.metadata()["gdc_ext"])
-        assert meta["version"] == FORMAT_VERSION == 2
+        assert meta["version"] == FORMAT_VERSION == 3
         for name in fh.keys():
             assert torch.equal(fh.get_tensor(name), s.tensors()[name])
 
@@ -143,11 +144,14 @@ def _file(meta: dict, table: dict, data: bytes, checksum: bool, pad_to: int = 50
 
 
 def _meta(N, version):
-    return {"format": "gdc_ext.CartoState", "version": version, "num_samples": N, "burn_in": 1, "eps": [0.5],
+    meta = {"format": "gdc_ext.CartoState", "version": version, "num_samples": N, "burn_in": 1, "eps": [0.5],
             "eps_scalar": True, "extras": True}
+    if version >= 3:  # the compact layout lists its columns
+        meta["columns"] = layout.saved_columns(layout.groups_for(True))
+    return meta
 
 
-_DT = {torch.float64: "F64", torch.int32: "I32", torch.int64: "I64"}
+_DT = {torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.int16: "I16", torch.int64: "I64"}
 
 
 @pytest.fixture
@@ -178,8 +182,12 @@ def test_crafted_sizes_rejected_before_allocating(tmp_path, no_large_allocation,
     header claiming N rows the file does not hold): ValueError naming the file, raised before
     anything N-sized is allocated (it used to build an N-sample state first: 1.98 GB for a 5 kB
     file, or a RuntimeError from the allocator for N = 10**12)."""
-    small = CartoState(5, burn_in=1, eps=0.5).state_dict()
-    del small["meta"]
+    if version in LEGACY_VERSIONS:  # the float64 / int32 layout of those versions
+        small = {name: torch.zeros(shape, dtype=dtype) for name, (dtype, shape) in legacy_shapes(_meta(5, version)).items()}
+        small["eps"].fill_(0.5)
+    else:
+        small = CartoState(5, burn_in=1, eps=0.5, extras=True).state_dict()
+        del small["meta"]
     table, blob = {}, b""
     for name in sorted(small, key=lambda n: (-small[n].element_size(), n)):
         raw = small[name].numpy().tobytes()
@@ -207,10 +215,10 @@ def test_load_reads_each_tensor_once(tmp_path):
     """Peak memory of load: about one copy of the state (it used to hold a zeroed state, the read
     tensors and their clones: about three). Measured in a fresh process as the growth of its peak
     resident set (VmHWM, reset just before the load where Linux allows) over the load, for a
-    ~100 MB state."""
+    ~100 MB state (3.5M samples of the compact layout's 30 bytes)."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux) to read the resident set size")
-    s = CartoState(1_200_000, burn_in=1, eps=0.5)
+    s = CartoState(3_500_000, burn_in=1, eps=0.5)
     p = tmp_path / "big.safetensors"
     s.save(p)
     size = p.stat().st_size
@@ -238,21 +246,18 @@ def test_load_reads_each_tensor_once(tmp_path):
 
 # ------------------------------------------------------------------------------------- old versions
 def test_version_1_file_loads_with_a_warning(tmp_path):
-    """A file written as gdc_ext wrote it before the checksum (safetensors.save_file, version 1)."""
-    from safetensors.torch import save_file
-
-    s = _trained()
-    sd = s.state_dict()
-    meta = dict(sd.pop("meta"), version=1)
-    p = tmp_path / "old.safetensors"
-    save_file(sd, str(p), metadata={"gdc_ext": json.dumps(meta)})
+    """A file written as gdc_ext wrote it before the checksum (safetensors.save_file, version 1;
+    tests/data/state_v1_extras.safetensors, the state of state_v2_extras.safetensors): loaded,
+    converted to the compact layout, with a warning; saved again it is a checksummed version 3."""
+    data = os.path.join(os.path.dirname(__file__), "data")
     with pytest.warns(UserWarning, match="format version 1.*without a checksum"):
-        r = CartoState.load(p)
-    _same(s, r)
-    r.save(p)  # saved again: version 2, checksummed
+        r = CartoState.load(os.path.join(data, "state_v1_extras.safetensors"))
+    _same(CartoState.load(os.path.join(data, "state_v2_extras.safetensors")), r)
+    p = tmp_path / "old.safetensors"
+    r.save(p)  # saved again: version 3, checksummed
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _same(s, CartoState.load(p))
+        _same(r, CartoState.load(p))
 
 
 def test_version_2_file_without_checksum_is_rejected(tmp_path):

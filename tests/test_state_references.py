@@ -6,6 +6,7 @@ refused before anything is written; damage gives a clear error; ``Cartographer.s
 Hugging Face checkpoint writer store the Cartographer's reference."""
 import json
 import os
+from pathlib import Path
 import struct
 
 import numpy as np
@@ -67,15 +68,10 @@ def test_file_without_references_is_unchanged(tmp_path):
     assert gdc_ext.CartoState.load_references(a) == {}
 
 
-def test_version_1_file_has_no_references(tmp_path):
-    """A file as gdc_ext wrote it before the checksum (format version 1, safetensors.save_file)."""
-    from safetensors.torch import save_file
-
-    s = _trained()
-    sd = s.state_dict()
-    meta = dict(sd.pop("meta"), version=1)
-    path = tmp_path / "v1.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"gdc_ext": json.dumps(meta)})
+def test_version_1_file_has_no_references():
+    """A file as gdc_ext wrote it before the checksum (format version 1): the committed fixture
+    written by gdc_ext at 776d1c5 (tests/data)."""
+    path = Path(__file__).parent / "data" / "state_v1_extras.safetensors"
     assert gdc_ext.CartoState.load_references(path) == {}
 
 

@@ -149,8 +149,9 @@ void ce_rows_cpu(const CeParams& P) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, P.dtype, "gdc_ce_cpu", [&] { ce_rows<scalar_t>(P); });
 }
 
-// Folds per-row NLL / energy into the per-sample epoch accumulators acc[N, kNumACols] in row
-// order, after rejecting non-finite losses so that a bad batch leaves the state unchanged.
+// Adds each row's source values (NLL, a token count, energy: P.acc_src) into the per-sample epoch
+// accumulators acc[N, P.acc_cols] in row order, after rejecting non-finite losses so that a bad
+// batch leaves the state unchanged.
 void ce_record_cpu(const CeParams& P) {
   for (int64_t r = 0; r < P.R; ++r) {
     if (P.target[r] == P.ignore_index) continue;
@@ -160,10 +161,8 @@ void ce_record_cpu(const CeParams& P) {
   }
   for (int64_t r = 0; r < P.R; ++r) {
     if (P.target[r] == P.ignore_index) continue;
-    double* row = P.acc + P.ids[r] * kNumACols;
-    row[kLossSum] += static_cast<double>(P.nll[r]);
-    row[kCount] += 1.0;
-    row[kEnergySum] += static_cast<double>(P.energy[r]);
+    double* row = P.acc + P.ids[r] * P.acc_cols;
+    for (int32_t c = 0; c < P.acc_cols; ++c) row[c] += ce_source_value(P, P.acc_src[c], r);
   }
 }
 

@@ -10,21 +10,19 @@ namespace gdc {
 namespace {
 
 void end_epoch_cpu(at::Tensor& acc, at::Tensor& fstats, at::Tensor& istats, at::Tensor& forgets,
-                   at::Tensor& epoch, const at::Tensor& eps, int64_t burn_in) {
-  check_epoch_inputs(acc, fstats, istats, forgets, epoch, eps, burn_in);
-  const int64_t N = acc.size(0), F = fstats.size(1), K = eps.size(0);
-  const int64_t e = epoch.data_ptr<int64_t>()[0] + 1;
-  double* a = acc.data_ptr<double>();
-  double* f = fstats.data_ptr<double>();
-  int32_t* ist = istats.data_ptr<int32_t>();
-  int32_t* fg = forgets.data_ptr<int32_t>();
-  const double* ep = eps.data_ptr<double>();
-  at::parallel_for(0, N, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      fold_epoch(a + i * kNumACols, f + i * F, F, ist + i * kNumICols, fg + i * K, ep, K, e, burn_in);
-    }
+                   at::Tensor& epoch, const at::Tensor& eps, int64_t burn_in, int64_t groups) {
+  const EpochParams P = check_epoch_inputs(acc, fstats, istats, forgets, epoch, eps, burn_in, groups);
+  const int64_t e = P.epoch[0] + 1;
+  // Before anything changes: the int16 counters grow by at most 1 per epoch (csrc/state_stats.def).
+  TORCH_CHECK_VALUE(e <= kMaxEpochs, "gdc.end_epoch: the state has folded ", P.epoch[0], " epochs, the most its int16 "
+                    "counters can hold (", kMaxEpochs, "); nothing was changed");
+  with_groups(P.groups, [&](auto g) {  // the fold compiled for the state's group set
+    at::parallel_for(0, P.N, 16384, [&](int64_t i0, int64_t i1) {
+      const EpochParams local = P;  // a copy the loop owns: no reload of its fields after each store
+      for (int64_t i = i0; i < i1; ++i) fold_sample<decltype(g)::value>(local, i, e);
+    });
   });
-  epoch.data_ptr<int64_t>()[0] = e;
+  P.epoch[0] = e;
 }
 
 }  // namespace

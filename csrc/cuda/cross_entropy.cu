@@ -13,7 +13,8 @@
 // leaves the CartoState unchanged. (Unlike the CPU, the logits of an in-place call are already
 // overwritten by then.)
 //
-// Recording into acc[N, kNumACols] happens in a second kernel once every row's NLL is known:
+// Recording into acc[N, P.acc_cols] (each column's per-row value: ce_source_value of its
+// P.acc_src, csrc/ce_params.h) happens in a second kernel once every row's NLL is known:
 //  - default: one thread per row, atomicAdd of doubles (fast; summation order varies run to run);
 //  - torch.use_deterministic_algorithms(True): rows are stably sorted by sample id and one thread
 //    per sample adds its rows in row order, which is exactly the CPU's order, so acc is
@@ -260,10 +261,8 @@ __global__ void record_atomic_kernel(CeParams P) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < P.R;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (P.target[r] == P.ignore_index) continue;
-    double* a = P.acc + P.ids[r] * kNumACols;
-    atomicAdd(a + kLossSum, static_cast<double>(P.nll[r]));
-    atomicAdd(a + kCount, 1.0);
-    atomicAdd(a + kEnergySum, static_cast<double>(P.energy[r]));
+    double* a = P.acc + P.ids[r] * P.acc_cols;
+    for (int32_t c = 0; c < P.acc_cols; ++c) atomicAdd(a + c, ce_source_value(P, P.acc_src[c], r));
   }
 }
 
@@ -276,17 +275,14 @@ __global__ void record_sorted_kernel(CeParams P, const int64_t* keys, const int6
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t k = keys[i];
     if (k == kIgnoredKey || (i > 0 && keys[i - 1] == k)) continue;
-    double* a = P.acc + k * kNumACols;
-    double s0 = a[kLossSum], s1 = a[kCount], s2 = a[kEnergySum];
+    double* a = P.acc + k * P.acc_cols;
+    double sum[kMaxAccCols];
+    for (int32_t c = 0; c < P.acc_cols; ++c) sum[c] = a[c];
     for (int64_t j = i; j < R && keys[j] == k; ++j) {
       const int64_t r = order[j];
-      s0 += static_cast<double>(P.nll[r]);
-      s1 += 1.0;
-      s2 += static_cast<double>(P.energy[r]);
+      for (int32_t c = 0; c < P.acc_cols; ++c) sum[c] += ce_source_value(P, P.acc_src[c], r);
     }
-    a[kLossSum] = s0;
-    a[kCount] = s1;
-    a[kEnergySum] = s2;
+    for (int32_t c = 0; c < P.acc_cols; ++c) a[c] = sum[c];
   }
 }
 

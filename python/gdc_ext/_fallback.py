@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
-from gdc_ext.layout import ACC_COLS, ACC_COUNT, ACC_ENERGY_SUM, ACC_LOSS_SUM
+from gdc_ext import layout
 from gdc_ext.ops import ArgumentError
 
 __all__ = ["cross_entropy", "record"]
@@ -49,7 +49,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
 
 
 def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
-    """Adds each valid row's NLL, a count of one and its gradient energy to ``state.acc[ids]``,
+    """Adds each valid row's NLL, a count of one and (with extras) its gradient energy to ``state.acc[ids]``,
     rounded through float32 like the kernel's per-row values (logits [R, V]; tgt, ids, valid [R])."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     t = tgt.clamp(0, logits.shape[1] - 1)
@@ -59,10 +59,9 @@ def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, va
     if not bool(torch.isfinite(nll[valid]).all()):
         raise ArgumentError("input (logits) gives a non-finite loss: NaN or inf logits cannot be recorded; "
                             "the CartoState was left unchanged")
-    upd = torch.empty(nll.shape[0], ACC_COLS, dtype=torch.float64, device=nll.device)
-    upd[:, ACC_LOSS_SUM] = nll.float().double()
-    upd[:, ACC_COUNT] = 1.0
-    upd[:, ACC_ENERGY_SUM] = energy.float().double()
+    # one column per accumulator statistic of the state, by its per-row source (csrc/state_stats.def)
+    values = {"nll": nll.float().double(), "one": torch.ones_like(nll), "energy": energy.float().double()}
+    upd = torch.stack([values[src] for src in layout.acc_sources(state.groups)], 1)
     with state._kernel_lock():  # threads sharing the state (see CartoState.lock)
         acc = state.acc
         acc.index_add_(0, ids[valid].to(acc.device), upd[valid].to(acc.device))

@@ -22,21 +22,24 @@ import warnings
 import numpy as np
 import torch
 
-from gdc_ext import _state_references
-from gdc_ext.layout import ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, I_COLS
+from gdc_ext import _state_references, layout
+from gdc_ext._state_legacy import LEGACY_VERSIONS, legacy_shapes
 
 __all__ = ["FORMAT_VERSION", "read_state_file", "write_state_file"]
 
-# Version 2 files carry a sha256 checksum (metadata key _CHECKSUM_KEY); version 1 files (no checksum)
-# are still read, with a warning that damage to them cannot be detected. The in-memory state_dict
-# layout is the same in both versions.
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+# Version 3: the compact layout of csrc/state_stats.def (float32 folded statistics, int16 counters,
+# the columns listed in the metadata), checksummed like version 2. Version 2 files carry a sha256
+# checksum (metadata key _CHECKSUM_KEY) over the float64 / int32 layout of gdc_ext before the
+# compact one; version 1 files (that layout, no checksum) are still read, with a warning that damage
+# to them cannot be detected. Both are converted to the current layout by CartoState.load
+# (gdc_ext._state_legacy).
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (*LEGACY_VERSIONS, FORMAT_VERSION)
 
 _META_KEY = "gdc_ext"
 _CHECKSUM_KEY = "gdc_ext_sha256"
 _MAX_HEADER = 1 << 20  # a state's header is < 1 kB; a larger length field is damage, not a state
-_DTYPES = {"F64": torch.float64, "I32": torch.int32, "I64": torch.int64}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "I32": torch.int32, "I16": torch.int16, "I64": torch.int64}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _LITTLE = sys.byteorder == "little"
 
@@ -192,6 +195,11 @@ def _parse_meta(raw: str, bad) -> dict:
     if meta["eps_scalar"] and len(eps) != 1:
         raise bad(f"has damaged metadata: eps_scalar is true but eps has {len(eps)} values")
     _state_references.check_meta_names(meta, bad)  # the optional section of named references
+    if version >= 3:
+        want = layout.saved_columns(layout.groups_for(meta["extras"]))
+        if meta.get("columns") != want:
+            raise bad(f"lists the columns {meta.get('columns')!r}; this gdc_ext's layout for extras = {meta['extras']} is "
+                      f"{want} (a file of another gdc_ext, or damaged metadata)")
     return meta
 
 
@@ -205,12 +213,12 @@ def _positive_finite(e) -> bool:
 
 
 def _expected_layout(meta: dict) -> dict:
-    """{name: (dtype, shape)} of a state with this (checked) metadata, without building it."""
+    """{name: (dtype, shape)} of a state with this (checked) metadata, without building it: the
+    layout of its format version (versions 1 and 2: gdc_ext._state_legacy)."""
+    if meta["version"] in LEGACY_VERSIONS:
+        return {**legacy_shapes(meta), **_state_references.layout(meta)}
     N, K = meta["num_samples"], len(meta["eps"])
-    return {"acc": (torch.float64, (N, ACC_COLS)),
-            "fstats": (torch.float64, (N, F_COLS_EXTRAS if meta["extras"] else F_COLS_BASE)),
-            "istats": (torch.int32, (N, I_COLS)),
-            "forgets": (torch.int32, (N, K)),
+    return {**layout.shapes(N, K, layout.groups_for(meta["extras"])),
             "epoch": (torch.int64, (1,)),
             "eps": (torch.float64, (K,)),
             **_state_references.layout(meta)}

@@ -78,14 +78,16 @@ class Cartographer:
             - ``"later"``: given by :meth:`set_reference` before labelling (a cross-fit model
               trained elsewhere while this run records).
             A calibrated score with no reference at labelling time raises RuntimeError.
-        device, extras: passed to :class:`~gdc_ext.CartoState`.
+        device, extras: passed to :class:`~gdc_ext.CartoState` (extras: opt-in min loss, loss
+            mean/std and gradient energy, +24 bytes per sample; off by default, 30 bytes per
+            sample with one eps).
         **loss_kwargs: passed to :class:`~gdc_ext.CartoLoss` (``ignore_index``, ``reduction``, ...).
     """
 
     def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]], alpha_d: float = 0.75,
                  alpha_m: float = 0.75, gamma: float = 2.0, alpha: float = 0.5, keep_outliers: bool = False,
                  seed: int = 0, label_after: Optional[int] = None, eps_index: int = 0,
-                 device: Union[str, torch.device] = "cpu", extras: bool = True, *,
+                 device: Union[str, torch.device] = "cpu", extras: bool = False, *,
                  memorization: Optional[str] = None, reference=None, **loss_kwargs):
         self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras)
         for name, a in (("alpha_d", alpha_d), ("alpha_m", alpha_m)):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gdc_ext._seed import check_seed
+from gdc_ext.layout import optional_scores_columns
 
 __all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
@@ -363,7 +364,7 @@ def iter_score_columns(scores, reference=None, *, seed: int = 0, quadrants=None)
         yield "forgets" + suffix, scores.forgets_by_eps[:, k].cpu().numpy().astype(np.int64)
     yield "transitions", scores.transitions.cpu().numpy().astype(np.int64)
     yield "observed", scores.observed.cpu().numpy().astype(np.int64)
-    for name in ("min_loss", "loss_mean", "loss_std", "grad_energy"):
+    for name in optional_scores_columns():  # the columns of the groups beyond core (csrc/state_stats.def)
         t = getattr(scores, name)
         if t is not None:
             yield name, f64(t)

@@ -30,7 +30,7 @@ import torch
 
 from gdc_ext import functional
 from gdc_ext._seed import check_seed
-from gdc_ext.layout import ACC_COUNT, ACC_LOSS_SUM
+from gdc_ext.layout import ACC_COUNT, ACC_LOSS_SUM, TENSOR_DTYPES
 from gdc_ext.linear_cross_entropy import linear_cross_entropy
 from gdc_ext.references import _chunks, _classify
 from gdc_ext.state import CartoState
@@ -91,7 +91,9 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     every rank returns the same [N] reference.
 
     Returns:
-        [N] float64 (CPU): the mean NLL over each sample's scored tokens; NaN for a sample with no
+        [N] float64 (CPU): the mean NLL over each sample's scored tokens, rounded to float32 like
+        the state's last loss (so equal to the ``last_loss`` of a training pass over the same
+        model and batches, bit for bit); NaN for a sample with no
         scored token in ``batches`` (a warning counts them). A calibrated score needs a finite
         reference for every sample, so cover the whole set.
     """
@@ -152,6 +154,9 @@ def reference_losses(model: torch.nn.Module, batches: Iterable, num_samples: int
     acc = state.acc.detach().cpu()
     count = acc[:, ACC_COUNT]
     out = torch.where(count > 0, acc[:, ACC_LOSS_SUM] / count.clamp(min=1), torch.full_like(count, float("nan")))
+    # rounded as the state stores a last loss (float32 folded statistics, csrc/state_stats.def), so
+    # that scoring a training step's model gives, bit for bit, the last_loss that step records
+    out = out.to(TENSOR_DTYPES["fstats"]).to(torch.float64)
     expected = count if ids is None else count[torch.as_tensor(ids, dtype=torch.int64).reshape(-1)]
     missing = int((expected == 0).sum())
     if missing:

@@ -18,7 +18,7 @@ from gdc_ext import _fallback, ops
 from gdc_ext._checks import check_arguments
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
-from gdc_ext.layout import ACC_COLS
+from gdc_ext.layout import ACC_COLS, CORE
 from gdc_ext.state import CartoState, recording_lock
 
 __all__ = ["cross_entropy", "expand_sample_ids"]
@@ -139,14 +139,15 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
     # the state's lock around the op that adds into state.acc (threads sharing the state), forward only
     with recording_lock(state, recording):
         acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+        groups = state.groups if recording else CORE
         if not needs_grad:
             loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc, ignore_index,
-                                                    label_smoothing, False)
+                                                    label_smoothing, False, groups)
             out = reduce_rows(loss_rows, reduction, denom)
         else:
             grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
             out = ops._FusedCE.apply(logits, tgt, weight, ids, sw, grad_scale, acc, ignore_index, label_smoothing,
-                                     reduction, _inplace_allowed(inplace_grad, logits), denom)
+                                     reduction, _inplace_allowed(inplace_grad, logits), denom, groups)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out.to(result_dtype(input))

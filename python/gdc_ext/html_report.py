@@ -104,16 +104,10 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 def _take(scores, ids):
-    """The :class:`~gdc_ext.Scores` of the samples ``ids`` only (their rows of every tensor)."""
-    import dataclasses
-
+    """The :class:`~gdc_ext.Scores` of the samples ``ids`` only (their rows of every column)."""
     import torch
 
-    t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    fields = ("difficulty", "memorization_by_eps", "forgets_by_eps", "transitions", "observed", "last_loss",
-              "min_loss", "loss_mean", "loss_std", "grad_energy")
-    return dataclasses.replace(scores, **{f: None if getattr(scores, f) is None else getattr(scores, f)[t]
-                                          for f in fields})
+    return scores.take(torch.as_tensor(np.asarray(ids, dtype=np.int64)))
 
 
 def _histograms(cols: dict, codes: np.ndarray, note: str = ""):

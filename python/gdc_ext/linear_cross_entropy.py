@@ -25,7 +25,7 @@ from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
 from gdc_ext._torch_compat import LinearCrossEntropyLossBase
 from gdc_ext.functional import _check_sample_weight, _wants_record
-from gdc_ext.layout import ACC_COLS
+from gdc_ext.layout import ACC_COLS, CORE
 from gdc_ext.loss import no_ids_warning, warn_no_ids_once
 from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState, recording_lock
@@ -117,15 +117,16 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # the state's lock around the op that adds into state.acc (threads sharing the state), forward only
     with recording_lock(state, recording):
         acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+        groups = state.groups if recording else CORE
         if not any(needs):
             loss_rows, _, _, _, _ = ops.linear_cross_entropy_fwd(x, linear_weight, linear_bias, tgt, weight, ids, sw,
                                                                  _ones(dev), acc, ignore_index, label_smoothing,
-                                                                 chunk, False)
+                                                                 chunk, False, groups=groups)
             out = reduce_rows(loss_rows, reduction, denom)
         else:
             grad_scale = _ones(dev) if denom is None else (1.0 / denom).reshape(1)
             out = ops._FusedLinearCE.apply(x, linear_weight, linear_bias, tgt, weight, ids, sw, grad_scale, acc,
-                                           ignore_index, label_smoothing, reduction, chunk, denom, needs)
+                                           ignore_index, label_smoothing, reduction, chunk, denom, needs, groups)
     if reduction == "none":
         out = out.reshape(target.shape)
     return out.to(out_dtype)

@@ -12,7 +12,8 @@ import torch
 
 from gdc_ext import _C  # noqa: F401  (loads the kernels and their schemas)
 from gdc_ext._reduction import reduce_rows
-from gdc_ext.layout import ACC_COLS, F_COLS_BASE, F_COLS_EXTRAS, I_COLS
+from gdc_ext import layout
+from gdc_ext.layout import ACC_COLS, CORE
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "scale_grad_", "end_epoch_", "ArgumentError",
            "TargetIndexError"]
@@ -39,7 +40,15 @@ class ArgumentError(ValueError, RuntimeError):
 # ---------------------------------------------------------------------------------------- fakes
 # The fakes raise ValueError, like the kernels' TORCH_CHECK_VALUE, so a compiled graph rejects a
 # bad call at trace time with the same type of error eager mode gives.
-def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing):
+def _check_groups(groups, op: str) -> None:
+    torch._check_value(not isinstance(groups, bool) and isinstance(groups, int) and bool(groups & CORE)
+                       and not groups & ~layout.ALL_GROUPS,
+                       lambda: f"{op}: groups must be a bit set of the state's statistic groups with core (1) set and "
+                               f"no unknown bit (all: {layout.ALL_GROUPS}), got {groups}")
+
+
+def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing,
+                     groups=CORE):
     """The shape and dtype contract of gdc::cross_entropy_fwd(_inplace) (csrc/ce_call.cpp)."""
     _check_float_matrix(logits, "gdc.cross_entropy: input (logits)", "rows, classes")
     R, V = logits.shape
@@ -60,10 +69,12 @@ def _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, gr
         torch._check_value(sample_ids.dim() == 1 and sample_ids.shape[0] == R and sample_ids.dtype == torch.int64,
                            lambda: f"gdc.cross_entropy: sample_ids must be int64 [{R}] (one id per row) or empty, "
                                    f"got {sample_ids.shape} {sample_ids.dtype}")
+    _check_groups(groups, "gdc.cross_entropy")
     if acc.numel() > 0:
-        torch._check_value(acc.dim() == 2 and acc.shape[1] == ACC_COLS and acc.dtype == torch.float64,
-                           lambda: f"gdc.cross_entropy: acc must be a float64 [N, {ACC_COLS}] epoch accumulator or "
-                                   f"empty, got {acc.shape} {acc.dtype}")
+        cols = layout.widths(groups, 1)["acc"]
+        torch._check_value(acc.dim() == 2 and acc.shape[1] == cols and acc.dtype == torch.float64,
+                           lambda: f"gdc.cross_entropy: acc must be a contiguous float64 [N, {cols}] epoch accumulator "
+                                   f"(the state's groups = {groups}), got {acc.shape} {acc.dtype}")
         torch._check_value(has_ids or R == 0, lambda: "gdc.cross_entropy: recording into a state needs sample_ids")
     if sample_weight.numel() > 0:
         torch._check_value(has_ids, lambda: "gdc.cross_entropy: sample_weight needs sample_ids")
@@ -84,8 +95,9 @@ def _check_float_matrix(x, what: str, dims: str) -> None:
 
 @torch.library.register_fake("gdc::cross_entropy_fwd")
 def _ce_fwd_fake(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, ignore_index,
-                 label_smoothing, compute_grad):
-    _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing)
+                 label_smoothing, compute_grad, groups=CORE):
+    _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing,
+                     groups)
     R = logits.shape[0]
     loss = logits.new_empty((R,), dtype=torch.float32)
     nll = logits.new_empty((R,), dtype=torch.float32)
@@ -95,8 +107,9 @@ def _ce_fwd_fake(logits, target, class_weight, sample_ids, sample_weight, grad_s
 
 @torch.library.register_fake("gdc::cross_entropy_fwd_inplace")
 def _ce_fwd_inplace_fake(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                         ignore_index, label_smoothing):
-    _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing)
+                         ignore_index, label_smoothing, groups=CORE):
+    _check_ce_inputs(logits, target, class_weight, sample_ids, sample_weight, grad_scale, acc, label_smoothing,
+                     groups)
     R = logits.shape[0]
     return logits.new_empty((R,), dtype=torch.float32), logits.new_empty((R,), dtype=torch.float32)
 
@@ -111,29 +124,26 @@ def _scale_grad_fake(grad, grad_output):
 
 
 @torch.library.register_fake("gdc::end_epoch_")
-def _end_epoch_fake(acc, fstats, istats, forgets, epoch, eps, burn_in):
-    """The state's contract (csrc/epoch_checks.h): acc [N, ACC_COLS] float64, fstats [N, F_COLS_BASE
-    or F_COLS_EXTRAS] float64, istats [N, I_COLS] int32, forgets [N, K] int32, eps [K] float64."""
-    torch._check_value(acc.dim() == 2 and acc.shape[1] == ACC_COLS and acc.dtype == torch.float64,
-                       lambda: f"gdc.end_epoch: acc must be float64 [N, {ACC_COLS}], got {acc.shape} {acc.dtype}")
-    N = acc.shape[0]
-    torch._check_value(fstats.dim() == 2 and fstats.shape[0] == N and fstats.shape[1] in (F_COLS_BASE, F_COLS_EXTRAS)
-                       and fstats.dtype == torch.float64,
-                       lambda: f"gdc.end_epoch: fstats must be float64 [N, {F_COLS_BASE}] or [N, {F_COLS_EXTRAS}] "
-                               f"with N = {N}, got {fstats.shape} {fstats.dtype}")
-    torch._check_value(istats.dim() == 2 and istats.shape[0] == N and istats.shape[1] == I_COLS
-                       and istats.dtype == torch.int32,
-                       lambda: f"gdc.end_epoch: istats must be int32 [N, {I_COLS}] with N = {N}, got "
-                               f"{istats.shape} {istats.dtype}")
+def _end_epoch_fake(acc, fstats, istats, forgets, epoch, eps, burn_in, groups=CORE):
+    """The state's contract (csrc/epoch_checks.h): eps [K] float64, then acc, fstats, istats and
+    forgets [N, columns] with the dtypes and widths that csrc/state_stats.def gives ``groups``
+    (gdc_ext.layout.shapes)."""
+    op = "gdc.end_epoch"
+    _check_groups(groups, op)
     torch._check_value(eps.dim() == 1 and eps.shape[0] >= 1 and eps.dtype == torch.float64,
-                       lambda: f"gdc.end_epoch: eps must be float64 [K] with K >= 1, got {eps.shape} {eps.dtype}")
-    torch._check_value(forgets.dim() == 2 and forgets.shape[0] == N and forgets.shape[1] == eps.shape[0]
-                       and forgets.dtype == torch.int32,
-                       lambda: f"gdc.end_epoch: forgets must be int32 [N, K] with N = {N}, K = {eps.shape[0]}, "
-                               f"got {forgets.shape} {forgets.dtype}")
+                       lambda: f"{op}: eps must be float64 [K] with K >= 1, got {eps.shape} {eps.dtype}")
+    K = eps.shape[0]
+    N = acc.shape[0] if acc.dim() == 2 else None
+    for name, t in (("acc", acc), ("fstats", fstats), ("istats", istats), ("forgets", forgets)):
+        dtype, (_, cols) = layout.shapes(0, K, groups)[name]
+        ok = t.dim() == 2 and (N is None or t.shape[0] == N) and t.shape[1] == cols and t.dtype == dtype
+        msg = (f"{op}: {name} must be {str(dtype).replace('torch.', '')} [N, {cols}]"
+               f"{'' if N is None or name == 'acc' else f' with N = {N}'} (groups = {groups}, K = {K}), got "
+               f"{t.shape} {t.dtype}")
+        torch._check_value(ok, lambda msg=msg: msg)
     torch._check_value(epoch.numel() == 1 and epoch.dtype == torch.int64,
-                       lambda: f"gdc.end_epoch: epoch must be a single int64, got {epoch.shape} {epoch.dtype}")
-    torch._check_value(burn_in >= 0, lambda: f"gdc.end_epoch: burn_in must be >= 0, got {burn_in}")
+                       lambda: f"{op}: epoch must be a single int64, got {epoch.shape} {epoch.dtype}")
+    torch._check_value(burn_in >= 0, lambda: f"{op}: burn_in must be >= 0, got {burn_in}")
     return None
 
 
@@ -161,7 +171,7 @@ def _message(e: Exception) -> str:
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
                       sample_ids: torch.Tensor, sample_weight: torch.Tensor, grad_scale: torch.Tensor,
                       acc: torch.Tensor, ignore_index: int, label_smoothing: float,
-                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      compute_grad: bool, groups: int = CORE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused cross-entropy forward (and gradient) over rows of logits.
 
     Args:
@@ -171,23 +181,24 @@ def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, class_weight: 
         sample_ids: [R] int64 sample id per row, or an empty tensor.
         sample_weight: [N] float per-sample loss weights, or an empty tensor.
         grad_scale: one-element float tensor folded into the gradient (1/denominator for 'mean').
-        acc: [N, ACC_COLS] float64 epoch accumulator updated in place, or an empty tensor (no
-            recording); columns as in :mod:`gdc_ext.layout`.
+        acc: [N, columns] float64 epoch accumulator updated in place, or an empty tensor (no
+            recording); its columns are those of a state with the statistic ``groups``
+            (:func:`gdc_ext.layout.columns`; ``state.groups``, default core only).
     Returns:
         loss_rows [R] float32, nll_rows [R] float32 (0 where ignored), grad [R, V] (or [0]).
     """
     return _call(torch.ops.gdc.cross_entropy_fwd, logits, target, class_weight, sample_ids, sample_weight, grad_scale,
-                 acc, ignore_index, label_smoothing, compute_grad)
+                 acc, ignore_index, label_smoothing, compute_grad, groups)
 
 
 def cross_entropy_fwd_inplace(logits: torch.Tensor, target: torch.Tensor, class_weight: Optional[torch.Tensor],
                               sample_ids: torch.Tensor, sample_weight: torch.Tensor, grad_scale: torch.Tensor,
-                              acc: torch.Tensor, ignore_index: int,
-                              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+                              acc: torch.Tensor, ignore_index: int, label_smoothing: float,
+                              groups: int = CORE) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`cross_entropy_fwd` (same arguments but ``compute_grad``) with the gradient
     written over ``logits``; returns loss_rows [R] and nll_rows [R] float32."""
     return _call(torch.ops.gdc.cross_entropy_fwd_inplace, logits, target, class_weight, sample_ids, sample_weight,
-                 grad_scale, acc, ignore_index, label_smoothing)
+                 grad_scale, acc, ignore_index, label_smoothing, groups)
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -196,10 +207,14 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
 
 
 def end_epoch_(acc: torch.Tensor, fstats: torch.Tensor, istats: torch.Tensor, forgets: torch.Tensor,
-               epoch: torch.Tensor, eps: torch.Tensor, burn_in: int) -> None:
+               epoch: torch.Tensor, eps: torch.Tensor, burn_in: int, groups: Optional[int] = None) -> None:
     """Folds the epoch accumulators into the per-sample statistics (see csrc/epoch_math.h and
-    docs/method.md); shapes as in :func:`_end_epoch_fake`."""
-    torch.ops.gdc.end_epoch_(acc, fstats, istats, forgets, epoch, eps, int(burn_in))
+    docs/method.md); shapes as in :func:`_end_epoch_fake`. ``groups``: the state's statistic
+    groups (``state.groups``); None: the one whose layout has these tensors' widths."""
+    if groups is None:
+        groups = layout.infer_groups(eps.shape[0] if eps.dim() == 1 else 1, acc=acc.shape[-1], fstats=fstats.shape[-1],
+                                     istats=istats.shape[-1], forgets=forgets.shape[-1]) or CORE
+    torch.ops.gdc.end_epoch_(acc, fstats, istats, forgets, epoch, eps, int(burn_in), int(groups))
 
 
 # ------------------------------------------------------------------------ warnings under compile
@@ -227,16 +242,17 @@ class _FusedCE(torch.autograd.Function):
     grad_output in backward (in place, skipped when grad_output is 1).
 
     forward(logits [R, V], target [R], weight [V] or None, ids [R] or empty, sw [N] or empty,
-    grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index, smoothing, reduction, inplace,
-    denom 0-d for 'mean', else None) -> the reduced loss (0-d, or [R] for 'none').
+    grad_scale [1], acc [N, columns] or empty, ignore_index, smoothing, reduction, inplace,
+    denom 0-d for 'mean', else None, groups: the state's statistic groups) -> the reduced loss
+    (0-d, or [R] for 'none').
     """
 
     @staticmethod
     def forward(ctx, logits, target, weight, ids, sw, grad_scale, acc, ignore_index, smoothing, reduction,
-                inplace, denom):
+                inplace, denom, groups):
         if inplace:
             loss_rows, _ = cross_entropy_fwd_inplace(logits, target, weight, ids, sw, grad_scale, acc,
-                                                     ignore_index, smoothing)
+                                                     ignore_index, smoothing, groups)
             # The kernel wrote the gradient over the logits behind autograd's back (a C++ op has
             # no ADInplaceOrView kernel, and mark_dirty does not apply: the output is the loss,
             # not the logits). Bumping their version counter makes any other op that saved them
@@ -247,7 +263,7 @@ class _FusedCE(torch.autograd.Function):
             grad = logits
         else:
             loss_rows, _, grad = cross_entropy_fwd(logits, target, weight, ids, sw, grad_scale, acc,
-                                                   ignore_index, smoothing, True)
+                                                   ignore_index, smoothing, True, groups)
         ctx.save_for_backward(grad)
         return reduce_rows(loss_rows, reduction, denom)
 
@@ -257,7 +273,7 @@ class _FusedCE(torch.autograd.Function):
         _consume_once(ctx, "cross_entropy (CartoLoss)")
         (grad,) = ctx.saved_tensors
         _scale_grads_((grad,), grad_out)
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _refuse_double_backward(op: str, alternative: str) -> None:
@@ -303,7 +319,7 @@ __all__ += ["linear_cross_entropy_fwd"]
 @torch.library.register_fake("gdc::linear_cross_entropy_fwd")
 def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_weight, grad_scale, acc,
                   ignore_index, label_smoothing, chunk_size, compute_grad_input, compute_grad_weight,
-                  compute_grad_bias):
+                  compute_grad_bias, groups=CORE):
     """The contract of gdc::linear_cross_entropy_fwd (csrc/linear_cross_entropy.cpp): input [R, H],
     weight [V, H] and bias [V] of one float dtype, then the cross-entropy contract on [R, V]."""
     _check_float_matrix(input, "gdc.linear_cross_entropy: input", "rows, hidden")
@@ -318,7 +334,7 @@ def _lce_fwd_fake(input, weight, bias, target, class_weight, sample_ids, sample_
                                                 f"got {chunk_size}")
     # The [R, V] logits the kernel never builds: a fake stands in for them in the shared checks.
     _check_ce_inputs(input.new_empty((R, V)), target, class_weight, sample_ids, sample_weight, grad_scale, acc,
-                     label_smoothing)
+                     label_smoothing, groups)
     loss = input.new_empty((R,), dtype=torch.float32)
     nll = input.new_empty((R,), dtype=torch.float32)
     # each gradient only if its flag is set (a bias gradient also needs a bias), else empty
@@ -344,7 +360,7 @@ def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Op
                              ignore_index: int, label_smoothing: float, chunk_size: int,
                              compute_grad: bool = False, *, compute_grad_input: Optional[bool] = None,
                              compute_grad_weight: Optional[bool] = None,
-                             compute_grad_bias: Optional[bool] = None) -> tuple[torch.Tensor, ...]:
+                             compute_grad_bias: Optional[bool] = None, groups: int = CORE) -> tuple[torch.Tensor, ...]:
     """Fused linear + cross-entropy over rows, without the [R, V] logits.
 
     Args:
@@ -359,6 +375,7 @@ def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Op
             each of the three flags below).
         compute_grad_input, compute_grad_weight, compute_grad_bias: compute that gradient (None:
             ``compute_grad``). A frozen weight (LoRA) skips the dW matmuls and the [V, H] buffer.
+        groups: the statistic groups of the state that owns ``acc`` (``state.groups``).
     Returns:
         loss_rows [R] float32, nll_rows [R] float32, grad_input [R, H], grad_weight [V, H] and
         grad_bias [V] (input's dtype; each empty when not computed, grad_bias empty without bias).
@@ -366,7 +383,7 @@ def linear_cross_entropy_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Op
     flags = tuple(compute_grad if f is None else f
                   for f in (compute_grad_input, compute_grad_weight, compute_grad_bias))
     return _call(torch.ops.gdc.linear_cross_entropy_fwd, input, weight, bias, target, class_weight, sample_ids,
-                 sample_weight, grad_scale, acc, ignore_index, label_smoothing, chunk_size, *flags)
+                 sample_weight, grad_scale, acc, ignore_index, label_smoothing, chunk_size, *flags, groups)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -384,14 +401,15 @@ class _FusedLinearCE(torch.autograd.Function):
     buffer); backward returns None for the others.
 
     forward(input [R, H], weight [V, H], bias [V] or None, target [R], class_weight [V] or None,
-    ids [R] or empty, sw [N] or empty, grad_scale [1], acc [N, ACC_COLS] or empty, ignore_index,
+    ids [R] or empty, sw [N] or empty, grad_scale [1], acc [N, columns] or empty, ignore_index,
     smoothing, reduction, chunk_size, denom (0-d for 'mean', else None), needs (three bools, or
-    None: ctx.needs_input_grad of input, weight, bias)) -> the reduced loss (0-d, or [R] for 'none').
+    None: ctx.needs_input_grad of input, weight, bias), groups (the state's statistic groups))
+    -> the reduced loss (0-d, or [R] for 'none').
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, target, class_weight, ids, sw, grad_scale, acc, ignore_index, smoothing,
-                reduction, chunk_size, denom, needs=None):
+                reduction, chunk_size, denom, needs=None, groups=CORE):
         per_row = reduction == "none"
         if needs is None:
             needs = tuple(ctx.needs_input_grad[:3])
@@ -402,7 +420,7 @@ class _FusedLinearCE(torch.autograd.Function):
                                                             grad_scale, acc, ignore_index, smoothing, chunk_size,
                                                             compute_grad_input=flags[0],
                                                             compute_grad_weight=flags[1],
-                                                            compute_grad_bias=flags[2])
+                                                            compute_grad_bias=flags[2], groups=groups)
         ctx.per_row = per_row
         ctx.needs = needs
         if per_row:
@@ -422,7 +440,7 @@ class _FusedLinearCE(torch.autograd.Function):
             grads = ctx.saved_tensors
             _scale_grads_(tuple(g for g, need in zip(grads, ctx.needs) if need), grad_out)
         gx, gw, gb = (g if need else None for g, need in zip(grads, ctx.needs))
-        nones = (None,) * 12
+        nones = (None,) * 13
         return (gx, gw, gb) + nones
 
 

@@ -13,7 +13,6 @@ import os
 import struct
 import threading
 import warnings
-from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -22,16 +21,21 @@ import torch
 from gdc_ext import _state_references, ops
 from gdc_ext._io import write_atomic
 from gdc_ext._state_file import _READABLE_VERSIONS, FORMAT_VERSION, read_state_file, write_state_file
-from gdc_ext.layout import (ACC_COLS, ACC_COUNT, F_COLS_BASE, F_COLS_EXTRAS, F_DIFF_SUM, F_ENERGY, F_LAST, F_M2, F_MEAN, F_MIN,
-                            I_COLS, I_DIFF_COUNT, I_OBSERVED, I_TRANSITIONS)
-from gdc_ext.layout import ACC_LOSS_SUM
+from gdc_ext import layout
+from gdc_ext._state_legacy import LEGACY_VERSIONS, convert_legacy
+from gdc_ext.layout import ACC_COUNT, ACC_LOSS_SUM, MAX_EPOCHS
+from gdc_ext.scores_columns import CHUNK, COLUMNS
 
-__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "MAX_RECORD_COUNT", "RELATIVE_FLOOR", "check_reference"]
+__all__ = ["CartoState", "Scores", "FORMAT_VERSION", "MAX_RECORD_COUNT", "MAX_RECORD_LOSS", "RELATIVE_FLOOR",
+           "check_reference"]
 
 # The largest count one row may carry in CartoState.record: 2**53, the largest float64 up to which
 # every integer count is exact. Larger counts (1e308, say) would overflow the accumulator to inf
 # and end the epoch with NaN scores, so they are refused.
 MAX_RECORD_COUNT = 2.0 ** 53
+# The largest |loss| record() takes, in nats: the folded statistics are float32, and with losses
+# within +-1e15 every sum of them over epochs and every squared deviation (M2) stays finite there.
+MAX_RECORD_LOSS = 1e15
 # relative_excess floors both losses at this many nats, so that a reference of exactly 0 (a sample
 # the reference model predicts perfectly) gives a defined score instead of a division by zero
 RELATIVE_FLOOR = 1e-6
@@ -86,7 +90,15 @@ def check_reference(reference, num_samples: int, nonnegative: bool = False) -> t
     return torch.from_numpy(a.copy())
 
 
-@dataclass(repr=False)  # the generated repr would print every tensor: see __repr__
+# the columns Scores(...) takes by hand (its constructor's signature)
+_SCORES_FIELDS = ("difficulty", "memorization_by_eps", "forgets_by_eps", "transitions", "observed", "last_loss",
+                  "min_loss", "loss_mean", "loss_std", "grad_energy")
+# the columns Scores exposes as attributes: every column of gdc_ext.scores_columns but the derived
+# properties (a new statistic's column appears here with its derivation, None in hand-built Scores)
+_DERIVED = ("gain", "scored")
+_COLUMN_FIELDS = tuple(name for name in COLUMNS if name not in _DERIVED)
+
+
 class Scores:
     """Per-sample scores after the epochs folded so far. All tensors are on the CPU.
 
@@ -95,37 +107,102 @@ class Scores:
     :meth:`forgets_at`. The :attr:`memorization` / :attr:`forgets` convenience properties are
     [N] when the state was built with a single float ``eps`` (``single_eps``) and [N, K] when
     built with a sequence.
+
+    Columns (see :data:`gdc_ext.scores_columns.COLUMNS`): difficulty [N] float64 (NaN where no
+    burn-in epoch was observed), memorization_by_eps [N, K] float64, forgets_by_eps [N, K] int32,
+    transitions [N] int32, observed [N] int32, last_loss [N] float64 (NaN if never observed), and,
+    for a state with extras, min_loss, loss_mean, loss_std and grad_energy [N] float64 (None
+    without). ``CartoState.scores()`` keeps a snapshot of the state's compact tensors and computes
+    each column when it is first read (then cached), chunk by chunk, so reading one column costs
+    the snapshot plus that column's [N] values. Scores built by hand take every column as a tensor.
     """
 
-    difficulty: torch.Tensor            # [N] float64, NaN where no burn-in epoch was observed
-    memorization_by_eps: torch.Tensor   # [N, K] float64, forgets / transitions (0 if no transition)
-    forgets_by_eps: torch.Tensor        # [N, K] int32, forget events per threshold
-    transitions: torch.Tensor     # [N] int32, consecutive-observation pairs
-    observed: torch.Tensor        # [N] int32, epochs in which the sample was seen
-    last_loss: torch.Tensor       # [N] float64, NaN if never observed
-    min_loss: Optional[torch.Tensor]     # [N] float64 (extras)
-    loss_mean: Optional[torch.Tensor]    # [N] float64, mean of L[., i] over observed epochs (extras)
-    loss_std: Optional[torch.Tensor]     # [N] float64, population std of L[., i] (extras)
-    grad_energy: Optional[torch.Tensor]  # [N] float64, sum over tokens and epochs of ||softmax - onehot||^2
-    eps: tuple                    # the K thresholds (nats), in the order of the columns
-    epoch: int
-    burn_in: int
-    single_eps: bool = False      # built with one float eps: the convenience properties are [N]
-
-    def __post_init__(self):
+    def __init__(self, difficulty: torch.Tensor, memorization_by_eps: torch.Tensor, forgets_by_eps: torch.Tensor,
+                 transitions: torch.Tensor, observed: torch.Tensor, last_loss: torch.Tensor,
+                 min_loss: Optional[torch.Tensor], loss_mean: Optional[torch.Tensor], loss_std: Optional[torch.Tensor],
+                 grad_energy: Optional[torch.Tensor], eps: tuple, epoch: int, burn_in: int, single_eps: bool = False):
+        self._snap = None
+        self._cols = dict(difficulty=difficulty, memorization_by_eps=memorization_by_eps, forgets_by_eps=forgets_by_eps,
+                          transitions=transitions, observed=observed, last_loss=last_loss, min_loss=min_loss,
+                          loss_mean=loss_mean, loss_std=loss_std, grad_energy=grad_energy)
+        self.eps, self.epoch, self.burn_in, self.single_eps = eps, epoch, burn_in, single_eps
         # Scores built by hand with [N] tables (one threshold) are stored [N, 1] like all others.
-        if self.memorization_by_eps.dim() == 1:
-            self.memorization_by_eps = self.memorization_by_eps[:, None]
+        if self._cols["memorization_by_eps"].dim() == 1:
+            self._cols["memorization_by_eps"] = self._cols["memorization_by_eps"][:, None]
             self.single_eps = True
-        if self.forgets_by_eps.dim() == 1:
-            self.forgets_by_eps = self.forgets_by_eps[:, None]
+        if self._cols["forgets_by_eps"].dim() == 1:
+            self._cols["forgets_by_eps"] = self._cols["forgets_by_eps"][:, None]
         self.eps = tuple(float(e) for e in self.eps)
+        self._n = int(difficulty.shape[0])
         K = len(self.eps)
         for name in ("memorization_by_eps", "forgets_by_eps"):
-            t = getattr(self, name)
-            if t.dim() != 2 or t.shape[1] != K or t.shape[0] != self.difficulty.shape[0]:
-                raise ValueError(f"{name} must be [N, K] = [{self.difficulty.shape[0]}, {K}] (K = len(eps)), "
-                                 f"got {tuple(t.shape)}")
+            t = self._cols[name]
+            if t.dim() != 2 or t.shape[1] != K or t.shape[0] != self._n:
+                raise ValueError(f"{name} must be [N, K] = [{self._n}, {K}] (K = len(eps)), got {tuple(t.shape)}")
+
+    @classmethod
+    def _from_snapshot(cls, snapshot: dict, groups: int, eps: tuple, epoch: int, burn_in: int,
+                       single_eps: bool) -> "Scores":
+        """Scores over ``snapshot`` ({tensor name: CPU tensor} of a state's fstats, istats and
+        forgets, owned by the Scores), computing each column on first access."""
+        self = cls.__new__(cls)
+        self._snap = snapshot
+        self._groups = groups
+        self._cols = {}
+        self.eps = tuple(float(e) for e in eps)
+        self.epoch, self.burn_in, self.single_eps = epoch, burn_in, single_eps
+        self._n = int(next(iter(snapshot.values())).shape[0])
+        return self
+
+    # ----------------------------------------------------------------------------- columns
+    def _has(self, name: str) -> bool:
+        """Whether column ``name`` exists (the state kept the statistics it needs)."""
+        if self._snap is None:
+            return self._cols.get(name) is not None
+        K = len(self.eps)
+        return all(layout.stat_location(s, self._groups, K) is not None for s in COLUMNS[name].stats)
+
+    def _compute(self, name: str) -> Optional[torch.Tensor]:
+        """Column ``name`` computed from the snapshot, chunk by chunk (None if it does not exist)."""
+        if not self._has(name):
+            return None
+        col = COLUMNS[name]
+        K = len(self.eps)
+        where = {s: layout.stat_location(s, self._groups, K) for s in col.stats}
+        out = torch.empty((self._n, K) if col.per_eps else (self._n,), dtype=col.dtype)
+        for i0 in range(0, self._n, CHUNK):
+            i1 = min(i0 + CHUNK, self._n)
+            rows = {}
+            for s, (tensor, c) in where.items():
+                t = self._snap[tensor]
+                rows[s] = t[i0:i1, c:c + K] if tensor == "forgets" else t[i0:i1, c]
+            out[i0:i1] = col.fn(rows)
+        return out
+
+    def _get(self, name: str) -> Optional[torch.Tensor]:
+        """Column ``name`` (cached after the first read; None if the state did not keep it)."""
+        if name not in self._cols:
+            self._cols[name] = self._compute(name)
+        return self._cols[name]
+
+    def _derived(self, name: str, inputs: tuple, from_columns):
+        """A derived column (``gain``, ``scored``): straight from the snapshot, without computing
+        and caching the columns ``inputs`` it is defined by, unless they are already cached."""
+        if self._snap is not None and not all(c in self._cols for c in inputs):
+            return self._compute(name)
+        return from_columns()
+
+    def take(self, ids: torch.Tensor) -> "Scores":
+        """These scores restricted to the samples ``ids`` ([k] int64 tensor), rows in that order (a
+        snapshot-backed Scores stays lazy: it keeps the k rows of the snapshot)."""
+        if self._snap is not None:
+            return Scores._from_snapshot({k: v[ids] for k, v in self._snap.items()}, self._groups, self.eps,
+                                         self.epoch, self.burn_in, self.single_eps)
+        cols = {f: None if self._cols.get(f) is None else self._cols[f][ids] for f in _COLUMN_FIELDS}
+        out = Scores(**{f: cols.pop(f) for f in _SCORES_FIELDS}, eps=self.eps, epoch=self.epoch, burn_in=self.burn_in,
+                     single_eps=self.single_eps)
+        out._cols.update(cols)
+        return out
 
     # ----------------------------------------------------------------------------- per threshold
     def _column(self, eps: Optional[float]) -> int:
@@ -165,14 +242,15 @@ class Scores:
     @property
     def scored(self) -> torch.Tensor:
         """[N] bool: samples with a difficulty (seen in at least one burn-in epoch)."""
-        return ~torch.isnan(self.difficulty)
+        return self._derived("scored", ("difficulty",), lambda: ~torch.isnan(self.difficulty))
 
     @property
     def gain(self) -> torch.Tensor:
         """[N] float64 learning gain ``difficulty - last_loss``: hard during burn-in, easy at the
         last observation, as a rote-learnt sample looks (docs/method.md, "Scores beyond the
         paper"). NaN where unscored (no burn-in difficulty)."""
-        return self.difficulty.double() - self.last_loss.double()
+        return self._derived("gain", ("difficulty", "last_loss"),
+                             lambda: self.difficulty.double() - self.last_loss.double())
 
     def excess(self, reference) -> torch.Tensor:
         """[N] float64 reference-calibrated excess ``reference - last_loss``: how much lower the
@@ -182,7 +260,7 @@ class Scores:
             e.g. a unigram model's mean token NLL of the sample. ValueError otherwise.
         NaN where the sample was never observed (no last loss).
         """
-        ref = check_reference(reference, self.difficulty.shape[0])
+        ref = check_reference(reference, self._n)
         return ref - self.last_loss.double()
 
     def relative_excess(self, reference) -> torch.Tensor:
@@ -197,7 +275,7 @@ class Scores:
             a model that did not train on the sample, e.g. :func:`gdc_ext.reference_losses`).
         NaN where the sample was never observed (no last loss).
         """
-        ref = check_reference(reference, self.difficulty.shape[0], nonnegative=True)
+        ref = check_reference(reference, self._n, nonnegative=True)
         return 1.0 - self.last_loss.double().clamp(min=RELATIVE_FLOOR) / ref.clamp(min=RELATIVE_FLOOR)
 
     @property
@@ -232,9 +310,9 @@ class Scores:
 
     # ----------------------------------------------------------------------------- views
     def __repr__(self) -> str:
-        N = self.difficulty.shape[0]
+        N = self._n
         return (f"Scores(N={N}, epochs={self.epoch}, burn_in={self.burn_in}, eps={self.eps}, "
-                f"scored={int(self.scored.sum())}, extras={self.loss_mean is not None})")
+                f"scored={int(self.scored.sum())}, extras={self._has('loss_mean')})")
 
     def to_pandas(self, reference=None, *, quadrants=None, seed: int = 0):
         """A ``pandas.DataFrame`` with one row per sample (index ``sample_id``, 0..N-1) and every
@@ -248,7 +326,7 @@ class Scores:
         from gdc_ext.cartography import QUADRANT_NAMES, score_columns
 
         cols = score_columns(self, reference, seed=seed, quadrants=quadrants)
-        frame = pd.DataFrame(cols, index=pd.RangeIndex(self.difficulty.shape[0], name="sample_id"))
+        frame = pd.DataFrame(cols, index=pd.RangeIndex(self._n, name="sample_id"))
         if "quadrant" in cols:
             names = np.array([QUADRANT_NAMES[c] for c in (-1, 0, 1, 2, 3)], dtype=object)
             frame["quadrant_name"] = pd.Categorical(names[cols["quadrant"].astype(np.int64) + 1],
@@ -266,7 +344,7 @@ class Scores:
         if any(not 0.0 <= q <= 1.0 for q in qs):
             raise ValueError(f"quantiles must be in [0, 1], got {qs}")
         cols = iter_score_columns(self, reference, seed=seed)  # one column of N at a time
-        N = self.difficulty.shape[0]
+        N = self._n
         scored = int(self.scored.sum())
         head = [f"Scores: N = {N} samples, {self.epoch} epochs (burn-in {self.burn_in}), eps = {list(self.eps)}",
                 f"scored (seen in a burn-in epoch): {scored} ({scored / max(N, 1):.1%}), unscored: {N - scored}"]
@@ -284,6 +362,24 @@ class Scores:
         return "\n".join(head + lines)
 
 
+
+def _column_property(name: str) -> property:
+    doc = COLUMNS[name].doc
+
+    def get(self) -> Optional[torch.Tensor]:
+        return self._get(name)
+
+    def set(self, value: Optional[torch.Tensor]) -> None:
+        self._cols[name] = value
+
+    return property(get, set, doc=doc)
+
+
+for _name in _COLUMN_FIELDS:
+    setattr(Scores, _name, _column_property(_name))
+del _name
+
+
 class CartoState:
     """Per-sample accumulators for N training samples.
 
@@ -294,17 +390,31 @@ class CartoState:
         eps: forget threshold in nats (a positive number or 0-d tensor), or a non-empty sequence
             of K thresholds tracked together (a list, tuple or 1-D tensor / array).
         device: where the state lives; CartoLoss must run on the same device.
-        extras: also keep min loss, Welford mean/variance and gradient energy (+32 bytes/sample).
+        extras: also keep min loss, Welford mean/variance and gradient energy (Scores.min_loss,
+            loss_mean, loss_std, grad_energy and the confidence / variability views; None
+            without). Opt-in since the compact layout (default False): they cost 24 bytes per
+            sample beyond the 32-byte budget of the default state.
 
     A bad ``num_samples``, ``burn_in`` or ``eps`` (a string, None, a bool, a float count, nested
     lists, ...) raises a ValueError naming the argument.
 
-    Memory: 24 (epoch accumulator) + 16 (+32 with extras) + 12 + 4K bytes per sample, whatever
-    the number of epochs.
+    Memory, whatever the number of epochs (docs/method.md, "Storage"; the layout is declared in
+    csrc/state_stats.def): per sample, the epoch accumulator acc (float64 loss sum and token
+    count: 16 bytes; +8 for the energy sum with extras), the float32 folded statistics fstats
+    (difficulty sum and last loss: 8; +16 for min, mean, M2 and energy with extras), the int16
+    counters istats (burn-in epochs and observed epochs: 4) and int16 forgets (2 per eps):
+
+    - default (``CartoState(N, burn_in)``, one eps): 16 + 8 + 4 + 2 = **30 bytes per sample**;
+      28 + 2K with K thresholds;
+    - ``extras=True``: 24 + 24 + 4 + 2K = 52 + 2K (54 with one eps);
+
+    plus 8 (epoch) + 8K (eps) bytes in all. The int16 counters bound a state to
+    :data:`gdc_ext.layout.MAX_EPOCHS` (32767) folded epochs: end_epoch refuses the next one,
+    changing nothing.
     """
 
     def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]] = 0.1,
-                 device: Union[str, torch.device] = "cpu", extras: bool = True):
+                 device: Union[str, torch.device] = "cpu", extras: bool = False):
         num_samples = _as_int("num_samples", num_samples, "a positive int")
         burn_in = _as_int("burn_in", burn_in, "an int >= 1 (epochs)")
         self._eps_scalar, eps_list = _eps_values(eps)
@@ -312,12 +422,12 @@ class CartoState:
         self.burn_in = burn_in
         self.extras = bool(extras)
         N, K, dev = self.num_samples, len(eps_list), torch.device(device)
-        self.acc = torch.zeros(N, ACC_COLS, dtype=torch.float64, device=dev)
-        self.fstats = torch.zeros(N, F_COLS_EXTRAS if extras else F_COLS_BASE, dtype=torch.float64, device=dev)
-        self.istats = torch.zeros(N, I_COLS, dtype=torch.int32, device=dev)
-        self.forgets = torch.zeros(N, K, dtype=torch.int32, device=dev)
+        for name, (dtype, shape) in layout.shapes(N, K, self.groups).items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=dev))
         self.epoch = torch.zeros(1, dtype=torch.int64, device=dev)
         self.eps = torch.tensor(eps_list, dtype=torch.float64, device=dev)
+        # epochs folded, as the host knows them (end_epoch's check without reading a CUDA tensor)
+        self._epochs_host = 0
         self.process_group = None  # torch.distributed group to all-reduce over (None: the default group)
         self._lock = threading.RLock()  # see the lock property
 
@@ -358,6 +468,12 @@ class CartoState:
         return self.acc.device
 
     @property
+    def groups(self) -> int:
+        """The statistic groups kept (a bit mask of :data:`gdc_ext.layout.GROUPS`: core, plus
+        extras with ``extras=True``); they fix the columns of the tensors."""
+        return layout.groups_for(self.extras)
+
+    @property
     def num_eps(self) -> int:
         return int(self.eps.numel())
 
@@ -395,11 +511,26 @@ class CartoState:
         the same ValueError on every rank (naming the field, the ranks and their values) and
         nothing is changed, where the all-reduce would otherwise mix mismatched states silently or
         abort the process.
+
+        The int16 counters hold at most :data:`gdc_ext.layout.MAX_EPOCHS` (32767) epochs: folding
+        one more raises ValueError and changes nothing (every rank alike). On CUDA the count the
+        host keeps is checked (no synchronisation, so end_epoch stays CUDA-graph capturable); epochs
+        folded by replaying a captured graph are not counted there, and the kernel itself leaves
+        a full state unchanged.
         """
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size(self.process_group) > 1:
-                self._check_ranks_agree()
-                torch.distributed.all_reduce(self.acc, group=self.process_group)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size(self.process_group) > 1
+        if distributed:
+            self._check_ranks_agree()  # first: every rank then has the same epoch count
+        # the device's counter where reading it is free (or already done by the agreement check)
+        host = getattr(self, "_epochs_host", None)
+        done = self.epochs_done if distributed or host is None or self.epoch.device.type == "cpu" else host
+        if done >= MAX_EPOCHS:
+            raise ValueError(f"CartoState.end_epoch: the state has folded {done} epochs, the most its int16 counters "
+                             f"(observed epochs, forget events) can hold ({MAX_EPOCHS}); nothing was changed. "
+                             f"Save its scores and start a new CartoState to go on.")
+        if distributed:
+            torch.distributed.all_reduce(self.acc, group=self.process_group)
         # An epoch that recorded nothing is almost always a wiring mistake (no sample ids, the loss
         # in eval mode, ...). The check reads the accumulator, which is free on the CPU; on a GPU it
         # would cost a host synchronisation every epoch, so there it is skipped.
@@ -408,7 +539,9 @@ class CartoState:
                           f"was recorded with sample ids since the last end_epoch(), so no sample is observed in "
                           f"it (were sample_ids passed to the loss, or record() called?)", UserWarning,
                           stacklevel=2)
-        ops.end_epoch_(self.acc, self.fstats, self.istats, self.forgets, self.epoch, self.eps, self.burn_in)
+        ops.end_epoch_(self.acc, self.fstats, self.istats, self.forgets, self.epoch, self.eps, self.burn_in,
+                       self.groups)
+        self._epochs_host = done + 1
 
     @_synchronized
     def record(self, losses: torch.Tensor, sample_ids: torch.Tensor,
@@ -422,7 +555,9 @@ class CartoState:
         mean of the rows recorded for it in the epoch, and :meth:`end_epoch` folds it as usual.
 
         Args:
-            losses: float tensor of any shape S, one loss per row (a token, a sample, ...).
+            losses: float tensor of any shape S, one loss per row (a token, a sample, ...), each
+                finite and within +-:data:`MAX_RECORD_LOSS` (1e15 nats: the folded statistics are
+                float32).
             sample_ids: integer tensor of shape S (one id per row), or 1-D [B] with one id per
                 sequence, the flattened losses being B equal consecutive groups (per-sequence ids of
                 [B, L] or flat [B*L] losses), exactly as CartoLoss reads sample ids.
@@ -489,6 +624,11 @@ class CartoState:
                 r = int(bad.nonzero()[0, 0])
                 raise ValueError(f"losses[{r}] * counts[{r}] = {float(loss[r])} * {float(cnt[r])} overflows float64; "
                                  f"the CartoState was left unchanged")
+            bad = used & (loss.abs() > MAX_RECORD_LOSS)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0, 0])
+                raise ValueError(f"losses[{r}] = {float(loss[r])} is beyond +-{MAX_RECORD_LOSS:g} (MAX_RECORD_LOSS): "
+                                 f"the folded statistics are float32; the CartoState was left unchanged")
             if not bool(torch.isfinite(_sum_bound(acc, ids, used, prod))):
                 raise ValueError("counts: the batch's losses * counts, added to this epoch's accumulator, overflow "
                                  "float64; the CartoState was left unchanged")
@@ -497,10 +637,12 @@ class CartoState:
             # no host synchronisation: the batch's validity is a device scalar that masks every row
             in_range = (ids >= 0) & (ids < N)
             row_bad = (~torch.isfinite(cnt)) | (cnt < 0) | (cnt > MAX_RECORD_COUNT) \
-                | (used & ~(in_range & torch.isfinite(loss) & torch.isfinite(prod)))
+                | (used & ~(in_range & torch.isfinite(loss) & torch.isfinite(prod) & (loss.abs() <= MAX_RECORD_LOSS)))
             ok = used & ~row_bad.any() & torch.isfinite(_sum_bound(acc, ids, used & in_range, prod))
         zero = torch.zeros((), dtype=torch.float64, device=dev)
-        upd = torch.stack([torch.where(ok, prod, zero), torch.where(ok, cnt, zero), zero.expand_as(loss)], 1)
+        # one column per accumulator statistic, by its per-row source (csrc/state_stats.def)
+        values = {"nll": torch.where(ok, prod, zero), "one": torch.where(ok, cnt, zero)}
+        upd = torch.stack([values.get(src, zero.expand_as(loss)) for src in layout.acc_sources(self.groups)], 1)
         acc.index_add_(0, torch.where(ok, ids, torch.zeros_like(ids)), upd)
 
     @_synchronized
@@ -553,35 +695,26 @@ class CartoState:
     # ----------------------------------------------------------------------------- scores
     @_synchronized
     def scores(self) -> Scores:
-        """The per-sample scores of the epochs folded so far (CPU tensors; see :class:`Scores`)."""
-        f = self.fstats.detach().cpu()
-        ist = self.istats.detach().cpu()
-        fg = self.forgets.detach().cpu()
-        diff_count = ist[:, I_DIFF_COUNT]
-        observed = ist[:, I_OBSERVED].clone()
-        transitions = ist[:, I_TRANSITIONS].clone()
-        nan = torch.full_like(f[:, F_DIFF_SUM], float("nan"))
-        difficulty = torch.where(diff_count > 0, f[:, F_DIFF_SUM] / diff_count.clamp(min=1).double(), nan)
-        mem = torch.where(transitions[:, None] > 0, fg.double() / transitions.clamp(min=1)[:, None].double(),
-                          torch.zeros_like(fg, dtype=torch.float64))
-        seen = observed > 0
-        last = torch.where(seen, f[:, F_LAST], nan)
-        min_loss = loss_mean = loss_std = energy = None
-        if self.extras:
-            min_loss = torch.where(seen, f[:, F_MIN], nan)
-            loss_mean = torch.where(seen, f[:, F_MEAN], nan)
-            loss_std = torch.where(seen, torch.sqrt((f[:, F_M2] / observed.clamp(min=1).double()).clamp(min=0)), nan)
-            energy = f[:, F_ENERGY].clone()
-        return Scores(difficulty=difficulty, memorization_by_eps=mem, forgets_by_eps=fg.clone(),
-                      transitions=transitions, observed=observed, last_loss=last, min_loss=min_loss,
-                      loss_mean=loss_mean, loss_std=loss_std, grad_energy=energy, eps=tuple(self.eps.tolist()),
-                      epoch=self.epochs_done, burn_in=self.burn_in, single_eps=self._eps_scalar)
+        """The per-sample scores of the epochs folded so far (CPU tensors; see :class:`Scores`).
+
+        Takes a snapshot of the folded statistics (a copy of fstats, istats and forgets: 14 bytes
+        per sample by default) and computes each column when it is first read, so
+        ``state.scores().gain`` costs the snapshot plus the [N] float64 gain, never every column."""
+        snap = {}
+        for name in ("fstats", "istats", "forgets"):
+            t = getattr(self, name).detach()
+            snap[name] = t.cpu() if t.device.type != "cpu" else t.clone()
+        return Scores._from_snapshot(snap, self.groups, tuple(self.eps.tolist()), self.epochs_done, self.burn_in,
+                                     self._eps_scalar)
 
     # ----------------------------------------------------------------------------- persistence
     def _meta(self) -> dict:
+        # columns: the saved name of each column of each tensor (csrc/state_stats.def), so that a
+        # file says which statistics it holds
+        cols = layout.saved_columns(self.groups)
         return {"format": "gdc_ext.CartoState", "version": FORMAT_VERSION, "num_samples": self.num_samples,
                 "burn_in": self.burn_in, "eps": self.eps.tolist(), "eps_scalar": self._eps_scalar,
-                "extras": self.extras}
+                "extras": self.extras, "columns": cols}
 
     @_synchronized
     def state_dict(self) -> dict:
@@ -596,6 +729,7 @@ class CartoState:
         before anything is replaced, so a rejected dict leaves this state unchanged."""
         for name, t in self._checked_state_dict(state_dict).items():
             setattr(self, name, t)
+        self._epochs_host = self.epochs_done
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
         """The tensors :meth:`load_state_dict` would set (copies on this state's device), after all
@@ -612,13 +746,20 @@ class CartoState:
             if meta.get(key) != mine[key]:
                 raise ValueError(f"state_dict: mismatched state: {key} is {meta.get(key)!r} in the saved state "
                                  f"but {mine[key]!r} in this CartoState")
-        return self._checked_tensors({name: state_dict.get(name) for name in _TENSORS}, self.device, copy=True)
+        tensors = {name: state_dict.get(name) for name in _TENSORS}
+        if meta["version"] in LEGACY_VERSIONS:  # a checkpoint of gdc_ext before the compact layout
+            tensors = convert_legacy(meta, tensors, "state_dict")
+        elif meta.get("columns", mine["columns"]) != mine["columns"]:
+            raise ValueError(f"state_dict: its columns {meta.get('columns')} are not this gdc_ext's layout "
+                             f"{mine['columns']} for extras = {self.extras}")
+        return self._checked_tensors(tensors, self.device, copy=True)
 
     def _adopt(self, tensors: dict, device: torch.device, copy: bool) -> None:
         """Makes ``tensors``, checked by :meth:`_checked_tensors`, this state's tensors; nothing is
         replaced unless every check passes."""
         for name, t in self._checked_tensors(tensors, device, copy).items():
             setattr(self, name, t)
+        self._epochs_host = self.epochs_done
 
     def _checked_tensors(self, tensors: dict, device: torch.device, copy: bool) -> dict:
         """``tensors`` checked (shapes and dtypes of this state's, consistent counters) and placed on
@@ -672,10 +813,12 @@ class CartoState:
 
         Raises FileNotFoundError for a missing file and ValueError naming the file for a damaged,
         foreign or crafted one: the header and the sizes it declares are checked against the file's
-        size and the metadata before anything is allocated, and the sha256 checksum (format version
-        2) is verified over every byte of the file. Files of format version 1 (gdc_ext before the
-        checksum) are read with a warning that damage to them cannot be detected. Each tensor is
-        read once, into the memory the state keeps.
+        size and the metadata before anything is allocated, and the sha256 checksum (format versions
+        2 and 3) is verified over every byte of the file. Files of format versions 1 and 2 (gdc_ext
+        before the compact layout; version 1 also before the checksum, read with a warning that
+        damage to it cannot be detected) are converted to the current layout (see
+        gdc_ext._state_legacy). Each tensor of a current file is read once, into the memory the
+        state keeps.
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -685,6 +828,8 @@ class CartoState:
         # built on the meta device (no memory), then given the tensors just read
         state = cls(meta["num_samples"], meta["burn_in"], eps, device="meta", extras=meta["extras"])
         try:
+            if meta["version"] in LEGACY_VERSIONS:
+                tensors = convert_legacy(meta, tensors, "a version 1/2 state")
             state._adopt(tensors, torch.device(device), copy=False)
         except ValueError as e:
             raise ValueError(f"CartoState.load: {path!r}: {e}") from None
@@ -802,15 +947,19 @@ def _short(value) -> str:
 
 
 def _check_consistent(t: dict) -> None:
-    """Cheap invariants that a damaged or hand-edited state breaks."""
+    """Cheap invariants that a damaged or hand-edited state breaks (counters in the core columns,
+    which every layout has at the same place)."""
     ist, fg = t["istats"], t["forgets"]
+    epochs = int(t["epoch"].reshape(-1)[0])
+    if epochs < 0 or epochs > MAX_EPOCHS:
+        raise ValueError(f"state_dict: epoch counter {epochs} outside [0, {MAX_EPOCHS}]: the state is corrupted")
     if bool((ist < 0).any()) or bool((fg < 0).any()):
         raise ValueError("state_dict: negative counters: the state is corrupted")
-    transitions = ist[:, I_TRANSITIONS]
-    if bool((transitions > ist[:, I_OBSERVED]).any()) or bool((fg > transitions[:, None]).any()):
-        raise ValueError("state_dict: counters out of order (transitions > observed or forgets > transitions)")
-    if int(t["epoch"].reshape(-1)[0]) < 0:
-        raise ValueError("state_dict: negative epoch counter")
+    observed, burn = ist[:, layout.I_OBSERVED], ist[:, layout.I_DIFF_COUNT]
+    transitions = (observed.to(torch.int32) - 1).clamp(min=0)
+    if bool((observed > epochs).any()) or bool((burn > observed).any()) or bool((fg > transitions[:, None]).any()):
+        raise ValueError("state_dict: counters out of order (observed epochs > epochs folded, burn-in epochs > "
+                         "observed, or forgets > transitions)")
 
 
 def _rows_like(name: str, value, losses: torch.Tensor, dev: torch.device, integer: bool) -> torch.Tensor:
