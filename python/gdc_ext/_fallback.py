@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gdc_ext._recording import recording_into
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext.layout import ACC_COLS, ACC_COUNT, ACC_ENERGY_SUM, ACC_LOSS_SUM
@@ -63,6 +64,7 @@ def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, va
     upd[:, ACC_LOSS_SUM] = nll.float().double()
     upd[:, ACC_COUNT] = 1.0
     upd[:, ACC_ENERGY_SUM] = energy.float().double()
-    with state._kernel_lock():  # threads sharing the state (see CartoState.lock)
-        acc = state.acc
-        acc.index_add_(0, ids[valid].to(acc.device), upd[valid].to(acc.device))
+    # under the state's lock (threads sharing it); a sharded state gives a per-call accumulator
+    dev = state.device
+    with recording_into(state, True, ids[valid].to(dev), torch.empty(0, device=dev)) as (rows, _, acc):
+        acc.index_add_(0, rows, upd[valid].to(acc.device))
