@@ -168,6 +168,7 @@ def run_world(worker, world: int, out, *args) -> list:
     """Runs ``worker(rank, world, *args)`` (returning a dict) in ``world`` forked gloo processes;
     returns their dicts in rank order. A rank's exception fails with its traceback."""
     out = str(out)
+    os.makedirs(out, exist_ok=True)
     store = os.path.join(out, f"store{world}")
     # fork, not spawn: the children skip re-importing torch (seconds on a loaded 2-core box)
     mp.start_processes(_entry, args=(worker, world, store, out, args), nprocs=world, join=True, start_method="fork")

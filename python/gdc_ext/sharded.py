@@ -124,6 +124,19 @@ class ShardedCartoState:
     def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]] = 0.1,
                  device: Union[str, torch.device] = "cpu", extras: bool = True, *, process_group=None,
                  flush_every: Optional[int] = 1):
+        self._init(num_samples, burn_in, eps, device, extras, process_group, flush_every, None)
+
+    @classmethod
+    def _with_local(cls, local: CartoState, num_samples: int, burn_in: int, eps, extras: bool, *, process_group=None,
+                    flush_every: Optional[int] = 1) -> "ShardedCartoState":
+        """A sharded state whose shard is ``local`` (already loaded: no second copy is allocated).
+        Collective, like the constructor."""
+        self = cls.__new__(cls)
+        self._init(num_samples, burn_in, eps, local.device, extras, process_group, flush_every, local)
+        return self
+
+    def _init(self, num_samples, burn_in, eps, device, extras, process_group, flush_every,
+              local: Optional[CartoState]) -> None:
         # CartoState's own checks and messages, on the meta device (no memory)
         template = CartoState(num_samples, burn_in, eps, device="meta", extras=extras)
         if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, (int, np.integer))
@@ -143,7 +156,12 @@ class ShardedCartoState:
         self.flush_every = None if flush_every is None else int(flush_every)
         self.start, self.stop = shard_bounds(N, world, rank)
         self._eps_arg = eps
-        self.local = CartoState(self.stop - self.start, burn_in, eps, device=device, extras=extras)
+        if local is None:
+            local = CartoState(self.stop - self.start, burn_in, eps, device=device, extras=extras)
+        elif local.num_samples != self.stop - self.start:
+            raise ValueError(f"the shard holds {local.num_samples} samples but rank {rank} of {world} owns "
+                             f"{self.stop - self.start} (ids [{self.start}, {self.stop}))")
+        self.local = local
         if world > 1:
             # the shard folds alone: its CartoState must not all-reduce over the ranks in end_epoch
             self.local.process_group = _dist.singleton_group()
