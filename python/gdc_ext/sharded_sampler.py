@@ -25,43 +25,50 @@ from torch.utils.data import Sampler
 from gdc_ext import _dist
 from gdc_ext._seed import check_seed
 from gdc_ext.cartography import Quadrants, multiplicities
-from gdc_ext.sharded_selection import _mix64, _stream_key, hash_uniform
+from gdc_ext.sharded_selection import _stream_key, hash_uniform
 
 __all__ = ["ShardedCartoSampler"]
 
 _SAMPLER_TAG = 0x73616D706C6572  # "sampler": the stream of the Bernoulli remainders
 _ORDER_TAG = 0x6F72646572        # "order": the per-rank permutation
-_CHUNK = 1 << 16                 # positions evaluated per step of __iter__
+_CHUNK = 1 << 16                 # positions of the permutation evaluated per step (cache-sized)
 
 
 class _Permutation:
-    """A keyed pseudo-random permutation of ``0..m-1``: a 4-round Feistel network on the smallest
-    even number of bits covering m, cycle-walked into range (a bijection on [0, 2**bits) restricted
-    to [0, m) stays one). Vectorised: ``perm(positions)`` for a uint64 array."""
+    """A keyed pseudo-random order of ``0..m-1``: a 4-round Feistel network (a bijection of
+    [0, 2**bits), bits the fewest covering m; unbalanced halves when bits is odd; multiply-shift
+    round functions) applied to 0, 1, 2, ... with the values >= m skipped (2**bits < 2m, so at most
+    half are). Vectorised over chunks of positions (:meth:`chunks`)."""
+
+    ROUNDS = 4
 
     def __init__(self, m: int, *words: int):
         self.m = int(m)
         bits = max(2, int(self.m - 1).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = np.uint64((1 << self.half) - 1)
-        self.keys = [_stream_key(*words, r) for r in range(4)]
+        self.widths = (bits // 2, bits - bits // 2)  # (left, right)
+        keys = [int(_stream_key(*words, r)) for r in range(2 * self.ROUNDS)]
+        self.keys = [np.uint64(k) for k in keys[:self.ROUNDS]]
+        self.mults = [np.uint64(k | 1) for k in keys[self.ROUNDS:]]  # odd multipliers
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        h = np.uint64(self.half)
-        left, right = x >> h, x & self.mask
+        wl, wr = self.widths
+        left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
         with np.errstate(over="ignore"):
-            for key in self.keys:
-                f = _mix64(right * np.uint64(0x9E3779B97F4A7C15) + key) & self.mask
+            for key, mult in zip(self.keys, self.mults):
+                # F: the top wl bits of (right ^ key) * mult; then (left, right) <- (right, left ^ F)
+                f = ((right ^ key) * mult) >> np.uint64(64 - wl)
                 left, right = right, left ^ f
-        return (left << h) | right
+                wl, wr = wr, wl
+        return (left << np.uint64(wr)) | right
 
-    def __call__(self, positions: np.ndarray) -> np.ndarray:
-        x = self._encrypt(np.asarray(positions, dtype=np.uint64))
-        out = x >= np.uint64(self.m)
-        while out.any():  # cycle-walk: re-encrypt those that left [0, m)
-            x[out] = self._encrypt(x[out])
-            out = x >= np.uint64(self.m)
-        return x
+    def chunks(self, size: int):
+        """The permutation in order, as uint64 arrays: the network maps the positions of
+        [0, 2**bits) chunk by chunk and the values >= m are dropped (rejection instead of
+        cycle-walking: the same permutation of [0, m) up to the order, with no per-element loop)."""
+        domain = 1 << sum(self.widths)
+        for lo in range(0, domain, size):
+            x = self._encrypt(np.arange(lo, min(lo + size, domain), dtype=np.uint64))
+            yield x[x < np.uint64(self.m)]
 
 
 class ShardedCartoSampler(Sampler[int]):
@@ -106,6 +113,13 @@ class ShardedCartoSampler(Sampler[int]):
             raise ValueError(f"quadrants_or_weights: expected one value per owned id ({n}, ids [{start}, {start + n})), "
                              f"got {w.numel()}")
         self.weights = w.numpy()
+        # per epoch only the ids with a fractional multiplicity draw a uniform (none for the
+        # default quadrant multiplicities), so the integer parts and those ids are kept once
+        base = np.floor(self.weights)
+        self._base = base.astype(np.int64)
+        self._part = np.flatnonzero(self.weights > base)
+        self._frac = (self.weights - base)[self._part]
+        self._fixed_draws = None  # the draw list when no multiplicity is fractional (the same every epoch)
         self.start = start
         self.num_samples = int(shard.num_samples)
         self.process_group = shard.process_group
@@ -129,20 +143,21 @@ class ShardedCartoSampler(Sampler[int]):
 
     def counts(self) -> torch.Tensor:
         """[n] int64: how many times each owned id is drawn this epoch, before balancing."""
-        w = self.weights
-        base = np.floor(w)
-        frac = w - base
-        counts = base.astype(np.int64)
-        part = np.flatnonzero(frac > 0)  # only fractional multiplicities need a uniform
-        if part.size:
-            u = hash_uniform(part + self.start, _SAMPLER_TAG, self.seed, self.epoch)
-            counts[part] += (u < frac[part]).astype(np.int64)
+        counts = self._base.copy()
+        if self._part.size:
+            u = hash_uniform(self._part + self.start, _SAMPLER_TAG, self.seed, self.epoch)
+            counts[self._part] += (u < self._frac).astype(np.int64)
         return torch.from_numpy(counts)
 
     def _draw(self) -> None:
-        counts = self.counts().numpy()
-        dtype = np.int32 if self.weights.size < 2 ** 31 else np.int64
-        self._draws = np.repeat(np.arange(self.weights.size, dtype=dtype), counts)  # local rows, ascending
+        if self._part.size or self._fixed_draws is None:
+            dtype = np.int32 if self.weights.size < 2 ** 31 else np.int64
+            draws = np.repeat(np.arange(self.weights.size, dtype=dtype), self.counts().numpy())  # local rows, ascending
+            if not self._part.size:
+                self._fixed_draws = draws
+        else:
+            draws = self._fixed_draws
+        self._draws = draws
         sizes = _dist.all_gather(np.array([self._draws.size], dtype=np.int64), self.process_group)[:, 0]
         self._length = int(sizes.min() if self.drop_last else sizes.max())
         empty = [r for r, s in enumerate(sizes.tolist()) if s == 0]
@@ -153,19 +168,25 @@ class ShardedCartoSampler(Sampler[int]):
         self._perm = _Permutation(max(self._draws.size, 1), _ORDER_TAG, self.seed, self.epoch, self.rank,
                                   self.num_replicas)
 
-    def _ids_at(self, positions: np.ndarray) -> np.ndarray:
-        """The ids at balanced positions (< len): padding positions wrap to the list's start."""
-        m = self._draws.size
-        pos = positions % m if self._length > m else positions
-        return self._draws[self._perm(pos).astype(np.intp)].astype(np.int64) + self.start
+    def _chunks(self):
+        """This rank's ids of the epoch in order, as int64 arrays totalling ``len()``: the draws in
+        the permutation's order, repeated from the start when the rank pads to the longest rank."""
+        left = self._length
+        while left > 0:
+            for rows in self._perm.chunks(_CHUNK):
+                ids = self._draws[rows.astype(np.intp)[:left]].astype(np.int64) + self.start
+                left -= ids.size
+                yield ids
+                if left <= 0:
+                    return
 
     def epoch_ids(self) -> np.ndarray:
         """[len()] int64: this rank's ids of the current epoch, in the order :meth:`__iter__` yields them."""
-        return self._ids_at(np.arange(self._length, dtype=np.uint64)) if self._length else np.zeros(0, np.int64)
+        return np.concatenate(list(self._chunks())) if self._length else np.zeros(0, dtype=np.int64)
 
     def __iter__(self) -> Iterator[int]:
-        for lo in range(0, self._length, _CHUNK):
-            yield from self._ids_at(np.arange(lo, min(lo + _CHUNK, self._length), dtype=np.uint64)).tolist()
+        for ids in self._chunks():
+            yield from ids.tolist()
 
     def __len__(self) -> int:
         return self._length

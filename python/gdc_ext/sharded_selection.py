@@ -18,6 +18,7 @@ With torch.distributed uninitialised (or one rank) the same code runs without co
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -33,7 +34,8 @@ __all__ = ["ShardedScores", "kth_smallest", "quantile", "top_k_mask", "float_key
 
 _SIGN = np.uint64(1 << 63)
 _DIGIT_BITS = 16
-_CHUNK = 1 << 20  # elements per chunk of the first radix round (bounds its temporaries)
+_CHUNK = 1 << 18  # values per chunk of the first radix round (bounds its temporaries)
+_LITTLE = sys.byteorder == "little"
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -54,24 +56,67 @@ def kth_smallest(keys: np.ndarray, k: int, group=None) -> int:
     their total count, the same k on every rank). Four radix rounds of 16 bits: a histogram of
     the candidates' next digit, summed over the ranks, fixes that digit; each rank keeps its
     candidates with it. Collective: four all-reduces of 65536 int64."""
-    cand = np.asarray(keys, dtype=np.uint64)
-    prefix = 0
-    k = int(k)
-    for shift in range(64 - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        sh, mask = np.uint64(shift), np.uint64((1 << _DIGIT_BITS) - 1)
-        hist = np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
-        for lo in range(0, cand.size, _CHUNK):
-            hist += np.bincount(((cand[lo:lo + _CHUNK] >> sh) & mask).astype(np.intp), minlength=1 << _DIGIT_BITS)
-        hist = _dist.all_reduce(hist, "sum", group)
-        cum = np.cumsum(hist)
-        if not 0 <= k < int(cum[-1]):
-            raise ValueError(f"kth_smallest: k = {k} is outside the {int(cum[-1])} candidates")
-        d = int(np.searchsorted(cum, k, side="right"))
-        k -= int(cum[d - 1]) if d else 0
-        prefix |= d << shift
-        parts = [c[((c >> sh) & mask) == np.uint64(d)] for c in (cand[lo:lo + _CHUNK] for lo in range(0, cand.size, _CHUNK))]
-        cand = np.concatenate(parts) if parts else cand
+    return _radix(np.asarray(keys, dtype=np.uint64), int(k), group, 64 - _DIGIT_BITS, 0)
+
+
+def _radix(cand: np.ndarray, k: int, group, shift: int, prefix: int) -> int:
+    """Radix rounds from bit ``shift`` down over uint64 candidates sharing the bits above it
+    (``prefix``); ``k`` counts within them."""
+    mask = np.uint64((1 << _DIGIT_BITS) - 1)
+    for sh in range(shift, -1, -_DIGIT_BITS):
+        digits = ((cand >> np.uint64(sh)) & mask).astype(np.intp)
+        d, k = _pick_digit(np.bincount(digits, minlength=1 << _DIGIT_BITS), k, group)
+        prefix |= d << sh
+        cand = cand[digits == d]
     return prefix
+
+
+def _pick_digit(hist: np.ndarray, k: int, group) -> tuple[int, int]:
+    """The digit whose bin holds the k-th of the histograms summed over the ranks, and k within it."""
+    cum = np.cumsum(_dist.all_reduce(hist.astype(np.int64), "sum", group))
+    if not 0 <= k < int(cum[-1]):
+        raise ValueError(f"kth_smallest: k = {k} is outside the {int(cum[-1])} candidates")
+    d = int(np.searchsorted(cum, k, side="right"))
+    return d, k - (int(cum[d - 1]) if d else 0)
+
+
+def _top16(c: np.ndarray, negate: bool) -> np.ndarray:
+    """The top 16 bits of the order keys of a chunk of float64 values (of -values with ``negate``),
+    read from the values' own top 16 bits: a copy of 2 bytes per value."""
+    c = (-c if negate else c) + 0.0  # + 0.0: -0.0 -> 0.0, so that both get one key
+    t = c.view(np.uint16)[3::4] if _LITTLE else c.view(np.uint16)[0::4]
+    # positive: set the sign bit; negative: flip every bit (the order of float_keys)
+    return t ^ ((t >> np.uint16(15)) * np.uint16(0x7FFF) | np.uint16(0x8000))
+
+
+def kth_smallest_float(values: np.ndarray, k: int, group=None, *, negate: bool = False) -> float:
+    """The ``k``-th smallest (0-based) non-NaN value of ``values`` over all ranks (of ``-values``
+    with ``negate``, i.e. the k-th largest, returned negated back: the value itself). NaN entries
+    are left out. The first radix round reads each value's top 16 bits in chunks (2 bytes per value
+    kept, no 8-byte key array); the next rounds run on the values in the chosen bin. Collective."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    top = np.empty(v.size, dtype=np.uint16)
+    hist = np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
+    any_nan = False
+    for lo in range(0, v.size, _CHUNK):
+        c = v[lo:lo + _CHUNK]
+        t = top[lo:lo + _CHUNK]
+        t[:] = _top16(c, negate)
+        nan = np.isnan(c)
+        if nan.any():
+            any_nan = True
+            hist += np.bincount(t[~nan], minlength=1 << _DIGIT_BITS)
+        else:
+            hist += np.bincount(t, minlength=1 << _DIGIT_BITS)
+    d, k = _pick_digit(hist, int(k), group)
+    pos = np.flatnonzero(top == np.uint16(d))
+    del top
+    cand = v[pos]
+    if any_nan:
+        cand = cand[~np.isnan(cand)]
+    key = _radix(float_keys(-cand if negate else cand), k, group, 64 - 2 * _DIGIT_BITS, d << (64 - _DIGIT_BITS))
+    x = _key_to_float(key)
+    return -x if negate else x
 
 
 def _count(mask_or_n, group) -> int:
@@ -82,21 +127,23 @@ def _count(mask_or_n, group) -> int:
 def _lerp(a: np.float64, b: np.float64, t: np.float64) -> np.float64:
     """NumPy's ``_lerp`` (numpy/lib/_function_base_impl.py), for scalars."""
     diff = b - a
-    out = a + diff * t
-    if t >= 0.5:
-        out = b - diff * (1 - t)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = a + diff * t
+        if t >= 0.5:
+            out = b - diff * (1 - t)
     return out
 
 
-def quantile(values: np.ndarray, q, group=None) -> float:
+def quantile(values: np.ndarray, q, group=None, *, omit_nan: bool = False) -> float:
     """``np.quantile(gathered values, q)`` (linear interpolation) over every rank's ``values``
     (float64, 1-D), bit for bit, without gathering them; NaN when there is none or any is NaN
-    (as NumPy). ``q``: a float in [0, 1] (as NumPy computes it: pass ``np.true_divide(p, 100)``
-    for ``np.percentile(..., p)``). Collective."""
+    (as NumPy), unless ``omit_nan``: then NaN entries are left out (the quantile of the others).
+    ``q``: a float in [0, 1] (as NumPy computes it: pass ``np.true_divide(p, 100)`` for
+    ``np.percentile(..., p)``). Collective: a few all-reduces of O(65536) values."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
-    nan = np.isnan(v)
-    n, n_nan = (int(x) for x in _dist.all_reduce(np.array([v.size, int(nan.sum())], dtype=np.int64), "sum", group))
-    if n == 0 or n_nan:
+    n_nan = int(np.count_nonzero(np.isnan(v)))
+    n, n_nan = (int(x) for x in _dist.all_reduce(np.array([v.size - n_nan, n_nan], dtype=np.int64), "sum", group))
+    if n == 0 or (n_nan and not omit_nan):
         return float("nan")
     q = np.float64(q)
     virtual = (n - 1) * q  # NumPy's virtual index for 'linear': (n - 1) * q, in float64
@@ -108,18 +155,16 @@ def quantile(values: np.ndarray, q, group=None) -> float:
         prev_idx = int(np.floor(virtual))
         lo, hi = prev_idx, prev_idx + 1
     gamma = np.float64(virtual - np.intp(prev_idx))
-    keys = float_keys(v)
-    k_lo = kth_smallest(keys, lo, group)
-    a = np.float64(_key_to_float(k_lo))
+    a = np.float64(kth_smallest_float(v, lo, group))
     if hi == lo:
         b = a
     else:
-        at_or_below = _count(int((keys <= np.uint64(k_lo)).sum()), group)
+        # NaN compares False: left out; -0.0 <= 0.0: the keys' order
+        at_or_below = _count(int(np.count_nonzero(v <= a)), group)
         if at_or_below > hi:
             b = a
         else:  # the next order statistic: the smallest value above a
-            above = v[keys > np.uint64(k_lo)]
-            local_min = above.min() if above.size else np.inf
+            local_min = np.min(v, where=v > a, initial=np.inf)
             b = np.float64(_dist.all_reduce(np.array([local_min], dtype=np.float64), "min", group)[0])
     return float(_lerp(a, b, gamma))
 
@@ -150,7 +195,7 @@ def top_k_mask(score: np.ndarray, k: int, tiebreak: Optional[np.ndarray] = None,
             mask[un[ids <= np.uint64(last)]] = True
         return mask
     # the k-th highest score: the (k-1)-th smallest key of -score over the scored
-    s_star = -_key_to_float(kth_smallest(float_keys(-s[scored]), k - 1, group))
+    s_star = kth_smallest_float(s, k - 1, group, negate=True)  # the k-th highest score
     above = s > s_star
     mask |= above
     r = k - _count(int(above.sum()), group)
@@ -160,7 +205,7 @@ def top_k_mask(score: np.ndarray, k: int, tiebreak: Optional[np.ndarray] = None,
         return mask
     t = np.zeros(tied.size) if tiebreak is None else \
         np.nan_to_num(np.asarray(tiebreak, dtype=np.float64).reshape(-1)[tied], nan=-np.inf)
-    t_star = -_key_to_float(kth_smallest(float_keys(-t), r - 1, group))
+    t_star = kth_smallest_float(t, r - 1, group, negate=True)
     t_above = t > t_star
     mask[tied[t_above]] = True
     r -= _count(int(t_above.sum()), group)
@@ -303,9 +348,14 @@ class ShardedScores:
         group = self.process_group
         if _count(int(scored.sum()), group) == 0:
             return Quadrants(torch.from_numpy(codes), float("nan"), float("nan"))
-        # np.percentile(x, 100 * alpha) divides by 100 again: the same q, bit for bit
-        tau_d = quantile(d[scored], np.true_divide(100 * alpha_d, 100), group)
-        tau_m = quantile(m[scored], np.true_divide(100 * alpha_m, 100), group)
+        # np.percentile(x[scored], 100 * alpha) divides by 100 again: the same q, bit for bit. NaN
+        # difficulty is what unscored means (left out); a NaN score of a scored sample makes NumPy's
+        # threshold NaN, so it does here
+        tau_d = quantile(d, np.true_divide(100 * alpha_d, 100), group, omit_nan=True)
+        m_nan = _count(int(np.count_nonzero(np.isnan(m) & scored)), group)
+        if not m_nan and bool(np.any(~scored & ~np.isnan(m))):
+            m = np.where(scored, m, np.nan)  # scores of unscored samples are left out (none has one by default)
+        tau_m = float("nan") if m_nan else quantile(m, np.true_divide(100 * alpha_m, 100), group, omit_nan=True)
         codes[scored] = (d[scored] > tau_d).astype(np.int8) + 2 * (m[scored] > tau_m).astype(np.int8)
         return Quadrants(torch.from_numpy(codes), tau_d, tau_m)
 
