@@ -368,12 +368,14 @@ def in_subprocess(spec: dict) -> dict:
 
 
 def estimate_bytes(spec: dict) -> int:
-    """A generous estimate of the whole worker's peak (all ranks), to skip what cannot fit."""
-    per = 88 if spec["extras"] else 56
+    """The whole worker's expected peak (all ranks), to skip a row that cannot fit: per rank the
+    state, its Scores (today's CartoState.scores(): 68 B / sample with extras, 36 without) and
+    ~50 B / sample of a phase's temporaries, plus ~350 MiB per process."""
+    per = (88 + 68) if spec["extras"] else (56 + 36)
     if spec["kind"] == "sharded":
-        return int(spec["num_samples"] * (per + 90)) + spec["world_size"] * (400 << 20)
-    if spec["kind"] == "replicated":
-        return int(spec["num_samples"] * (per + 8))
+        return int(spec["num_samples"] * (per + 50)) + spec["world_size"] * (350 << 20)
+    if spec["kind"] == "replicated":  # its later phases check the memory left themselves
+        return int(spec["num_samples"] * (per - 68 + 8 if spec["extras"] else per - 36 + 8)) + (350 << 20)
     return spec["world_size"] * (3 * spec["rows"] * spec["vocab"] * 4 + (600 << 20)) + 3 * spec["num_samples"] * 200
 
 

@@ -48,7 +48,7 @@ from gdc_ext import _dist
 from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
 
-__all__ = ["ShardedCartoState", "shard_bounds", "owner_of"]
+__all__ = ["ShardedCartoState", "shard_bounds", "owner_of", "refuse_sharded"]
 
 _MAGIC = 0x6764635F73683031  # "gdc_sh01": marks the sharded state's header all-gather
 _OP_NAMES = {1: "construction", 2: "a recording call's flush", 3: "end_epoch", 4: "reset_epoch",
@@ -79,6 +79,17 @@ def owner_of(ids: torch.Tensor, num_samples: int, world_size: int) -> torch.Tens
     base, rem = divmod(int(num_samples), int(world_size))
     cut = rem * (base + 1)  # ids below it belong to the ranks with one id more
     return torch.where(ids < cut, ids // (base + 1), rem + (ids - cut) // max(base, 1))
+
+
+def refuse_sharded(target, where: str) -> None:
+    """Raises the ValueError of the places that take a CartoState but not yet a ShardedCartoState
+    (the Cartographer's metrics, the Hugging Face and Lightning integrations), saying what to use."""
+    if isinstance(target, ShardedCartoState):
+        raise ValueError(f"{where} does not support a ShardedCartoState yet (it reads every sample's scores on every "
+                         f"rank and saves the state as one file). Use a replicated gdc_ext.CartoState there, or record "
+                         f"into the sharded state with gdc_ext.CartoLoss(state=...) in your own loop and use "
+                         f"state.end_epoch(), state.scores() (quadrants, prune, quantiles), "
+                         f"gdc_ext.ShardedCartoSampler and state.save(folder)")
 
 
 def _hash64(data: bytes) -> int:
