@@ -233,6 +233,14 @@ def test_sampler_checks_its_arguments():
         ShardedCartoSampler(state, torch.ones(6), seed=-1)
     with pytest.raises(ValueError, match="ShardedCartoState or ShardedScores"):
         ShardedCartoSampler(object(), torch.ones(6))
+    with pytest.raises(ValueError, match="quadrant codes must be in"):
+        ShardedCartoSampler(state, torch.tensor([0, 1, 2, 3, 4, 0]))
+    with pytest.raises(ValueError, match="gamma"):
+        ShardedCartoSampler(state, torch.zeros(6, dtype=torch.int8), gamma=0.5)
+    codes = torch.tensor([-1, 0, 1, 2, 3, 1])
+    s = ShardedCartoSampler(state, codes, gamma=3.0, keep_outliers=True)
+    assert s.expected_total == 1 + 1 + 3 + 1 + 1 + 3 and s.counts().tolist() == [1, 1, 3, 1, 1, 3]
+    assert sorted(s) == sorted(torch.repeat_interleave(torch.arange(6), s.counts()).tolist())
     s = ShardedCartoSampler(state, torch.full((6,), 2.0))
     with pytest.raises(ValueError, match="epoch"):
         s.set_epoch(-1)

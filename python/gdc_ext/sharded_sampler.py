@@ -34,6 +34,14 @@ _ORDER_TAG = 0x6F72646572        # "order": the per-rank permutation
 _CHUNK = 1 << 16                 # positions of the permutation evaluated per step (cache-sized)
 
 
+def _lookup(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``table[idx]`` in chunks (fancy indexing widens the indices to 8 bytes: only per chunk here)."""
+    out = np.empty(idx.size, dtype=table.dtype)
+    for lo in range(0, idx.size, _CHUNK):
+        out[lo:lo + _CHUNK] = table[idx[lo:lo + _CHUNK]]
+    return out
+
+
 class _Permutation:
     """A keyed pseudo-random order of ``0..m-1``: a 4-round Feistel network (a bijection of
     [0, 2**bits), bits the fewest covering m; unbalanced halves when bits is odd; multiply-shift
@@ -51,15 +59,22 @@ class _Permutation:
         self.mults = [np.uint64(k | 1) for k in keys[self.ROUNDS:]]  # odd multipliers
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        """The network on positions ``x`` (uint64, < 2**bits); in place on two buffers."""
         wl, wr = self.widths
         left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
+        f = np.empty_like(x)
         with np.errstate(over="ignore"):
             for key, mult in zip(self.keys, self.mults):
                 # F: the top wl bits of (right ^ key) * mult; then (left, right) <- (right, left ^ F)
-                f = ((right ^ key) * mult) >> np.uint64(64 - wl)
-                left, right = right, left ^ f
+                np.bitwise_xor(right, key, out=f)
+                np.multiply(f, mult, out=f)
+                np.right_shift(f, np.uint64(64 - wl), out=f)
+                np.bitwise_xor(left, f, out=left)
+                left, right = right, left
                 wl, wr = wr, wl
-        return (left << np.uint64(wr)) | right
+        np.left_shift(left, np.uint64(wr), out=left)
+        np.bitwise_or(left, right, out=left)
+        return left
 
     def chunks(self, size: int):
         """The permutation in order, as uint64 arrays: the network maps the positions of
@@ -99,27 +114,46 @@ class ShardedCartoSampler(Sampler[int]):
             raise ValueError(f"shard must be a gdc_ext.ShardedCartoState or ShardedScores, got {type(shard).__name__}")
         q = quadrants_or_weights
         if isinstance(q, Quadrants) or (isinstance(q, torch.Tensor) and not q.dtype.is_floating_point):
-            w = multiplicities(q, gamma=gamma, keep_outliers=keep_outliers)
+            codes = (q.codes if isinstance(q, Quadrants) else q).detach().cpu()
+            if codes.dim() != 1 or codes.dtype == torch.bool or codes.dtype.is_complex:
+                raise ValueError(f"quadrants_or_weights: quadrant codes must be a 1-D integer tensor [n], got "
+                                 f"{tuple(codes.shape)} {codes.dtype}")
+            c = codes.numpy()
+            if c.size and (int(c.min()) < -1 or int(c.max()) > 3):
+                raise ValueError("quadrant codes must be in {-1, 0, 1, 2, 3}")
+            # the multiplicity of each code (gdc_ext.multiplicities' table and checks), read per id
+            table = multiplicities(torch.arange(-1, 4), gamma=gamma, keep_outliers=keep_outliers).numpy()
+            base_of = np.floor(table)
+            idx = c + c.dtype.type(1)  # codes -1..3 -> rows 0..4 of the table
+            self._base = _lookup(base_of.astype(np.int32), idx)
+            frac_of = table - base_of
+            self._part = np.flatnonzero(_lookup(frac_of, idx) > 0) if frac_of.any() else np.zeros(0, dtype=np.intp)
+            self._frac = frac_of[idx[self._part]]
+            per_code = sum(np.bincount(idx[lo:lo + _CHUNK], minlength=5) for lo in range(0, idx.size, _CHUNK))
+            self._expected = float(np.asarray(per_code) @ table) if idx.size else 0.0
         elif isinstance(q, torch.Tensor):
             w = q.detach().cpu().to(torch.float64)
             if w.dim() != 1:
                 raise ValueError(f"quadrants_or_weights: weights must be 1-D [n], got shape {tuple(w.shape)}")
             if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                 raise ValueError("quadrants_or_weights: multiplicities must be finite and >= 0")
+            w = w.numpy()
+            base = np.floor(w)
+            if base.size and base.max() >= 2 ** 31:
+                raise ValueError("quadrants_or_weights: multiplicities must be below 2**31")
+            self._base = base.astype(np.int32)
+            self._part = np.flatnonzero(w > base)
+            self._frac = (w - base)[self._part]
+            self._expected = float(w.sum())
         else:
             raise ValueError("quadrants_or_weights must be a gdc_ext.Quadrants, an integer tensor of quadrant "
                              f"codes or a float tensor of multiplicities, got {type(q).__name__}")
-        if w.numel() != n:
+        if self._base.size != n:
             raise ValueError(f"quadrants_or_weights: expected one value per owned id ({n}, ids [{start}, {start + n})), "
-                             f"got {w.numel()}")
-        self.weights = w.numpy()
-        # per epoch only the ids with a fractional multiplicity draw a uniform (none for the
-        # default quadrant multiplicities), so the integer parts and those ids are kept once
-        base = np.floor(self.weights)
-        self._base = base.astype(np.int64)
-        self._part = np.flatnonzero(self.weights > base)
-        self._frac = (self.weights - base)[self._part]
-        self._fixed_draws = None  # the draw list when no multiplicity is fractional (the same every epoch)
+                             f"got {self._base.size}")
+        # Per epoch only the ids with a fractional multiplicity draw a uniform (none for the default
+        # quadrant multiplicities: then the draw list is built once and only its order changes).
+        self._fixed_draws = None
         self.start = start
         self.num_samples = int(shard.num_samples)
         self.process_group = shard.process_group
@@ -132,7 +166,7 @@ class ShardedCartoSampler(Sampler[int]):
     @property
     def expected_total(self) -> float:
         """Expected draws per epoch of this rank's ids, before balancing (sum of its weights)."""
-        return float(self.weights.sum())
+        return self._expected
 
     def set_epoch(self, epoch: int) -> None:
         """Draws epoch ``epoch`` (collective: call it on every rank, as for DistributedSampler)."""
@@ -143,7 +177,7 @@ class ShardedCartoSampler(Sampler[int]):
 
     def counts(self) -> torch.Tensor:
         """[n] int64: how many times each owned id is drawn this epoch, before balancing."""
-        counts = self._base.copy()
+        counts = self._base.astype(np.int64)
         if self._part.size:
             u = hash_uniform(self._part + self.start, _SAMPLER_TAG, self.seed, self.epoch)
             counts[self._part] += (u < self._frac).astype(np.int64)
@@ -151,8 +185,9 @@ class ShardedCartoSampler(Sampler[int]):
 
     def _draw(self) -> None:
         if self._part.size or self._fixed_draws is None:
-            dtype = np.int32 if self.weights.size < 2 ** 31 else np.int64
-            draws = np.repeat(np.arange(self.weights.size, dtype=dtype), self.counts().numpy())  # local rows, ascending
+            n = self._base.size
+            counts = self._base if not self._part.size else self.counts().numpy()
+            draws = np.repeat(np.arange(n, dtype=np.int32 if n < 2 ** 31 else np.int64), counts)  # local rows, ascending
             if not self._part.size:
                 self._fixed_draws = draws
         else:
@@ -182,7 +217,12 @@ class ShardedCartoSampler(Sampler[int]):
 
     def epoch_ids(self) -> np.ndarray:
         """[len()] int64: this rank's ids of the current epoch, in the order :meth:`__iter__` yields them."""
-        return np.concatenate(list(self._chunks())) if self._length else np.zeros(0, dtype=np.int64)
+        out = np.empty(self._length, dtype=np.int64)
+        at = 0
+        for ids in self._chunks():
+            out[at:at + ids.size] = ids
+            at += ids.size
+        return out
 
     def __iter__(self) -> Iterator[int]:
         for ids in self._chunks():
@@ -192,6 +232,6 @@ class ShardedCartoSampler(Sampler[int]):
         return self._length
 
     def __repr__(self) -> str:
-        return (f"ShardedCartoSampler(ids=[{self.start}, {self.start + self.weights.size}) of N={self.num_samples}, "
+        return (f"ShardedCartoSampler(ids=[{self.start}, {self.start + self._base.size}) of N={self.num_samples}, "
                 f"expected_total={self.expected_total:.1f}, seed={self.seed}, epoch={self.epoch}, "
                 f"rank={self.rank}/{self.num_replicas}, drop_last={self.drop_last})")

@@ -344,19 +344,24 @@ class ShardedScores:
         m = self.score_values(name, seed=seed, eps=eps, eps_index=eps_index, reference=reference).numpy()
         d = self.local.difficulty.double().numpy()
         scored = ~np.isnan(d)
-        codes = np.full(d.shape, -1, dtype=np.int8)
         group = self.process_group
-        if _count(int(scored.sum()), group) == 0:
-            return Quadrants(torch.from_numpy(codes), float("nan"), float("nan"))
+        if _count(int(np.count_nonzero(scored)), group) == 0:
+            return Quadrants(torch.from_numpy(np.full(d.shape, -1, dtype=np.int8)), float("nan"), float("nan"))
         # np.percentile(x[scored], 100 * alpha) divides by 100 again: the same q, bit for bit. NaN
         # difficulty is what unscored means (left out); a NaN score of a scored sample makes NumPy's
         # threshold NaN, so it does here
         tau_d = quantile(d, np.true_divide(100 * alpha_d, 100), group, omit_nan=True)
-        m_nan = _count(int(np.count_nonzero(np.isnan(m) & scored)), group)
-        if not m_nan and bool(np.any(~scored & ~np.isnan(m))):
-            m = np.where(scored, m, np.nan)  # scores of unscored samples are left out (none has one by default)
-        tau_m = float("nan") if m_nan else quantile(m, np.true_divide(100 * alpha_m, 100), group, omit_nan=True)
-        codes[scored] = (d[scored] > tau_d).astype(np.int8) + 2 * (m[scored] > tau_m).astype(np.int8)
+        m_nan = 0
+        if not np.array_equal(np.isnan(m), ~scored):  # score_values marks exactly the unscored NaN
+            m_nan = int(np.count_nonzero(np.isnan(m) & scored))
+            if not m_nan:
+                m = np.where(scored, m, np.nan)  # scores of unscored samples are left out
+        tau_m = float("nan") if _count(m_nan, group) else quantile(m, np.true_divide(100 * alpha_m, 100), group,
+                                                                      omit_nan=True)
+        # NaN compares False: the unscored get 0 + 0 here and -1 below
+        codes = (d > tau_d).astype(np.int8)
+        codes += 2 * (m > tau_m).astype(np.int8)
+        codes[~scored] = -1
         return Quadrants(torch.from_numpy(codes), tau_d, tau_m)
 
     # ----------------------------------------------------------------------------- selections
