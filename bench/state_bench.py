@@ -559,13 +559,18 @@ def main(argv=None) -> int:
                           repeats=2 if args.quick else args.repeats))
     result = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": []}
     bar = tqdm(specs, desc="state bench", unit="row")
+    without_extras = set()  # N whose sharded row had to drop the extras: its replicated row does too
     for i, spec in enumerate(bar):
         spec.update(threads=args.threads, folder=os.path.join(tmp_root, f"row{i}"))
+        if spec["kind"] == "replicated" and spec["num_samples"] in without_extras:
+            spec["extras"] = False
         bar.set_description(f"{spec['kind']} N={spec['num_samples']:.0e} W={spec['world_size']}")
         need, free = estimate_bytes(spec), mem_available()
         if need > 0.85 * free and spec["kind"] != "replicated":
             if spec.get("extras") and estimate_bytes(dict(spec, extras=False)) <= 0.85 * free:
                 spec["extras"] = False  # the row still runs, without the extra statistics (noted in the table)
+                if spec["world_size"] == 1:
+                    without_extras.add(spec["num_samples"])
             else:
                 result["rows"].append({"kind": spec["kind"], "num_samples": spec["num_samples"],
                                        "world_size": spec["world_size"], "extras": spec.get("extras"),
