@@ -349,10 +349,54 @@ def summarise_routing(ranks: list, spec: dict) -> dict:
             "owner_contiguous_s": r0["owner_contiguous_s"], "owner_modulo_s": r0["owner_modulo_s"], "ranks": ranks}
 
 
+# ------------------------------------------------------------------------------------ sampler alone
+def sampler_row(spec: dict) -> dict:
+    """ShardedCartoSampler over N ids in one process, without a state (quadrant codes drawn at
+    random: 60 % easy, 20 % hard, 10 % memorized, 10 % outliers): its construction, a later
+    epoch's set_epoch, the whole epoch's ids in order, and __iter__ per id; with gamma = 2 (integer
+    multiplicities: the draw list is built once) and gamma = 1.5 (a Bernoulli draw per hard id)."""
+    from types import SimpleNamespace
+
+    from gdc_ext import CartoSampler, Quadrants, ShardedCartoSampler
+
+    torch.set_num_threads(spec["threads"])
+    N = spec["num_samples"]
+    g = np.random.default_rng(0)
+    codes = torch.from_numpy(g.choice(np.array([0, 1, 2, 3], dtype=np.int8), N, p=[0.6, 0.2, 0.1, 0.1]))
+    shard = SimpleNamespace(start=0, num_local=N, num_samples=N, process_group=None)
+    row = {"kind": "sampler", "num_samples": N, "world_size": 1}
+    for gamma in (2.0, 1.5):
+        key = "int" if gamma == 2.0 else "frac"
+        with Phase(row, f"{key}_build"):
+            sampler = ShardedCartoSampler(shard, Quadrants(codes, 0.0, 0.0), gamma=gamma, seed=0)
+        with Phase(row, f"{key}_set_epoch"):
+            sampler.set_epoch(1)
+        with Phase(row, f"{key}_epoch_ids"):
+            ids = sampler.epoch_ids()
+        row[f"{key}_len"] = int(ids.size)
+        del ids
+        t0 = time.perf_counter()
+        it = iter(sampler)
+        for _ in range(min(len(sampler), 1_000_000)):
+            next(it)
+        row[f"{key}_iter_per_id_s"] = (time.perf_counter() - t0) / min(len(sampler), 1_000_000)
+        del sampler, it
+    if spec.get("replicated", True) and 60 * N < 0.8 * mem_available():
+        old = CartoSampler(Quadrants(codes, 0.0, 0.0), gamma=2.0, seed=0)
+        with Phase(row, "today_epoch"):
+            old.set_epoch(1)
+            listed = list(old)
+        row["today_len"] = len(listed)
+        del listed, old
+    return row
+
+
 # ------------------------------------------------------------------------------------ process plumbing
 def worker(spec: dict) -> dict:
     if spec["kind"] == "replicated":
         return replicated_row(spec)
+    if spec["kind"] == "sampler":
+        return sampler_row(spec)
     ranks = run_world(spec)
     return summarise_sharded(ranks, spec) if spec["kind"] == "sharded" else summarise_routing(ranks, spec)
 
@@ -374,6 +418,8 @@ def estimate_bytes(spec: dict) -> int:
     per = (88 + 68) if spec["extras"] else (56 + 36)
     if spec["kind"] == "sharded":
         return int(spec["num_samples"] * (per + 50)) + spec["world_size"] * (350 << 20)
+    if spec["kind"] == "sampler":
+        return int(spec["num_samples"] * 21) + (350 << 20)
     if spec["kind"] == "replicated":  # its later phases check the memory left themselves
         return int(spec["num_samples"] * (per - 68 + 8 if spec["extras"] else per - 36 + 8)) + (350 << 20)
     return spec["world_size"] * (3 * spec["rows"] * spec["vocab"] * 4 + (600 << 20)) + 3 * spec["num_samples"] * 200
@@ -395,7 +441,7 @@ def markdown(result: dict) -> str:
              "prune extra B / sample | sampler epoch s | save s | load s | load peak / state | peak RSS GiB / rank |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        if r["kind"] == "routing":
+        if r["kind"] in ("routing", "sampler"):
             continue
         if "error" in r or "skipped_all" in r:
             lines.append(f"| {r['kind']} | {r['num_samples']:.0e} | {r['world_size']} | "
@@ -418,6 +464,17 @@ def markdown(result: dict) -> str:
         for N, r in ratios.items():
             lines.append(f"| {float(N):.0e} | " + " | ".join(fmt(r.get(k)) for k in (
                 "end_epoch", "scores", "quadrants", "prune", "sampler_epoch", "save", "load", "load_peak")) + " |")
+    samplers = [r for r in result["rows"] if r["kind"] == "sampler" and "error" not in r and "skipped_all" not in r]
+    if samplers:
+        lines += ["", "## Sampler epoch (ShardedCartoSampler, one rank owning N ids; today's CartoSampler listed)", "",
+                  "| N | multiplicities | construct s | set_epoch s | whole epoch's ids s | __iter__ ns / id | "
+                  "today: set_epoch + list s |", "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in samplers:
+            for key, label in (("int", "integer (gamma 2)"), ("frac", "fractional (gamma 1.5)")):
+                lines.append(f"| {r['num_samples']:.0e} | {label} | {r[key + '_build_s']:.3f} | "
+                             f"{r[key + '_set_epoch_s']:.3f} | {r[key + '_epoch_ids_s']:.2f} | "
+                             f"{r[key + '_iter_per_id_s'] * 1e9:.0f} | "
+                             f"{fmt(r.get('today_epoch_s') if key == 'int' else None)} |")
     for r in result["rows"]:
         if r["kind"] != "routing" or "error" in r:
             continue
@@ -445,7 +502,8 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["kind"] in ("sharded", "replicated") and "error" not in r]
+    rows = [r for r in result["rows"] if r["kind"] in ("sharded", "replicated") and "error" not in r
+            and "skipped_all" not in r]
     phases = ("end_epoch_s", "quadrants_s", "prune_s", "sampler_epoch_s", "save_s", "load_s")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
     for kind, style in (("sharded", "-o"), ("replicated", "--s")):
@@ -492,7 +550,8 @@ def write_outputs(result: dict, out: str) -> None:
     result["ratios"] = ratios(result["rows"])
     replace_file(os.path.join(out, "state.json"), json.dumps(result, indent=1))
     replace_file(os.path.join(out, "state.md"), markdown(result))
-    if any(r["kind"] != "routing" and "error" not in r for r in result["rows"]):
+    if any(r["kind"] in ("sharded", "replicated") and "error" not in r and "skipped_all" not in r
+           for r in result["rows"]):
         replace_file(os.path.join(out, "state.png"), lambda tmp: plot(result, tmp))
 
 
@@ -514,6 +573,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="*", type=float, default=[1e6, 1e7, 1e8], help="N of the one-process rows")
     p.add_argument("--distributed", nargs="*", default=["2e8:4"], metavar="N:W", help="sharded rows over W gloo ranks")
     p.add_argument("--routing-n", type=float, default=1e6, help="N of the routing rows (0: skip them)")
+    p.add_argument("--sampler-sizes", nargs="*", type=float, default=[1e7, 1e8], help="N of the sampler-only rows")
     p.add_argument("--rows", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--samples", type=int, default=16)
@@ -553,6 +613,9 @@ def main(argv=None) -> int:
         if not m:
             raise SystemExit(f"--distributed: expected N:W such as 2e8:4, got {item!r}")
         specs.append(dict(kind="sharded", num_samples=int(float(m.group(1))), world_size=int(m.group(2)), extras=extras))
+    for N in args.sampler_sizes:
+        specs.append(dict(kind="sampler", num_samples=int(N), world_size=1, extras=False,
+                          replicated=not args.no_replicated))
     if args.routing_n:
         specs.append(dict(kind="routing", num_samples=int(args.routing_n), world_size=2, extras=True, rows=args.rows,
                           vocab=args.vocab, samples=args.samples, warmup=1,
