@@ -144,6 +144,16 @@ def test_damaged_or_missing_files_raise_naming_them(saved, tmp_path):
         save_sharded(object(), tmp_path / "x")
 
 
+def test_resharding_without_live_tensors_goes_through_state_dict(saved, single, monkeypatch):
+    """The fallback for a CartoState whose tensors are not reachable by their state_dict names."""
+    import gdc_ext.sharded_checkpoint as ck
+
+    monkeypatch.setattr(ck, "_live_tensors", lambda state, keys: None)
+    _, folders = saved
+    s = load_sharded(folders["by4"])
+    assert_same_tensors(s.state_dict()["local"], shard_of(single[EPOCHS - 1], 0, N))
+
+
 def test_same_world_size_loads_its_own_file(saved, single):
     """A one-process checkpoint in one process: the shard file is read as the local state."""
     _, folders = saved
