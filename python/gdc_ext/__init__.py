@@ -53,3 +53,10 @@ def __getattr__(name: str):
 from gdc_ext.linear_cross_entropy import CartoLinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
 
 __all__ += ["CartoLinearCrossEntropyLoss", "linear_cross_entropy"]
+
+# the sharded state (torch.distributed, one shard of the ids per rank) and what works on its shards
+from gdc_ext.sharded import ShardedCartoState  # noqa: E402
+from gdc_ext.sharded_sampler import ShardedCartoSampler  # noqa: E402
+from gdc_ext.sharded_selection import ShardedScores  # noqa: E402
+
+__all__ += ["ShardedCartoSampler", "ShardedCartoState", "ShardedScores"]

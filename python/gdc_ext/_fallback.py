@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gdc_ext._recording import recording_into
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext import layout
@@ -62,6 +63,7 @@ def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, va
     # one column per accumulator statistic of the state, by its per-row source (csrc/state_stats.def)
     values = {"nll": nll.float().double(), "one": torch.ones_like(nll), "energy": energy.float().double()}
     upd = torch.stack([values[src] for src in layout.acc_sources(state.groups)], 1)
-    with state._kernel_lock():  # threads sharing the state (see CartoState.lock)
-        acc = state.acc
-        acc.index_add_(0, ids[valid].to(acc.device), upd[valid].to(acc.device))
+    # under the state's lock (threads sharing it); a sharded state gives a per-call accumulator
+    dev = state.device
+    with recording_into(state, True, ids[valid].to(dev), torch.empty(0, device=dev)) as (rows, _, acc):
+        acc.index_add_(0, rows, upd[valid].to(acc.device))

@@ -367,6 +367,9 @@ def epoch_metrics(target: Union[Cartographer, CartoState], quantiles: Sequence[f
     from gdc_ext.cartography import quantiles as _quantiles
     from gdc_ext.cartography import score_values
 
+    from gdc_ext.sharded import refuse_sharded
+
+    refuse_sharded(target, "epoch_metrics")
     if isinstance(target, Cartographer):
         carto, state = target, target.state
         by, reference, eps_index, seed = carto.memorization, carto.reference, carto.eps_index, carto.seed

@@ -16,10 +16,11 @@ import torch
 
 from gdc_ext import _fallback, ops
 from gdc_ext._checks import check_arguments
+from gdc_ext._recording import is_state, recording_into
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import as_rows, expand_sample_ids
 from gdc_ext.layout import ACC_COLS, CORE
-from gdc_ext.state import CartoState, recording_lock
+from gdc_ext.state import CartoState
 
 __all__ = ["cross_entropy", "expand_sample_ids"]
 
@@ -75,8 +76,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
         # inputs check_arguments lets them through with), ignore_index compared as an integer:
         # the int64 copy gives the same loss and takes the fused kernel, which records it.
         target = target.to(torch.int64)
-    if state is not None and not isinstance(state, CartoState):
-        raise ops.ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    if state is not None and not is_state(state):
+        raise ops.ArgumentError(f"state must be a gdc_ext.CartoState, a gdc_ext.ShardedCartoState or None, got "
+                                f"{type(state).__name__}")
     wants = _wants_record(record, state, sample_ids)
     recording = wants and sample_ids is not None
     weighted = sample_weight is not None and sample_ids is not None
@@ -136,10 +138,12 @@ def _fused(input, target, sample_ids, *, state, weight, ignore_index, reduction,
     # only 'mean' divides by it (a reduction over the targets: skipped for 'sum' and 'none')
     denom = mean_denominator(tgt, tgt != ignore_index, weight, V, torch.float32) if reduction == "mean" else None
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    # the state's lock around the op that adds into state.acc (threads sharing the state), forward only
-    with recording_lock(state, recording):
-        acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+    # the state's lock around the op that adds into its accumulator (threads sharing the state), forward
+    # only; a sharded state hands over a per-call accumulator and remapped ids (gdc_ext._recording)
+    with recording_into(state, recording, ids, sw, tgt, ignore_index) as (ids, sw, acc):
         groups = state.groups if recording else CORE
+        if acc is None:
+            acc = torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
         if not needs_grad:
             loss_rows, _, _ = ops.cross_entropy_fwd(logits, tgt, weight, ids, sw, _ones(dev), acc, ignore_index,
                                                     label_smoothing, False, groups)

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from gdc_ext import ops
+from gdc_ext._recording import is_state, recording_into
 from gdc_ext._checks import check_class_weight, check_reduction_and_smoothing, checked_sample_weights
 from gdc_ext._reduction import mean_denominator, reduce_rows
 from gdc_ext._rows import expand_sample_ids
@@ -28,7 +29,7 @@ from gdc_ext.functional import _check_sample_weight, _wants_record
 from gdc_ext.layout import ACC_COLS, CORE
 from gdc_ext.loss import no_ids_warning, warn_no_ids_once
 from gdc_ext.ops import ArgumentError
-from gdc_ext.state import CartoState, recording_lock
+from gdc_ext.state import CartoState
 
 __all__ = ["linear_cross_entropy", "CartoLinearCrossEntropyLoss"]
 
@@ -76,8 +77,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     forward (the gradients are scaled in place), and not with ``create_graph=True`` (the
     precomputed gradients are not differentiable: it raises).
     """
-    if state is not None and not isinstance(state, CartoState):
-        raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+    if state is not None and not is_state(state):
+        raise ArgumentError(f"state must be a gdc_ext.CartoState, a gdc_ext.ShardedCartoState or None, got "
+                            f"{type(state).__name__}")
     check_reduction_and_smoothing(reduction, label_smoothing)
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     _check_shapes(input, linear_weight, target, linear_bias)
@@ -114,10 +116,12 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     # skips the weight gradient's matmuls and its [V, H] buffer.
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
                   for t in (x, linear_weight, linear_bias))
-    # the state's lock around the op that adds into state.acc (threads sharing the state), forward only
-    with recording_lock(state, recording):
-        acc = state.acc if recording else torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
+    # the state's lock around the op that adds into its accumulator (threads sharing the state), forward
+    # only; a sharded state hands over a per-call accumulator and remapped ids (gdc_ext._recording)
+    with recording_into(state, recording, ids, sw, tgt, ignore_index) as (ids, sw, acc):
         groups = state.groups if recording else CORE
+        if acc is None:
+            acc = torch.empty((0, ACC_COLS), dtype=torch.float64, device=dev)
         if not any(needs):
             loss_rows, _, _, _, _ = ops.linear_cross_entropy_fwd(x, linear_weight, linear_bias, tgt, weight, ids, sw,
                                                                  _ones(dev), acc, ignore_index, label_smoothing,
@@ -199,8 +203,9 @@ class CartoLinearCrossEntropyLoss(LinearCrossEntropyLossBase):
         super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
                          reduction=reduction, weight=weight, ignore_index=ignore_index,
                          label_smoothing=label_smoothing, options=options)
-        if state is not None and not isinstance(state, CartoState):
-            raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+        if state is not None and not is_state(state):
+            raise ArgumentError(f"state must be a gdc_ext.CartoState, a gdc_ext.ShardedCartoState or None, got "
+                                f"{type(state).__name__}")
         if chunk_size is None and options is not None:
             chunk_size = getattr(options, "batch_chunk_size", None)
         _check_chunk_size(chunk_size)

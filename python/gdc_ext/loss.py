@@ -13,6 +13,7 @@ from torch import nn
 
 from gdc_ext import functional, ops
 from gdc_ext._checks import checked_sample_weights
+from gdc_ext._recording import is_state
 from gdc_ext.functional import expand_sample_ids
 from gdc_ext.ops import ArgumentError
 from gdc_ext.state import CartoState
@@ -56,8 +57,9 @@ class CartoLoss(nn.CrossEntropyLoss):
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                  state: Optional[CartoState] = None, inplace_grad: bool = False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        if state is not None and not isinstance(state, CartoState):
-            raise ArgumentError(f"state must be a gdc_ext.CartoState or None, got {type(state).__name__}")
+        if state is not None and not is_state(state):
+            raise ArgumentError(f"state must be a gdc_ext.CartoState, a gdc_ext.ShardedCartoState or None, got "
+                                f"{type(state).__name__}")
         self.state = state
         self.inplace_grad = bool(inplace_grad)
         self.sample_weight: Optional[torch.Tensor] = None

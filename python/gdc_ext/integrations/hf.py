@@ -88,6 +88,7 @@ from gdc_ext._io import checked_json, file_sha256, json_with_checksum, write_ato
 from gdc_ext.cartographer import Cartographer
 from gdc_ext.integrations.files import META_FILE, STATE_FILE  # the names, shared with the CLI (no transformers)
 from gdc_ext.loss import CartoLoss
+from gdc_ext.sharded import refuse_sharded
 from gdc_ext.state import CartoState
 
 __all__ = ["SAMPLE_IDS", "IGNORED_ID", "STATE_FILE", "META_FILE", "CartoCollator", "CartoCallback", "CartoTrainer"]
@@ -321,6 +322,7 @@ class CartoCallback(TrainerCallback):
     """
 
     def __init__(self, target: Union[Cartographer, CartoState], trainer: Optional[Trainer] = None):
+        refuse_sharded(target, "gdc_ext.integrations.hf.CartoCallback")
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: expected a Cartographer or CartoState, got {type(target).__name__}")
         if trainer is not None and not isinstance(trainer, Trainer):
@@ -648,6 +650,7 @@ class CartoTrainer(Trainer):
             raise ValueError(f"carto_resume must be one of {', '.join(map(repr, RESUME_MODES))}, got {carto_resume!r}")
         if cartographer is not None and not isinstance(cartographer, Cartographer):
             raise ValueError(f"cartographer must be a gdc_ext.Cartographer, got {type(cartographer).__name__}")
+        refuse_sharded(state if loss is None else getattr(loss, "state", None), "CartoTrainer")
         if state is not None and not isinstance(state, CartoState):
             raise ValueError(f"state must be a gdc_ext.CartoState, got {type(state).__name__}")
         if loss is not None and not isinstance(loss, CartoLoss):

@@ -56,6 +56,7 @@ from typing import Optional, Union
 from gdc_ext._io import sha256_of
 from gdc_ext.cartographer import Cartographer
 from gdc_ext.sampler import CartoSampler
+from gdc_ext.sharded import refuse_sharded
 from gdc_ext.state import CartoState
 
 try:
@@ -133,6 +134,7 @@ class CartoCallback(Callback):
             raise ValueError(f"reference_forward must be a callable (model, batch) -> (logits, targets, sample_ids), "
                              f"got {type(reference_forward).__name__}")
         self.reference_forward = reference_forward
+        refuse_sharded(target, "gdc_ext.integrations.lightning.CartoCallback")
         if not isinstance(target, (Cartographer, CartoState)):
             raise ValueError(f"CartoCallback: target must be a gdc_ext.Cartographer or CartoState, got "
                              f"{type(target).__name__}")
