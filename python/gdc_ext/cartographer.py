@@ -78,9 +78,10 @@ class Cartographer:
             - ``"later"``: given by :meth:`set_reference` before labelling (a cross-fit model
               trained elsewhere while this run records).
             A calibrated score with no reference at labelling time raises RuntimeError.
-        device, extras: passed to :class:`~gdc_ext.CartoState` (extras: opt-in min loss, loss
-            mean/std and gradient energy, +24 bytes per sample; off by default, 30 bytes per
-            sample with one eps).
+        device, extras, cartography: passed to :class:`~gdc_ext.CartoState` (extras: opt-in min
+            loss, loss mean/std and gradient energy, +24 bytes per sample; cartography: opt-in
+            confidence, variability, correctness, forgetting events and exact memorization, +34
+            bytes per sample; both off by default, 30 bytes per sample with one eps).
         **loss_kwargs: passed to :class:`~gdc_ext.CartoLoss` (``ignore_index``, ``reduction``, ...).
     """
 
@@ -88,8 +89,9 @@ class Cartographer:
                  alpha_m: float = 0.75, gamma: float = 2.0, alpha: float = 0.5, keep_outliers: bool = False,
                  seed: int = 0, label_after: Optional[int] = None, eps_index: int = 0,
                  device: Union[str, torch.device] = "cpu", extras: bool = False, *,
-                 memorization: Optional[str] = None, reference=None, **loss_kwargs):
-        self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras)
+                 memorization: Optional[str] = None, reference=None, cartography: bool = False, **loss_kwargs):
+        self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras,
+                                cartography=cartography)
         for name, a in (("alpha_d", alpha_d), ("alpha_m", alpha_m)):
             if not 0.0 <= float(a) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {a}")

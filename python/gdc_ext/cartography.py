@@ -328,7 +328,9 @@ def score_columns(scores, reference=None, *, seed: int = 0, quadrants=None) -> D
     ``difficulty``, ``last_loss``, ``gain``, ``memorization`` and ``forgets`` (at the first tracked
     eps; with several, ``memorization@EPS`` / ``forgets@EPS`` for each other one), ``transitions``,
     ``observed``, the extras kept by the state (``min_loss``, ``loss_mean``, ``loss_std``,
-    ``grad_energy``), ``reference`` when given, then ``score_BY`` for every ``by`` of
+    ``grad_energy``), the cartography columns kept by the state (``confidence``, ``variability``,
+    ``accuracy_last``, ``correctness``, ``forgetting``, ``first_learned``), ``geometric_confidence``
+    (extras) and ``never_learnt`` (cartography), ``reference`` when given, then ``score_BY`` for every ``by`` of
     :data:`SCORES` that can be computed (:func:`score_values`: higher = more memorized, NaN =
     unscored; "excess" and "relative_excess" only with a ``reference``, "random" seeded by
     ``seed``), and ``quadrant`` (int8 codes) when ``quadrants`` (a :class:`Quadrants` or [N]
@@ -364,10 +366,14 @@ def iter_score_columns(scores, reference=None, *, seed: int = 0, quadrants=None)
         yield "forgets" + suffix, scores.forgets_by_eps[:, k].cpu().numpy().astype(np.int64)
     yield "transitions", scores.transitions.cpu().numpy().astype(np.int64)
     yield "observed", scores.observed.cpu().numpy().astype(np.int64)
-    for name in optional_scores_columns():  # the columns of the groups beyond core (csrc/state_stats.def)
+    # the columns of the groups beyond core (csrc/state_stats.def) that the state kept, and those
+    # derived from them
+    for name in (*optional_scores_columns(), "geometric_confidence", "never_learnt"):
+        if not scores.has(name):
+            continue
         t = getattr(scores, name)
-        if t is not None:
-            yield name, f64(t)
+        yield name, (t.cpu().numpy().copy() if t.dtype == torch.bool
+                     else t.cpu().numpy().astype(np.int64) if not t.dtype.is_floating_point else f64(t))
     if ref is not None:
         yield "reference", ref.numpy()
     for by in SCORES:
