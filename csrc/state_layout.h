@@ -138,7 +138,8 @@ constexpr bool table_is_valid() {
     const bool acc = d.tensor == kTensor_acc;
     if (acc != (d.input < kInSignal0)) return false;  // acc: a source; folded: a signal or a statistic
     if (d.input >= kInStat0 && kStatDecls[d.input - kInStat0].tensor != kTensor_acc) return false;
-    if (input_group(d.input) != kGroup_core && input_group(d.input) != d.group) return false;  // its input is kept whenever it is
+    // its input is kept whenever it is
+    if (input_group(d.input) != kGroup_core && input_group(d.input) != d.group) return false;
     const int32_t p = partner_of(s);
     if (p == -2) return false;
     if (p >= 0 && kStatDecls[p].group != kGroup_core && kStatDecls[p].group != d.group) return false;

@@ -111,7 +111,19 @@ __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
 }
 
 // Whether logit v at index j keeps the target y (logit zy) from being the argmax under torch's
-// rule: the first index among equal maxima wins.
+// rule: the first index among equal maxima wins. Compared in Cmp<T>: float64 in float64 (rounding
+// to float32 could tie two distinct logits); the other dtypes in float32, exact and in order.
+template <typename T>
+struct CmpOf {
+  using type = float;
+};
+template <>
+struct CmpOf<double> {
+  using type = double;
+};
+template <typename T>
+using Cmp = typename CmpOf<T>::type;
+
 template <typename U>
 __device__ __forceinline__ bool beats(U v, int64_t j, int64_t y, U zy) {
   return j < y ? v >= zy : v > zy;
@@ -201,13 +213,12 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
       continue;
     }
     // Read before any thread of the block overwrites the row (in-place mode).
-    const T zy_t = z[y];
-    const float zy = static_cast<float>(zy_t);
+    const Cmp<T> zy_c = static_cast<Cmp<T>>(z[y]);
+    const float zy = static_cast<float>(zy_c);
 
     // The argmax test in the same pass: beat is set by a logit before the target that is >= z[y]
     // or one after it that is > z[y]; the target is the argmax with torch's rule (the first index
-    // among equal maxima) iff no thread sets it. float64 compares in float64 (rounding to float32
-    // could tie two distinct logits); the other dtypes convert to float32 exactly and in order.
+    // among equal maxima) iff no thread sets it (compared in Cmp<T>, see beats).
     bool beat = false;
     RowStats st = row_stats_init();
     const int64_t head = head_len(z, V);
@@ -218,7 +229,7 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
       const float x[1] = {static_cast<float>(v)};
       stats_add<1>(st, x);
       if (kSmooth) st.wz += weight(j) * x[0];
-      beat |= beats(v, j, y, zy_t);
+      beat |= beats(static_cast<Cmp<T>>(v), j, y, zy_c);
     }
     for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
       const int64_t j0 = head + k * n;
@@ -231,10 +242,10 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
       }
       if (std::is_same<T, double>::value) {
 #pragma unroll
-        for (int i = 0; i < n; ++i) beat |= beats(z[j0 + i], j0 + i, y, zy_t);  // L1 hits: just loaded
+        for (int i = 0; i < n; ++i) beat |= beats(static_cast<Cmp<T>>(z[j0 + i]), j0 + i, y, zy_c);  // L1: just loaded
       } else {
 #pragma unroll
-        for (int i = 0; i < n; ++i) beat |= beats(x[i], j0 + i, y, zy);
+        for (int i = 0; i < n; ++i) beat |= beats(static_cast<Cmp<T>>(x[i]), j0 + i, y, zy_c);
       }
     }
     for (int64_t j = tail + threadIdx.x; j < V; j += blockDim.x) {
@@ -242,7 +253,7 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
       const float x[1] = {static_cast<float>(v)};
       stats_add<1>(st, x);
       if (kSmooth) st.wz += weight(j) * x[0];
-      beat |= beats(v, j, y, zy_t);
+      beat |= beats(static_cast<Cmp<T>>(v), j, y, zy_c);
     }
     st = block_merge(st);
     const bool beaten = __syncthreads_or(beat) != 0;  // every thread of the block reaches it
