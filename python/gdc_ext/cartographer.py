@@ -33,8 +33,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from gdc_ext._seed import check_seed
-from gdc_ext.cartography import (DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_REFERENCE, PRUNE_BY, QUADRANT_NAMES,
-                                 Quadrants, loss_weights, multiplicities, prune)
+from gdc_ext.cartography import (DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_GROUP, NEEDS_REFERENCE, PRUNE_BY,
+                                 QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune)
+from gdc_ext import layout
 from gdc_ext.layout import ACC_COUNT
 from gdc_ext.loss import CartoLoss
 from gdc_ext.sampler import CartoSampler
@@ -121,6 +122,9 @@ class Cartographer:
         if not isinstance(memorization, str) or memorization not in PRUNE_BY:
             raise ValueError(f"memorization must be one of {', '.join(repr(k) for k in PRUNE_BY)}, "
                              f"got {memorization!r}")
+        if memorization in NEEDS_GROUP and not self.state.groups & layout.GROUPS[NEEDS_GROUP[memorization]]:
+            g = NEEDS_GROUP[memorization]
+            raise ValueError(f"memorization={memorization!r} needs the {g} statistics: Cartographer(..., {g}=True)")
         if memorization in NEEDS_REFERENCE and self.reference_mode is None:
             raise ValueError(f"memorization={memorization!r} needs reference=: a 1-D [N] array of per-sample reference "
                              f"losses in nats per token, or one of {REFERENCE_MODES}")
