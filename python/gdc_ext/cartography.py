@@ -12,7 +12,7 @@ import torch
 from gdc_ext._seed import check_seed
 from gdc_ext.layout import optional_scores_columns
 
-__all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
+__all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "stalled", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
            "NEEDS_REFERENCE", "NEEDS_GROUP", "available_scores", "score_values", "selection_order", "top_k",
            "resolve_eps", "score_columns", "iter_score_columns", "quantiles", "flagged_ids", "REGIONS",
@@ -77,16 +77,38 @@ def _codes(q: Union[Quadrants, torch.Tensor]) -> torch.Tensor:
 
 
 def multiplicities(q, gamma: float = 2.0, keep_outliers: bool = False, easy: float = 1.0,
-                   unscored: float = 1.0) -> torch.Tensor:
+                   unscored: float = 1.0, *, stalled=None, stalled_multiplicity: float = 1.0) -> torch.Tensor:
     """Per-epoch sampling multiplicity [N] float64: 0 -> easy, 1 -> gamma, 2 -> 1,
-    3 -> 0 (1 with keep_outliers), unscored -> `unscored`."""
+    3 -> 0 (1 with keep_outliers), unscored -> `unscored`.
+
+    stalled: optional [N] bool (:func:`stalled`): ambiguous-hard samples (code 1) marked True get
+    ``stalled_multiplicity`` (>= 0; default 1: not up-sampled) instead of gamma. None: every
+    ambiguous-hard sample gets gamma (the paper's Algorithm 1)."""
     if not gamma > 1.0:
         raise ValueError(f"gamma must be > 1 (up-sampling of ambiguous-hard samples), got {gamma}")
-    if easy < 0 or unscored < 0:
-        raise ValueError("easy and unscored multiplicities must be >= 0")
+    if easy < 0 or unscored < 0 or stalled_multiplicity < 0:
+        raise ValueError("easy, unscored and stalled multiplicities must be >= 0")
     codes = _codes(q)
     table = torch.tensor([easy, gamma, 1.0, 1.0 if keep_outliers else 0.0, unscored], dtype=torch.float64)
-    return table[torch.where(codes < 0, torch.full_like(codes, 4), codes)]
+    out = table[torch.where(codes < 0, torch.full_like(codes, 4), codes)]
+    if stalled is not None:
+        mask = torch.as_tensor(stalled)
+        if mask.dtype != torch.bool or mask.shape != codes.shape:
+            raise ValueError(f"stalled must be a bool mask of the codes' shape {tuple(codes.shape)}, got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        out[(codes == 1) & mask.cpu()] = float(stalled_multiplicity)
+    return out
+
+
+def stalled(scores) -> torch.Tensor:
+    """[N] bool: scored samples whose loss did not fall over the burn-in, ``gain = d - last <= 0``
+    (the loss at the last observation at or above the burn-in mean; docs/method.md,
+    "Interventions"). While the model learns the rest, a hard sample whose loss does not fall
+    contradicts what it learns: the signature of a wrong label (Swayamdipta et al. 2020's
+    hard-to-learn region; Arpit et al. 2017: networks fit clean patterns before noise).
+    Up-sampling it only speeds up memorizing it."""
+    g = _as_f64(scores.gain, "gain")
+    return torch.from_numpy(~np.isnan(g) & (np.nan_to_num(g, nan=1.0) <= 0.0))
 
 
 def loss_weights(q, alpha: float = 0.5) -> torch.Tensor:

@@ -197,31 +197,27 @@ def cartography_map(scores, fraction: float = REGION_FRACTION, highlight=None, h
         h = h[seen[h]]
         ax.scatter(var[h], conf[h], s=34, facecolors="none", edgecolors="black", linewidths=0.9,
                    label=f"{highlight_label} (n={len(h)})")
-    # region bounds: the k-th value of the metric that selects each region
-    bounds = {}
-    for name, ids in regions.items():
-        if len(ids):
-            ids = ids.numpy()
-            if name == "ambiguous":
-                bounds[name] = float(var[ids].min())
-                ax.axvline(bounds[name], color=REGION_COLORS[name], ls="--", lw=1)
-            else:
-                bounds[name] = float(conf[ids].min() if name == "easy-to-learn" else conf[ids].max())
-                ax.axhline(bounds[name], color=REGION_COLORS[name], ls="--", lw=1)
+    # region bounds: the k-th value of the metric that selects each region, named in the legend
+    for name in ("easy-to-learn", "ambiguous", "hard-to-learn"):
+        ids = regions[name].numpy()
+        if not len(ids):
+            continue
+        if name == "ambiguous":
+            b = float(var[ids].min())
+            ax.axvline(b, color=REGION_COLORS[name], ls="--", lw=1.2,
+                       label=f"{name}: variability >= {b:.3f} (n={len(ids)})")
+        else:
+            b = float(conf[ids].min() if name == "easy-to-learn" else conf[ids].max())
+            ax.axhline(b, color=REGION_COLORS[name], ls="--", lw=1.2,
+                       label=f"{name}: confidence {'>=' if name == 'easy-to-learn' else '<='} {b:.3f} (n={len(ids)})")
     x_hi = float(np.nanmax(var)) if n_seen else 1.0
-    for name, (x, y, va) in {"easy-to-learn": (0.02, 0.98, "top"), "hard-to-learn": (0.02, 0.02, "bottom"),
-                             "ambiguous": (0.98, 0.5, "center")}.items():
-        ax.text(x, y, f"{name}\n(n={len(regions[name])})", transform=ax.transAxes, ha="left" if x < 0.5 else "right",
-                va=va, fontsize=9, color=REGION_COLORS[name], fontweight="bold",
-                bbox=dict(boxstyle="round,pad=0.3", fc="white", ec=REGION_COLORS[name], alpha=0.85))
     ax.set_xlim(-0.01, max(x_hi * 1.05, 0.05))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("variability (std of p(y) over epochs)")
     ax.set_ylabel("confidence (mean p(y) over epochs)")
     ax.set_title(title or (f"Data map: {n_seen} samples after {scores.epoch} epochs; regions: top "
                            f"{fraction:.0%} each"), fontsize=11)
-    if highlight is not None:
-        ax.legend(loc="center left", fontsize=8, framealpha=0.85)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.85)
     ax.grid(alpha=0.25)
     for row, (values, label) in enumerate(((conf, "confidence"), (var, "variability"), (corr, "correctness"))):
         a = fig.add_subplot(gs[row, 1])
