@@ -111,8 +111,12 @@ class Scores:
     Columns (see :data:`gdc_ext.scores_columns.COLUMNS`): difficulty [N] float64 (NaN where no
     burn-in epoch was observed), memorization_by_eps [N, K] float64, forgets_by_eps [N, K] int32,
     transitions [N] int32, observed [N] int32, last_loss [N] float64 (NaN if never observed), and,
-    for a state with extras, min_loss, loss_mean, loss_std and grad_energy [N] float64 (None
-    without). ``CartoState.scores()`` keeps a snapshot of the state's compact tensors and computes
+    for a state with extras, min_loss, loss_mean, loss_std, grad_energy and geometric_confidence
+    (exp(-loss_mean)) [N] float64 (None without); for a state with the cartography group
+    (``cartography=True``; docs/method.md, "Data cartography"), confidence, variability,
+    accuracy_last, first_learned [N] float64, correctness, forgetting [N] int32 and never_learnt
+    [N] bool (reading them without the group raises ValueError saying how to enable it;
+    :meth:`has` tells whether a column exists). ``CartoState.scores()`` keeps a snapshot of the state's compact tensors and computes
     each column when it is first read (then cached), chunk by chunk, so reading one column costs
     the snapshot plus that column's [N] values. Scores built by hand take every column as a tensor.
     """
