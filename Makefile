@@ -99,7 +99,7 @@ cuda-check:
 EXP_CONFIG ?= default
 EXP_OUT ?= results/reproduce
 
-.PHONY: reproduce reproduce-counterfactual test-experiments
+.PHONY: reproduce reproduce-counterfactual reproduce-noisy-labels test-experiments
 
 $(VENV)/.exp-deps: $(VENV)/.built
 	$(PIP) --no-build-isolation -e ".[$(EXTRAS),experiments]"
@@ -107,6 +107,12 @@ $(VENV)/.exp-deps: $(VENV)/.built
 
 reproduce: $(VENV)/.exp-deps
 	$(PY) -m paper.run --config $(EXP_CONFIG) --out $(EXP_OUT) --docs docs
+	$(PY) -m paper.noisy_labels --out results/noisy_labels --docs docs
+
+# The noisy-label benchmark alone (issue 19; part of `reproduce`, ~30 s on the CPU): rewrites only
+# its section of docs/RESULTS.md and docs/fig_noisy_labels_map.png.
+reproduce-noisy-labels: $(VENV)/.exp-deps
+	$(PY) -m paper.noisy_labels --out results/noisy_labels --docs docs
 
 # The counterfactual family alone (every score on every setting with its worst case; part of
 # `reproduce`): rewrites only its section of docs/RESULTS.md. CF_SETTINGS="audit audit_b": only
@@ -117,4 +123,4 @@ reproduce-counterfactual: $(VENV)/.exp-deps
 
 test-experiments: install
 	$(PY) -m pytest -q tests/test_experiments_metrics.py tests/test_experiments_smoke.py \
-	  tests/test_experiments_counterfactual.py
+	  tests/test_experiments_counterfactual.py tests/test_experiments_noisy_labels.py

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-METHODS = ("torch_ce", "naive_record", "carto", "carto_inplace", "carto_norecord",
+METHODS = ("torch_ce", "naive_record", "carto", "carto_inplace", "carto_norecord", "carto_cartography",
            "torch_compile", "liger", "cce")
 CUDA_ONLY = ("torch_compile", "liger", "cce")
 CPU_SHAPES = ("4096x32000",)
@@ -153,12 +153,15 @@ class NaiveRecord(Method):
 class Carto(Method):
     inplace = False
     record = True
+    cartography = False  # the opt-in cartography group (p(y) and argmax sums, +34 bytes per sample)
 
     def __init__(self, case, inp):
         super().__init__(case, inp)
         from gdc_ext import CartoLoss, CartoState
 
-        self.state = CartoState(case.num_samples, burn_in=2, eps=case.eps, device=case.device) if self.record else None
+        kw = {"cartography": True} if self.cartography else {}
+        self.state = CartoState(case.num_samples, burn_in=2, eps=case.eps, device=case.device, **kw) \
+            if self.record else None
         self.loss = CartoLoss(state=self.state, inplace_grad=self.inplace)
 
     def fwd(self):
@@ -177,6 +180,11 @@ class CartoInplace(Carto):
 
 class CartoNoRecord(Carto):
     record = False
+
+
+class CartoCartography(Carto):
+    cartography = True
+    note = "cartography=True (+34 B/sample)"
 
 
 class TorchCompile(Method):
@@ -231,7 +239,8 @@ class CCE(Method):
 
 CLASSES: dict[str, Callable[[Case, Inputs], Method]] = {
     "torch_ce": TorchCE, "naive_record": NaiveRecord, "carto": Carto, "carto_inplace": CartoInplace,
-    "carto_norecord": CartoNoRecord, "torch_compile": TorchCompile, "liger": Liger, "cce": CCE,
+    "carto_norecord": CartoNoRecord, "carto_cartography": CartoCartography, "torch_compile": TorchCompile,
+    "liger": Liger, "cce": CCE,
 }
 
 

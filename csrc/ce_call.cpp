@@ -110,6 +110,7 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
   c.loss = at::empty({R}, fopts);
   c.nll = at::empty({R}, fopts);
   c.energy = at::empty({R}, fopts);
+  c.correct = at::empty({R}, fopts);
   c.recording = recording;
   if (R > 0) {
     if (has_cw) {
@@ -132,6 +133,7 @@ CeCall prepare_ce_rows(int64_t R, int64_t V, const at::Device& device, const at:
   P.loss = c.loss.data_ptr<float>();
   P.nll = c.nll.data_ptr<float>();
   P.energy = c.energy.data_ptr<float>();
+  P.correct = c.correct.data_ptr<float>();
   P.cw = ptr(c.cw);
   P.wsum = ptr(c.wsum);
   P.sw = ptr(c.sw);

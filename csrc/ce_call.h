@@ -14,7 +14,7 @@ namespace gdc {
 struct CeCall {
   CeParams p;
   bool recording = false;       // p.acc is set
-  at::Tensor loss, nll, energy;  // [R] float32 outputs
+  at::Tensor loss, nll, energy, correct;  // [R] float32 outputs
   at::Tensor cw, wsum, sw, gs;   // float32 class weights, their sum, sample weights, grad_scale
   at::Tensor bad;                // [1] int32 flag (CUDA with recording)
 };

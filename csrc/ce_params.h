@@ -42,6 +42,8 @@ struct CeParams {
   float* loss = nullptr;            // out: training loss (sample weight applied; 0 where ignored)
   float* nll = nullptr;             // out: recorded NLL lse - z[y] (0 where ignored)
   float* energy = nullptr;          // out: recorded ||softmax - onehot||^2 (0 where ignored)
+  float* correct = nullptr;         // out: 1 if argmax z == y (the first index among equal maxima,
+                                    // as torch.argmax), else 0 (0 where ignored)
   // ---- per call: shared by every chunk
   const float* cw = nullptr;          // [V] class weights, or null (all 1)
   const float* wsum = nullptr;        // scalar sum of cw (same device), or null without cw
@@ -67,14 +69,17 @@ struct CeParams {
     p.loss = loss + r0;
     p.nll = nll + r0;
     p.energy = energy + r0;
+    p.correct = correct + r0;
     return p;
   }
 };
 
 // The value row r adds into an acc column whose source is src (csrc/state_stats.def, GDC_SOURCE);
 // the CPU and CUDA recording both add exactly this. A new source needs a case here.
+// p(y) is exp(-nll) of the recorded float32 NLL, in float64: no pass over the logits, and the
+// value a caller recomputes from the op's nll output.
 GDC_HD double ce_source_value(const CeParams& P, int32_t src, int64_t r) {
-  static_assert(kNumSources == 3, "a new GDC_SOURCE needs its per-row value in ce_source_value");
+  static_assert(kNumSources == 5, "a new GDC_SOURCE needs its per-row value in ce_source_value");
   switch (src) {
     case kSrc_nll:
       return static_cast<double>(P.nll[r]);
@@ -82,15 +87,20 @@ GDC_HD double ce_source_value(const CeParams& P, int32_t src, int64_t r) {
       return 1.0;
     case kSrc_energy:
       return static_cast<double>(P.energy[r]);
+    case kSrc_p_y:
+      return exp(-static_cast<double>(P.nll[r]));
+    case kSrc_correct:
+      return static_cast<double>(P.correct[r]);
     default:
       return 0.0;
   }
 }
 
-// Per-row kernels: fill loss, nll, energy (and grad if set) for rows [0, P.R). They do not record.
+// Per-row kernels: fill loss, nll, energy, correct (and grad if set) for rows [0, P.R). They do
+// not record.
 // CPU: targets and ids must already be range-checked (prepare_ce does it on the host).
 void ce_rows_cpu(const CeParams& P);
-// Adds each recorded row's source values (NLL, a token count, energy: see acc_src) into
+// Adds each recorded row's source values (NLL, a token count, energy, p(y), correct: see acc_src) into
 // acc[ids[r]] in row order. Raises ValueError
 // (state unchanged) if a recorded row has a non-finite NLL. Requires P.acc and P.ids.
 void ce_record_cpu(const CeParams& P);

@@ -2,7 +2,8 @@
 // The statistics and their fold kinds are declared in csrc/state_stats.def; this file holds the
 // code of each fold kind and the params struct of the end_epoch op family. See docs/method.md:
 // difficulty over burn-in epochs, forget events between consecutive observations, last/min
-// loss, Welford mean/M2, accumulated gradient energy; "Storage" for the dtypes.
+// loss, Welford mean/M2, accumulated gradient energy, the cartography group's learnt-epoch
+// counts; "Storage" for the dtypes.
 //
 // Every fold computes in float64 from the float64 accumulator and the stored values, and rounds
 // once when it stores a float32 statistic. The CUDA fold is compiled with -fmad=false and the CPU
@@ -34,6 +35,7 @@ struct EpochParams {
 struct FoldCtx {
   bool burn;       // the epoch is a burn-in epoch (1-based epoch <= burn_in)
   int32_t n_prev;  // epochs in which the sample was observed before this one
+  int64_t epoch;   // the epoch being folded, 1-based (<= kMaxEpochs: end_epoch refuses more)
 };
 
 // ---- the fold kinds (GDC_FOLD in csrc/state_stats.def), each for one observed epoch.
@@ -78,6 +80,23 @@ GDC_HD void fold_forget_events(int16_t* v, const float* old, int32_t p, double x
     if (prev < P.eps[k] && x > P.eps[k]) v[k] = static_cast<int16_t>(v[k] + 1);
   }
 }
+// The folds of an input in [0, 1] whose value 1 is an event (token accuracy 1: every token of the
+// sample argmax-correct, "learnt"). It is exactly 1 when the correct-token sum equals the token
+// count (both exact integers in float64); the last value read by full_drops is stored in float32,
+// where a value below 1 stays below 1 for fewer than 2**24 tokens per sample and epoch.
+GDC_HD bool is_full(double x) { return x >= 1.0; }
+GDC_HD void fold_count_full(int16_t* v, const float*, int32_t, double x, const FoldCtx&, const EpochParams&) {
+  if (is_full(x)) *v = static_cast<int16_t>(*v + 1);
+}
+// p: the column of the last value of the same input (before this epoch). Toneva et al.'s
+// forgetting event: learnt at the previous observation, not learnt at this one.
+GDC_HD void fold_full_drops(int16_t* v, const float* old, int32_t p, double x, const FoldCtx& c,
+                            const EpochParams&) {
+  if (c.n_prev > 0 && is_full(static_cast<double>(old[p])) && !is_full(x)) *v = static_cast<int16_t>(*v + 1);
+}
+GDC_HD void fold_first_full(int16_t* v, const float*, int32_t, double x, const FoldCtx& c, const EpochParams&) {
+  if (*v == 0 && is_full(x)) *v = static_cast<int16_t>(c.epoch);
+}
 GDC_HD void fold_row_sum(double*, const float*, int32_t, double, const FoldCtx&, const EpochParams&) {}
 
 // Column of statistic s in its tensor for group set G (per-eps tensors: in units of K; -1: off),
@@ -106,6 +125,7 @@ GDC_HD void fold_sample(const EpochParams& P, int64_t i, int64_t e) {
     FoldCtx c;
     c.burn = e <= P.burn_in;
     c.n_prev = ist[c_observed];
+    c.epoch = e;
     // the float statistics before this epoch (a fold may read another's old value)
     float old[w_f > 0 ? w_f : 1];
     for (int64_t j = 0; j < w_f; ++j) old[j] = f[j];

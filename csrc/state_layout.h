@@ -109,9 +109,18 @@ constexpr int32_t kMaxAccCols = count_in(kTensor_acc);
 constexpr int32_t kMaxFCols = count_in(kTensor_fstats);
 
 // The statistic whose old value a fold kind reads besides its own (-1: none): welford_m2 needs
-// the welford_mean of its input, forget_events the last value of its input.
+// the welford_mean of its input, forget_events and full_drops the last value of their input.
 constexpr int32_t partner_fold(int32_t fold) {
-  return fold == kFold_welford_m2 ? kFold_welford_mean : fold == kFold_forget_events ? kFold_last : -1;
+  if (fold == kFold_welford_m2) return kFold_welford_mean;
+  if (fold == kFold_forget_events || fold == kFold_full_drops) return kFold_last;
+  return -1;
+}
+// The group of the accumulator column an input is computed from: a source's is core (the kernels
+// always have it), a signal's that of its sum, an acc statistic's its own.
+constexpr int32_t input_group(int32_t in) {
+  return in < kInSignal0 ? kGroup_core
+         : in < kInStat0 ? kStatDecls[kSignalDecls[in - kInSignal0].sum].group
+                         : kStatDecls[in - kInStat0].group;
 }
 constexpr int32_t partner_of(int32_t stat) {
   const int32_t want = partner_fold(kStatDecls[stat].fold);
@@ -130,14 +139,14 @@ constexpr bool table_is_valid() {
     const bool acc = d.tensor == kTensor_acc;
     if (acc != (d.input < kInSignal0)) return false;  // acc: a source; folded: a signal or a statistic
     if (d.input >= kInStat0 && kStatDecls[d.input - kInStat0].tensor != kTensor_acc) return false;
-    if (d.input >= kInStat0 && kStatDecls[d.input - kInStat0].group != kGroup_core &&
-        kStatDecls[d.input - kInStat0].group != d.group) return false;  // its input is kept whenever it is
+    // its input is kept whenever it is
+    if (input_group(d.input) != kGroup_core && input_group(d.input) != d.group) return false;
     const int32_t p = partner_of(s);
     if (p == -2) return false;
     if (p >= 0 && kStatDecls[p].group != kGroup_core && kStatDecls[p].group != d.group) return false;
   }
   for (const SignalDecl& g : kSignalDecls) {
-    if (kStatDecls[g.sum].tensor != kTensor_acc || kStatDecls[g.sum].group != kGroup_core) return false;
+    if (kStatDecls[g.sum].tensor != kTensor_acc) return false;
   }
   return kStatDecls[kStat_count].group == kGroup_core && kStatDecls[kStat_observed].group == kGroup_core &&
          kStatDecls[kStat_count].tensor == kTensor_acc && kStatDecls[kStat_observed].tensor == kTensor_istats &&

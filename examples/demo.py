@@ -7,7 +7,8 @@
    README's docs/data_map.png is written only when asked: --out docs/data_map.png), and print
    `gdc` commands that read them, runnable as printed.
 3. From that checkpoint, continue training twice for the same number of epochs: plainly, and with
-   the interventions (CartoSampler: ambiguous-hard up-sampled by gamma, noisy-outliers removed;
+   the interventions (CartoSampler: ambiguous-hard up-sampled by gamma while their loss falls, removed
+   when it did not fall over the burn-in, noisy-outliers removed;
    hotspots down-weighted by alpha in the loss; optionally the top --prune fraction by the score removed).
    The score on the memorized axis and for pruning is --by (default gdc_ext.DEFAULT_SCORE; "memorization"
    is the paper's m_i).
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 from gdc_ext import (DEFAULT_SCORE, QUADRANT_NAMES, SCORES, Cartographer, crossfit_split, prune, reference_losses,
                      score_values, unigram_reference, zlib_reference)
+from gdc_ext.cartography import NEEDS_GROUP
 from paper.metrics import auc
 from paper.models import LSTMLM
 from paper.train import train_epoch
@@ -288,7 +290,8 @@ def main(argv=None) -> dict:
     carto = Cartographer(num_samples=N, burn_in=args.burn_in, eps=args.eps, alpha_d=args.alpha_d,
                          alpha_m=args.alpha_m, gamma=args.gamma, alpha=args.alpha, keep_outliers=args.keep_outliers,
                          seed=args.seed, label_after=args.label_after, memorization=args.by,
-                         reference=refs["unigram"] if args.by == "excess" else None)
+                         reference=refs["unigram"] if args.by == "excess" else None,
+                         cartography=args.by in NEEDS_GROUP)  # --by hard_to_learn, ...: the cartography statistics
     print(f"corpus: {N} training sequences ({', '.join(f'{int((group == g).sum())} {n}' for g, n in enumerate(GROUPS))}), "
           f"{args.val} validation; {args.seq_len} tokens each")
     print(f"Algorithm 1: burn-in T_e = {args.burn_in}, labels after epoch {args.label_after}, eps = {args.eps} nats, "

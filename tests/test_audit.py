@@ -407,7 +407,9 @@ def test_plant_train_report_end_to_end():
     ref = gdc_ext.reference_losses(initial, [(X[s:s + 64, :-1], X[s:s + 64, 1:], torch.arange(s, min(s + 64, N)))
                                              for s in range(0, N, 64)], N, progress=False)
     rep = audit.report(c, state.scores(), reference=ref, model=model)
-    assert list(rep.scores) == list(gdc_ext.SCORES) and rep.skipped == {}
+    # every score the state can give (the cartography group's need cartography=True)
+    assert list(rep.scores) == list(gdc_ext.cartography.available_scores(state.scores(), ref)) and rep.skipped == {}
+    assert set(gdc_ext.SCORES) - set(rep.scores) == set(gdc_ext.cartography.NEEDS_GROUP)
     for v in rep.scores.values():
         cells = [v["auroc"], *v["recall"].values()] + [x for b in v["by_reps"].values()
                                                         for x in (b["auroc"], *b["recall"].values())]

@@ -23,8 +23,10 @@ def _epoch(carto, order, targets_by_epoch, V=5):
 def test_algorithm_1_phases_and_fixed_labels():
     N = 8
     # difficulty from epoch 1 alone, labels after epoch 3 (forget events over 2 transitions)
+    # stalled="upsample": the paper's table, every ambiguous-hard sample up-sampled (the default removes
+    # those whose loss did not fall, as sample 6's: tests/test_cartographer_stalled.py)
     carto = Cartographer(num_samples=N, burn_in=1, eps=1.0, alpha_d=0.5, alpha_m=0.5, gamma=3.0, alpha=0.25,
-                         keep_outliers=False, seed=7, label_after=3, memorization="memorization")
+                         keep_outliers=False, seed=7, label_after=3, memorization="memorization", stalled="upsample")
     # 0-3 learnt every epoch (easy); 4-5 learnt, forgotten, relearnt (memorized); 6 never learnt
     # (hard); 7 hard in epoch 1 and forgotten later (noisy outlier).
     script = [
@@ -76,9 +78,11 @@ def test_default_score_labels_rote_learnt_samples():
         default.end_epoch()
     # -last loss: 0-5 end equally low; only the tie-break by higher d puts the rote-learnt 4-5 first
     assert carto.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
-    # the default, gain: high and d high for 4-5: quadrant 3 (removed by the sampler), 6 hard without gain
+    # the default, gain: high and d high for 4-5: quadrant 3 (removed by the sampler), 6 hard without gain;
+    # its loss never fell (stalled), so the default removes it too (stalled="upsample" would give it gamma)
     assert default.quadrants.codes.tolist() == [0, 0, 0, 0, 3, 3, 1, 0]
-    assert default.multiplicities().tolist() == [1, 1, 1, 1, 0, 0, 2, 1]
+    assert default.multiplicities().tolist() == [1, 1, 1, 1, 0, 0, 0, 1]
+    assert bool(default.stalled_mask[6]) and not default.stalled_mask[[4, 5]].any()
     assert default.prune(0.25).tolist() == [0, 1, 2, 3, 6, 7]
     assert torch.equal(default.prune(0.25), gdc_ext.prune(default.state.scores(), 0.25, by="gain"))
     # the paper's m_i finds no forget event in samples 4-5 (their loss only falls)

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import gdc_ext
 from gdc_ext import reference
-from gdc_ext.cartography import DEFAULT_SCORE, NEEDS_REFERENCE, PRUNE_BY, SCORES
+from gdc_ext.cartography import DEFAULT_SCORE, NEEDS_GROUP, NEEDS_REFERENCE, PRUNE_BY, SCORES
 from gdc_ext.state import Scores
 
 
@@ -32,6 +32,9 @@ def test_quadrants_match_reference(case):
     np.testing.assert_equal([q.tau_d, q.tau_m], [tau_d, tau_m])
     assert sum(q.counts().values()) == len(d)
     assert q.counts()["unscored"] == int(np.isnan(d).sum())
+
+
+CORE_SCORES = [by for by in SCORES if by not in NEEDS_GROUP]
 
 
 def _scores(d, m, last=None):
@@ -87,7 +90,7 @@ def test_prune_budget_and_order(n, fraction, seed):
     s = _scores(d, m, last)
     scored = np.flatnonzero(~np.isnan(d))
     k = int(round(fraction * n))
-    for by in SCORES:
+    for by in CORE_SCORES:  # hand-built Scores: the scores that need no opt-in group
         ids = gdc_ext.prune(s, fraction, by=by, seed=seed, reference=ref)
         assert ids.dtype == torch.int64 and ids.tolist() == sorted(set(ids.tolist()))
         assert len(ids) == n - k  # exactly the budget, the same for every score and the baselines
@@ -190,7 +193,8 @@ def test_selection_order_and_score_values():
     r = gdc_ext.score_values(s, "random", seed=3)
     assert torch.isnan(r[1]) and sorted(r[[0, 2]].tolist()) == [1.0, 2.0]
     assert SCORES == tuple(PRUNE_BY) == ("memorization", "gain", "excess", "relative_excess", "last", "loss",
-                                                    "random")
+                                         "random", "confidence", "hard_to_learn", "variability", "forgetting",
+                                         "accuracy_last")
     assert DEFAULT_SCORE in SCORES and DEFAULT_SCORE not in NEEDS_REFERENCE  # a default cannot need a reference
     assert gdc_ext.DEFAULT_SCORE == DEFAULT_SCORE and gdc_ext.SCORES == SCORES
     with pytest.raises(ValueError, match="by must be one of 'memorization', 'gain', 'excess', 'relative_excess', 'last', 'loss', 'random'"):
@@ -204,7 +208,7 @@ def test_quadrants_by_any_score_and_the_sampler_chain():
     last = np.where(np.isnan(d), np.nan, rng.random(n) * 2)
     s = _scores(d, rng.choice([0.0, 0.5, 1.0], size=n), last)
     ref = rng.random(n) * 5
-    for by in SCORES:
+    for by in CORE_SCORES:  # hand-built Scores: the scores that need no opt-in group
         q = s.quadrants(0.5, 0.75, by=by, reference=ref, seed=3)
         m = gdc_ext.score_values(s, by, reference=ref, seed=3)
         codes, (tau_d, tau_m) = reference.quadrants(d, m.numpy(), 0.5, 0.75)  # the functional spec on any axis

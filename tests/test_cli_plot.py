@@ -108,7 +108,7 @@ def test_select_quadrant_and_prune(state_file, reference_files, tmp_path, capsys
     ids = [int(x) for x in out.read_text().split()]
     assert ids == torch.nonzero(scores.quadrants(by=gdc_ext.DEFAULT_SCORE).codes == 3).flatten().tolist()
     d, ref = reference_files
-    for by in gdc_ext.SCORES:
+    for by in gdc_ext.cartography.available_scores(scores, ref):  # a state without cartography=True
         extra = ["--reference", str(d / "ref.txt")] if by in ("excess", "relative_excess") else []
         assert cli.main(["select", path, "--prune", "0.1", "--by", by, "-o", str(out), "--seed", "4"] + extra) == 0
         kept = [int(x) for x in out.read_text().split()]
@@ -233,7 +233,7 @@ def test_data_map_by_any_score(state_file, tmp_path):
 
     _, scores = state_file
     ref = np.linspace(0.5, 4.0, N)
-    for by in gdc_ext.SCORES:
+    for by in gdc_ext.cartography.available_scores(scores, ref):  # a state without cartography=True
         fig = data_map(scores, by=by, reference=ref, jitter=0)
         ax = fig.axes[0]
         if by != "memorization":

@@ -274,7 +274,7 @@ def test_lazy_scores_equal_hand_built_ones(extras):
     sc = s.scores()
     cols = {f: getattr(sc, f) for f in ("difficulty", "memorization_by_eps", "forgets_by_eps", "transitions",
                                          "observed", "last_loss", "min_loss", "loss_mean", "loss_std", "grad_energy")}
-    assert (cols["loss_std"] is None) == (not extras) and (sc.confidence is None) == (not extras)
+    assert (cols["loss_std"] is None) == (not extras) and (sc.geometric_confidence is None) == (not extras)
     hand = gdc_ext.Scores(**cols, eps=sc.eps, epoch=sc.epoch, burn_in=sc.burn_in)
     lazy = s.scores()
     assert repr(lazy) == repr(hand).replace(f"extras={extras}", f"extras={extras}")

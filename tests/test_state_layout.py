@@ -55,7 +55,10 @@ def test_table_is_coherent_with_python():
     for name, col in scores_columns.COLUMNS.items():
         assert set(col.stats) <= names, name
     assert layout.scores_columns(layout.CORE) == ("difficulty", "last_loss", "observed", "forgets_by_eps")
-    assert layout.optional_scores_columns() == ("min_loss", "loss_mean", "loss_std", "grad_energy")
+    assert layout.optional_scores_columns() == ("min_loss", "loss_mean", "loss_std", "grad_energy", "confidence",
+                                                "variability", "accuracy_last", "correctness", "forgetting",
+                                                "first_learned")
+    assert layout.group_scores_columns("cartography") == layout.optional_scores_columns()[4:]
 
 
 @pytest.mark.parametrize("K", [1, 3])
@@ -88,8 +91,9 @@ def test_fakes_and_kernels_agree_for_every_group_set(groups):
     """torch.library.opcheck (the fake's shapes against the kernel's, schema, autograd
     registration) of end_epoch_ and the recording cross-entropy ops, for each group set."""
     K, N = 2, 6
-    extras = bool(groups & layout.EXTRAS)
-    s = CartoState(N, burn_in=2, eps=[0.5, 1.5], extras=extras)
+    extras, cartography = bool(groups & layout.EXTRAS), bool(groups & layout.CARTOGRAPHY)
+    s = CartoState(N, burn_in=2, eps=[0.5, 1.5], extras=extras, cartography=cartography)
+    assert s.groups == groups
     g = torch.Generator().manual_seed(groups)
     logits = torch.randn(10, 7, generator=g)
     target = torch.randint(0, 7, (10,), generator=g)

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ce_call.h"
@@ -18,17 +19,29 @@ namespace {
 
 constexpr int64_t kChunk = 512;
 
-// Stats of one float chunk, merged into st.
-GDC_CLONES void chunk_stats(const float* x, int64_t n, const float* w, bool want_wz, RowStats& st) {
+// Stats of one float chunk, merged into st. The max pass also decides the argmax test of the
+// row's target: beat |= some logit before the target (x[0..before)) is >= zy, or one from it on
+// is > zy, so the target is the argmax with torch's rule (the first index among equal maxima)
+// iff no chunk sets beat. zy = NaN leaves beat alone (float64 logits compare in float64).
+GDC_CLONES void chunk_stats(const float* x, int64_t n, const float* w, bool want_wz, float zy, int64_t before,
+                            RowStats& st, int& beat) {
   // `omp simd reduction` lets the compiler reorder these float sums into vector lanes (it
   // will not without -ffast-math); the order change is far below float32 accumulation noise.
   float cm = -INFINITY;
-  int has_nan = 0;
-#pragma omp simd reduction(max : cm) reduction(| : has_nan)
-  for (int64_t j = 0; j < n; ++j) {
+  int has_nan = 0, b = 0;
+#pragma omp simd reduction(max : cm) reduction(| : has_nan, b)
+  for (int64_t j = 0; j < before; ++j) {
     cm = x[j] > cm ? x[j] : cm;
     has_nan |= (x[j] != x[j]);
+    b |= (x[j] >= zy);
   }
+#pragma omp simd reduction(max : cm) reduction(| : has_nan, b)
+  for (int64_t j = before; j < n; ++j) {
+    cm = x[j] > cm ? x[j] : cm;
+    has_nan |= (x[j] != x[j]);
+    b |= (x[j] > zy);
+  }
+  beat |= b;
   if (has_nan) cm = NAN;
   float s = 0.f, s2 = 0.f, wz = 0.f;
   if (cm == -INFINITY) {
@@ -72,6 +85,16 @@ inline const float* as_float(const T* src, int64_t n, float* buf) {
 }
 inline const float* as_float(const float* src, int64_t, float*) { return src; }
 
+// The argmax test of chunk_stats in T itself. Only float64 needs it: rounding to float32 could
+// make two distinct logits equal; bfloat16 and float16 convert to float32 exactly and in order.
+template <typename T>
+inline void beat_in(const T* z, int64_t n, T zy, int64_t before, int& beat) {
+  int b = 0;
+  for (int64_t j = 0; j < before; ++j) b |= (z[j] >= zy);
+  for (int64_t j = before; j < n; ++j) b |= (z[j] > zy);
+  beat |= b;
+}
+
 template <typename T>
 void ce_rows(const CeParams& A) {
   const T* logits = static_cast<const T*>(A.logits);
@@ -80,6 +103,8 @@ void ce_rows(const CeParams& A) {
   const float wsum = A.wsum ? *A.wsum : static_cast<float>(V);
   const float gscale = A.grad_scale[0];
   const bool want_wz = A.smoothing > 0.f;
+  // float, bfloat16, float16: the argmax test runs on the float32 values inside chunk_stats
+  constexpr bool exact_in_float = !std::is_same<T, double>::value;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, A.R, grain, [&](int64_t r0, int64_t r1) {
     float xbuf[kChunk];
@@ -92,20 +117,27 @@ void ce_rows(const CeParams& A) {
         A.loss[r] = 0.f;
         A.nll[r] = 0.f;
         A.energy[r] = 0.f;
+        A.correct[r] = 0.f;
         if (g) std::fill(g, g + V, T(0));
         continue;
       }
+      const T zy = z[y];
+      const float zy_cmp = exact_in_float ? static_cast<float>(zy) : NAN;
       RowStats st = row_stats_init();
+      int beat = 0;
       for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
         const int64_t n = std::min(kChunk, V - j0);
-        chunk_stats(as_float(z + j0, n, xbuf), n, A.cw ? A.cw + j0 : nullptr, want_wz, st);
+        const int64_t before = std::min(std::max<int64_t>(y - j0, 0), n);
+        if (!exact_in_float) beat_in(z + j0, n, zy, before, beat);
+        chunk_stats(as_float(z + j0, n, xbuf), n, A.cw ? A.cw + j0 : nullptr, want_wz, zy_cmp, before, st, beat);
       }
       const float wy = A.cw ? A.cw[y] : 1.f;
-      RowResult res = row_finish(st, static_cast<float>(z[y]), wy, wsum, V, A.smoothing);
+      RowResult res = row_finish(st, static_cast<float>(zy), wy, wsum, V, A.smoothing);
       const float sw = (A.ids && A.sw) ? A.sw[A.ids[r]] : 1.f;
       A.loss[r] = sw * res.loss;
       A.nll[r] = res.nll;
       A.energy[r] = std::max(res.energy, 0.f);
+      A.correct[r] = beat ? 0.f : 1.f;
       if (!g) continue;
       const float c = sw * gscale;
       for (int64_t j0 = 0; j0 < V; j0 += kChunk) {

@@ -1,7 +1,8 @@
 // CUDA kernels of the fused cross-entropy op, with the semantics of csrc/cpu/cross_entropy.cpp.
 //
 // One block per row: an online logsumexp pass (float32, 16-byte vector loads after a scalar
-// head that reaches alignment, scalar tail) reduced across the block with row_stats_merge, then
+// head that reaches alignment, scalar tail; it also tests whether the target is the argmax)
+// reduced across the block with row_stats_merge (and __syncthreads_or), then
 // row_finish (csrc/ce_math.h, shared with the CPU) and a gradient pass that may overwrite the
 // logits. Everything is launched on the current stream with no host synchronisation, so a
 // training step stays CUDA-graph capturable.
@@ -32,6 +33,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "ce_call.h"
 #include "ce_math.h"
@@ -106,6 +108,25 @@ __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[n]) {
     st.s += e;
     st.s2 += e * e;
   }
+}
+
+// Whether logit v at index j keeps the target y (logit zy) from being the argmax under torch's
+// rule: the first index among equal maxima wins. Compared in Cmp<T>: float64 in float64 (rounding
+// to float32 could tie two distinct logits); the other dtypes in float32, exact and in order.
+template <typename T>
+struct CmpOf {
+  using type = float;
+};
+template <>
+struct CmpOf<double> {
+  using type = double;
+};
+template <typename T>
+using Cmp = typename CmpOf<T>::type;
+
+template <typename U>
+__device__ __forceinline__ bool beats(U v, int64_t j, int64_t y, U zy) {
+  return j < y ? v >= zy : v > zy;
 }
 
 // Butterfly reduction: every lane ends with the merge of all 32 lanes' stats. Lanes merge in
@@ -185,22 +206,30 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
         P.loss[r] = fill;
         P.nll[r] = fill;
         P.energy[r] = 0.f;
+        P.correct[r] = 0.f;
         if (kRecord && bad) atomicOr(P.bad, 1);
       }
       if (g) fill_row(g, V, fill);
       continue;
     }
     // Read before any thread of the block overwrites the row (in-place mode).
-    const float zy = static_cast<float>(z[y]);
+    const Cmp<T> zy_c = static_cast<Cmp<T>>(z[y]);
+    const float zy = static_cast<float>(zy_c);
 
+    // The argmax test in the same pass: beat is set by a logit before the target that is >= z[y]
+    // or one after it that is > z[y]; the target is the argmax with torch's rule (the first index
+    // among equal maxima) iff no thread sets it (compared in Cmp<T>, see beats).
+    bool beat = false;
     RowStats st = row_stats_init();
     const int64_t head = head_len(z, V);
     const int64_t nvec = (V - head) / n;
     const int64_t tail = head + nvec * n;
     for (int64_t j = threadIdx.x; j < head; j += blockDim.x) {
-      const float x[1] = {static_cast<float>(z[j])};
+      const T v = z[j];
+      const float x[1] = {static_cast<float>(v)};
       stats_add<1>(st, x);
       if (kSmooth) st.wz += weight(j) * x[0];
+      beat |= beats(static_cast<Cmp<T>>(v), j, y, zy_c);
     }
     for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
       const int64_t j0 = head + k * n;
@@ -211,13 +240,23 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
 #pragma unroll
         for (int i = 0; i < n; ++i) st.wz += weight(j0 + i) * x[i];
       }
+      if (std::is_same<T, double>::value) {
+#pragma unroll
+        for (int i = 0; i < n; ++i) beat |= beats(static_cast<Cmp<T>>(z[j0 + i]), j0 + i, y, zy_c);  // L1: just loaded
+      } else {
+#pragma unroll
+        for (int i = 0; i < n; ++i) beat |= beats(static_cast<Cmp<T>>(x[i]), j0 + i, y, zy_c);
+      }
     }
     for (int64_t j = tail + threadIdx.x; j < V; j += blockDim.x) {
-      const float x[1] = {static_cast<float>(z[j])};
+      const T v = z[j];
+      const float x[1] = {static_cast<float>(v)};
       stats_add<1>(st, x);
       if (kSmooth) st.wz += weight(j) * x[0];
+      beat |= beats(static_cast<Cmp<T>>(v), j, y, zy_c);
     }
     st = block_merge(st);
+    const bool beaten = __syncthreads_or(beat) != 0;  // every thread of the block reaches it
 
     const float wy = weight(y);
     const float wsum = kHasCw ? *P.wsum : static_cast<float>(V);
@@ -227,6 +266,7 @@ __global__ void __launch_bounds__(kMaxThreads) ce_rows_kernel(CeParams P, bool g
       P.loss[r] = swr * res.loss;
       P.nll[r] = res.nll;
       P.energy[r] = res.energy < 0.f ? 0.f : res.energy;
+      P.correct[r] = beaten ? 0.f : 1.f;
       if (kRecord && !isfinite(res.nll)) atomicOr(P.bad, 1);
     }
     if (!g) continue;

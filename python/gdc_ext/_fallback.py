@@ -50,8 +50,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, sample_ids: Optiona
 
 
 def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
-    """Adds each valid row's NLL, a count of one and (with extras) its gradient energy to ``state.acc[ids]``,
-    rounded through float32 like the kernel's per-row values (logits [R, V]; tgt, ids, valid [R])."""
+    """Adds each valid row's NLL, a count of one, (with extras) its gradient energy and (with the
+    cartography group) its p(y) = exp(-NLL) and argmax correctness to ``state.acc[ids]``, rounded
+    through float32 like the kernel's per-row values (logits [R, V]; tgt, ids, valid [R])."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     t = tgt.clamp(0, logits.shape[1] - 1)
     nll = -logp.gather(1, t[:, None])[:, 0]
@@ -61,7 +62,12 @@ def record(state, logits: torch.Tensor, tgt: torch.Tensor, ids: torch.Tensor, va
         raise ArgumentError("input (logits) gives a non-finite loss: NaN or inf logits cannot be recorded; "
                             "the CartoState was left unchanged")
     # one column per accumulator statistic of the state, by its per-row source (csrc/state_stats.def)
-    values = {"nll": nll.float().double(), "one": torch.ones_like(nll), "energy": energy.float().double()}
+    nll32 = nll.float().double()
+    values = {"nll": nll32, "one": torch.ones_like(nll), "energy": energy.float().double()}
+    if state.groups & layout.CARTOGRAPHY:
+        # the kernel's p(y) (exp of the float32 NLL) and torch.argmax's rule (first index among ties)
+        values["p_y"] = torch.exp(-nll32)
+        values["correct"] = (logits.argmax(dim=-1) == tgt).double()
     upd = torch.stack([values[src] for src in layout.acc_sources(state.groups)], 1)
     # under the state's lock (threads sharing it); a sharded state gives a per-call accumulator
     dev = state.device

@@ -192,14 +192,17 @@ def _parse_meta(raw: str, bad) -> dict:
     for key in ("eps_scalar", "extras"):
         if not isinstance(meta.get(key), bool):
             raise bad(f"has damaged metadata: {key} must be true or false, got {meta.get(key)!r}")
+    if not isinstance(meta.get("cartography", False), bool):  # absent before the cartography group: false
+        raise bad(f"has damaged metadata: cartography must be true or false, got {meta.get('cartography')!r}")
     if meta["eps_scalar"] and len(eps) != 1:
         raise bad(f"has damaged metadata: eps_scalar is true but eps has {len(eps)} values")
     _state_references.check_meta_names(meta, bad)  # the optional section of named references
     if version >= 3:
-        want = layout.saved_columns(layout.groups_for(meta["extras"]))
+        want = layout.saved_columns(layout.groups_of_meta(meta))
         if meta.get("columns") != want:
-            raise bad(f"lists the columns {meta.get('columns')!r}; this gdc_ext's layout for extras = {meta['extras']} is "
-                      f"{want} (a file of another gdc_ext, or damaged metadata)")
+            raise bad(f"lists the columns {meta.get('columns')!r}; this gdc_ext's layout for extras = {meta['extras']}, "
+                      f"cartography = {meta.get('cartography', False)} is {want} (a file of another gdc_ext, or "
+                      f"damaged metadata)")
     return meta
 
 
@@ -218,7 +221,7 @@ def _expected_layout(meta: dict) -> dict:
     if meta["version"] in LEGACY_VERSIONS:
         return {**legacy_shapes(meta), **_state_references.layout(meta)}
     N, K = meta["num_samples"], len(meta["eps"])
-    return {**layout.shapes(N, K, layout.groups_for(meta["extras"])),
+    return {**layout.shapes(N, K, layout.groups_of_meta(meta)),
             "epoch": (torch.int64, (1,)),
             "eps": (torch.float64, (K,)),
             **_state_references.layout(meta)}
@@ -237,7 +240,7 @@ def _check_table(table: dict, layout: dict, data_size: int, bad) -> list:
         if not isinstance(entry, dict) or {k: entry.get(k) for k in want} != want:
             got = {k: entry.get(k) for k in want} if isinstance(entry, dict) else entry
             raise bad(f"does not match its metadata: tensor {name!r} is {got} in the header, the metadata "
-                      f"(num_samples, eps, extras) implies {want}")
+                      f"(num_samples, eps, extras, cartography) implies {want}")
         off = entry.get("data_offsets")
         if (not isinstance(off, list) or len(off) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):

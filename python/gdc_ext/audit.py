@@ -724,7 +724,8 @@ def report(canaries: Union[Canaries, str, os.PathLike], scores, *, reference=Non
         canaries: what :func:`plant` returned, or the path of its :meth:`Canaries.save` JSON.
         scores: the run's :class:`gdc_ext.Scores` over all ``canaries.num_rows`` samples (every
             score of :data:`gdc_ext.SCORES` is computed with :func:`gdc_ext.score_values`; the
-            reference-needing ones only with ``reference``; "random" is the baseline, seeded by
+            reference-needing ones only with ``reference``, the cartography ones only for a state
+            built with ``cartography=True``; "random" is the baseline, seeded by
             ``seed``), or a mapping {name: [num_rows] values, higher = more memorized} of your own.
         reference: [num_rows] per-sample reference losses (nats per token) for "excess" and
             "relative_excess" (e.g. :func:`gdc_ext.reference_losses`).
@@ -741,7 +742,7 @@ def report(canaries: Union[Canaries, str, os.PathLike], scores, *, reference=Non
 
     Definitions: the module docstring (positives, negatives, AUROC, recall, exposure, extraction).
     """
-    from gdc_ext.cartography import NEEDS_REFERENCE, SCORES, score_values
+    from gdc_ext.cartography import NEEDS_REFERENCE, SCORES, available_scores, score_values
 
     if isinstance(canaries, (str, os.PathLike)):
         canaries = Canaries.load(canaries)
@@ -762,11 +763,13 @@ def report(canaries: Union[Canaries, str, os.PathLike], scores, *, reference=Non
         for name, v in scores.items():
             values[str(name)] = _scores_1d(v, f"scores[{name!r}]")
     elif hasattr(scores, "difficulty") and hasattr(scores, "last_loss"):
+        # every score the state can give: the opt-in groups' scores (NEEDS_GROUP) only when it kept them
+        can = available_scores(scores, reference)
         for name in SCORES:
             if name in NEEDS_REFERENCE and reference is None:
                 skipped[name] = "needs reference="
-                continue
-            values[name] = score_values(scores, name, seed=seed, eps=eps, reference=reference).numpy()
+            elif name in can:
+                values[name] = score_values(scores, name, seed=seed, eps=eps, reference=reference).numpy()
     else:
         raise ValueError(f"scores must be a gdc_ext.Scores (state.scores()) or a mapping {{name: [N] values}}, got "
                          f"{type(scores).__name__}")

@@ -33,8 +33,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from gdc_ext._seed import check_seed
-from gdc_ext.cartography import (DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_REFERENCE, PRUNE_BY, QUADRANT_NAMES,
-                                 Quadrants, loss_weights, multiplicities, prune)
+from gdc_ext.cartography import (DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, NEEDS_GROUP, NEEDS_REFERENCE, PRUNE_BY,
+                                 QUADRANT_NAMES, Quadrants, loss_weights, multiplicities, prune)
+from gdc_ext.cartography import stalled as cartography_stalled
+from gdc_ext import layout
 from gdc_ext.layout import ACC_COUNT
 from gdc_ext.loss import CartoLoss
 from gdc_ext.sampler import CartoSampler
@@ -46,7 +48,10 @@ __all__ = ["Cartographer", "REFERENCE_MODES", "LOG_QUANTILES", "epoch_metrics"]
 REFERENCE_MODES = ("initial", "later")
 
 _CONFIG = ("num_samples", "burn_in", "eps", "alpha_d", "alpha_m", "gamma", "alpha", "keep_outliers", "seed",
-           "label_after", "eps_index", "memorization")
+           "label_after", "eps_index", "memorization", "stalled")
+# stalled=: what the sampler does with an ambiguous-hard sample whose loss did not fall over the
+# burn-in (gdc_ext.cartography.stalled): its multiplicity (None: gamma, the paper's Algorithm 1)
+STALLED = {"keep": 1.0, "remove": 0.0, "upsample": None}
 
 
 class Cartographer:
@@ -57,7 +62,15 @@ class Cartographer:
         burn_in: T_e, epochs whose losses define difficulty.
         eps: forget threshold in nats (or a sequence; ``eps_index`` picks the one used to label).
         alpha_d, alpha_m: percentile rates of the difficulty / memorization thresholds, in [0, 1].
-        gamma: up-sampling factor of ambiguous-hard samples (> 1).
+        gamma: up-sampling factor of ambiguous-hard samples (> 1) whose loss falls.
+        stalled: what the sampler does with an ambiguous-hard sample whose loss did not fall
+            over the burn-in (gain = d - last <= 0 at labelling, :func:`gdc_ext.cartography.stalled`):
+            the signature of a wrong label, which up-sampling only helps the model memorize.
+            "remove" (default): multiplicity 0, as the noisy-outlier quadrant is removed;
+            "keep": 1; "upsample": gamma, the paper's Algorithm 1 (gdc_ext's behaviour before
+            this option). On a classifier with 10% flipped labels (docs/RESULTS.md, "Noisy
+            labels"), "upsample" made the model fit every flipped label and "keep" still fitted
+            more of them than no intervention; "remove" fits fewer and raises held-out accuracy.
         alpha: loss weight of hotspot-memorized samples, in [0, 1).
         keep_outliers: keep noisy-outliers instead of removing them from the sampler.
         seed: the sampler's seed, an int in [0, 2**63) (epoch e draws with ``seed + e``).
@@ -78,9 +91,10 @@ class Cartographer:
             - ``"later"``: given by :meth:`set_reference` before labelling (a cross-fit model
               trained elsewhere while this run records).
             A calibrated score with no reference at labelling time raises RuntimeError.
-        device, extras: passed to :class:`~gdc_ext.CartoState` (extras: opt-in min loss, loss
-            mean/std and gradient energy, +24 bytes per sample; off by default, 30 bytes per
-            sample with one eps).
+        device, extras, cartography: passed to :class:`~gdc_ext.CartoState` (extras: opt-in min
+            loss, loss mean/std and gradient energy, +24 bytes per sample; cartography: opt-in
+            confidence, variability, correctness, forgetting events and exact memorization, +34
+            bytes per sample; both off by default, 30 bytes per sample with one eps).
         **loss_kwargs: passed to :class:`~gdc_ext.CartoLoss` (``ignore_index``, ``reduction``, ...).
     """
 
@@ -88,8 +102,10 @@ class Cartographer:
                  alpha_m: float = 0.75, gamma: float = 2.0, alpha: float = 0.5, keep_outliers: bool = False,
                  seed: int = 0, label_after: Optional[int] = None, eps_index: int = 0,
                  device: Union[str, torch.device] = "cpu", extras: bool = False, *,
-                 memorization: Optional[str] = None, reference=None, **loss_kwargs):
-        self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras)
+                 memorization: Optional[str] = None, reference=None, cartography: bool = False,
+                 stalled: str = "remove", **loss_kwargs):
+        self.state = CartoState(num_samples, burn_in=burn_in, eps=eps, device=device, extras=extras,
+                                cartography=cartography)
         for name, a in (("alpha_d", alpha_d), ("alpha_m", alpha_m)):
             if not 0.0 <= float(a) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {a}")
@@ -97,6 +113,8 @@ class Cartographer:
             raise ValueError(f"gamma must be > 1 (up-sampling of ambiguous-hard samples), got {gamma}")
         if not 0.0 <= float(alpha) < 1.0:
             raise ValueError(f"alpha must be in [0, 1) (down-weighting of hotspots), got {alpha}")
+        if not isinstance(stalled, str) or stalled not in STALLED:
+            raise ValueError(f"stalled must be one of {', '.join(map(repr, STALLED))}, got {stalled!r}")
         label_after = burn_in if label_after is None else label_after
         if isinstance(label_after, bool) or not isinstance(label_after, int) or label_after < max(burn_in, 2):
             raise ValueError(f"label_after must be an int >= max(burn_in, 2) (memorization needs two recorded "
@@ -119,6 +137,9 @@ class Cartographer:
         if not isinstance(memorization, str) or memorization not in PRUNE_BY:
             raise ValueError(f"memorization must be one of {', '.join(repr(k) for k in PRUNE_BY)}, "
                              f"got {memorization!r}")
+        if memorization in NEEDS_GROUP and not self.state.groups & layout.GROUPS[NEEDS_GROUP[memorization]]:
+            g = NEEDS_GROUP[memorization]
+            raise ValueError(f"memorization={memorization!r} needs the {g} statistics: Cartographer(..., {g}=True)")
         if memorization in NEEDS_REFERENCE and self.reference_mode is None:
             raise ValueError(f"memorization={memorization!r} needs reference=: a 1-D [N] array of per-sample reference "
                              f"losses in nats per token, or one of {REFERENCE_MODES}")
@@ -128,6 +149,8 @@ class Cartographer:
         self.alpha_d, self.alpha_m = float(alpha_d), float(alpha_m)
         self.gamma, self.alpha = float(gamma), float(alpha)
         self.keep_outliers, self.seed = bool(keep_outliers), seed
+        self.stalled = stalled
+        self.stalled_mask: Optional[torch.Tensor] = None  # [N] bool, fixed with the labels
         self.label_after, self.eps_index = label_after, eps_index
         self.loss = CartoLoss(state=self.state, **loss_kwargs)
         self.quadrants: Optional[Quadrants] = None  # fixed once labelled
@@ -147,7 +170,7 @@ class Cartographer:
         return {"num_samples": self.num_samples, "burn_in": self.state.burn_in, "eps": self.state.eps.tolist(),
                 "alpha_d": self.alpha_d, "alpha_m": self.alpha_m, "gamma": self.gamma, "alpha": self.alpha,
                 "keep_outliers": self.keep_outliers, "seed": self.seed, "label_after": self.label_after,
-                "eps_index": self.eps_index, "memorization": self.memorization}
+                "eps_index": self.eps_index, "memorization": self.memorization, "stalled": self.stalled}
 
     def end_epoch(self) -> bool:
         """Folds the epoch into the scores (all-reduced across ranks when distributed). Returns True
@@ -207,9 +230,10 @@ class Cartographer:
                                f"but no reference was {how}")
 
     def _label(self) -> None:
-        self.quadrants = self.state.scores().quadrants(self.alpha_d, self.alpha_m, eps_index=self.eps_index,
-                                                       by=self.memorization, reference=self.reference,
-                                                       seed=self.seed)
+        scores = self.state.scores()
+        self.quadrants = scores.quadrants(self.alpha_d, self.alpha_m, eps_index=self.eps_index, by=self.memorization,
+                                          reference=self.reference, seed=self.seed)
+        self.stalled_mask = cartography_stalled(scores)
         self._apply_weights()
 
     def prune(self, fraction: float) -> torch.Tensor:
@@ -230,7 +254,11 @@ class Cartographer:
 
     def multiplicities(self) -> torch.Tensor:
         """[N] float64 per-epoch multiplicities from the fixed labels."""
-        return multiplicities(self._need_labels("multiplicities"), gamma=self.gamma, keep_outliers=self.keep_outliers)
+        q = self._need_labels("multiplicities")
+        how = STALLED[self.stalled]
+        return multiplicities(q, gamma=self.gamma, keep_outliers=self.keep_outliers,
+                              stalled=None if how is None else self.stalled_mask,
+                              stalled_multiplicity=1.0 if how is None else how)
 
     def loss_weights(self) -> torch.Tensor:
         """[N] float32 loss weights from the fixed labels (also set on :attr:`loss`)."""
@@ -279,6 +307,7 @@ class Cartographer:
         return {"state": self.state.state_dict(), "config": self.config(),
                 "reference": None if self.reference is None else self.reference.clone(),
                 "codes": None if q is None else q.codes.clone(),
+                "stalled": None if self.stalled_mask is None else self.stalled_mask.clone(),
                 "tau_d": None if q is None else q.tau_d, "tau_m": None if q is None else q.tau_m}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -289,7 +318,8 @@ class Cartographer:
         if not isinstance(sd, dict) or not {"state", "config", "codes"} <= sd.keys() or not isinstance(sd["config"], dict):
             raise ValueError("state_dict: expected a dict from Cartographer.state_dict()")
         mine = self.config()
-        saved = {"memorization": "memorization", **sd["config"]}  # saved before the choice existed: m_i
+        # saved before the choices existed: the paper's m_i, and every ambiguous-hard sample up-sampled
+        saved = {"memorization": "memorization", "stalled": "upsample", **sd["config"]}
         for key in _CONFIG:
             if saved.get(key) != mine[key]:
                 raise ValueError(f"state_dict: mismatched Cartographer: {key} is {saved.get(key)!r} in the "
@@ -310,7 +340,7 @@ class Cartographer:
             raise ValueError("state_dict: mismatched Cartographer: reference differs between the saved one ("
                              f"{'none' if saved_ref is None else 'given'}) and this one "
                              f"({'none' if self.reference is None else 'given'})")
-        quadrants = weights = None
+        quadrants = weights = mask = None
         codes = sd["codes"]
         if codes is not None:
             try:
@@ -331,6 +361,16 @@ class Cartographer:
                 tau.append(float(v))
             quadrants = Quadrants(codes.detach().cpu().clone(), tau[0], tau[1])
             weights = loss_weights(quadrants, self.alpha).to(self.state.device)
+            mask = sd.get("stalled")
+            if mask is not None or STALLED[self.stalled] is not None:
+                try:  # a tensor, or the list of bools a JSON checkpoint holds (integrations.hf)
+                    mask = None if mask is None else torch.as_tensor(mask)
+                except (TypeError, ValueError, RuntimeError):
+                    mask = None
+                if mask is None or mask.dtype != torch.bool or mask.shape != codes.shape:
+                    raise ValueError(f"state_dict: stalled must be a bool tensor [{self.num_samples}] with the labels "
+                                     f"(stalled={self.stalled!r}), got {type(sd.get('stalled')).__name__}")
+                mask = mask.detach().cpu().clone()
         new_state = self.state._checked_state_dict(sd["state"])
         # nothing raises from here on: replace everything
         for name, t in new_state.items():
@@ -339,6 +379,7 @@ class Cartographer:
             self.reference = saved_ref
         self._sampler = None
         self.quadrants = quadrants
+        self.stalled_mask = mask if quadrants is not None else None
         self.loss.set_sample_weights(weights)
 
 

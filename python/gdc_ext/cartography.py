@@ -12,10 +12,11 @@ import torch
 from gdc_ext._seed import check_seed
 from gdc_ext.layout import optional_scores_columns
 
-__all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "loss_weights", "prune", "PRUNE_BY",
+__all__ = ["QUADRANT_NAMES", "Quadrants", "quadrants", "multiplicities", "stalled", "loss_weights", "prune", "PRUNE_BY",
            "SCORES", "SCORE_LABELS", "DEFAULT_SCORE", "DEFAULT_REFERENCE_SCORE",
-           "NEEDS_REFERENCE", "score_values", "selection_order", "top_k", "resolve_eps", "score_columns",
-           "iter_score_columns", "quantiles", "flagged_ids"]
+           "NEEDS_REFERENCE", "NEEDS_GROUP", "available_scores", "score_values", "selection_order", "top_k",
+           "resolve_eps", "score_columns", "iter_score_columns", "quantiles", "flagged_ids", "REGIONS",
+           "REGION_FRACTION", "cartography_regions"]
 
 QUADRANT_NAMES = {0: "stable-easy", 1: "ambiguous-hard", 2: "hotspot-memorized", 3: "noisy-outlier",
                   -1: "unscored"}
@@ -76,16 +77,38 @@ def _codes(q: Union[Quadrants, torch.Tensor]) -> torch.Tensor:
 
 
 def multiplicities(q, gamma: float = 2.0, keep_outliers: bool = False, easy: float = 1.0,
-                   unscored: float = 1.0) -> torch.Tensor:
+                   unscored: float = 1.0, *, stalled=None, stalled_multiplicity: float = 1.0) -> torch.Tensor:
     """Per-epoch sampling multiplicity [N] float64: 0 -> easy, 1 -> gamma, 2 -> 1,
-    3 -> 0 (1 with keep_outliers), unscored -> `unscored`."""
+    3 -> 0 (1 with keep_outliers), unscored -> `unscored`.
+
+    stalled: optional [N] bool (:func:`stalled`): ambiguous-hard samples (code 1) marked True get
+    ``stalled_multiplicity`` (>= 0; default 1: not up-sampled) instead of gamma. None: every
+    ambiguous-hard sample gets gamma (the paper's Algorithm 1)."""
     if not gamma > 1.0:
         raise ValueError(f"gamma must be > 1 (up-sampling of ambiguous-hard samples), got {gamma}")
-    if easy < 0 or unscored < 0:
-        raise ValueError("easy and unscored multiplicities must be >= 0")
+    if easy < 0 or unscored < 0 or stalled_multiplicity < 0:
+        raise ValueError("easy, unscored and stalled multiplicities must be >= 0")
     codes = _codes(q)
     table = torch.tensor([easy, gamma, 1.0, 1.0 if keep_outliers else 0.0, unscored], dtype=torch.float64)
-    return table[torch.where(codes < 0, torch.full_like(codes, 4), codes)]
+    out = table[torch.where(codes < 0, torch.full_like(codes, 4), codes)]
+    if stalled is not None:
+        mask = torch.as_tensor(stalled)
+        if mask.dtype != torch.bool or mask.shape != codes.shape:
+            raise ValueError(f"stalled must be a bool mask of the codes' shape {tuple(codes.shape)}, got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        out[(codes == 1) & mask.cpu()] = float(stalled_multiplicity)
+    return out
+
+
+def stalled(scores) -> torch.Tensor:
+    """[N] bool: scored samples whose loss did not fall over the burn-in, ``gain = d - last <= 0``
+    (the loss at the last observation at or above the burn-in mean; docs/method.md,
+    "Interventions"). While the model learns the rest, a hard sample whose loss does not fall
+    contradicts what it learns: the signature of a wrong label (Swayamdipta et al. 2020's
+    hard-to-learn region; Arpit et al. 2017: networks fit clean patterns before noise).
+    Up-sampling it only speeds up memorizing it."""
+    g = _as_f64(scores.gain, "gain")
+    return torch.from_numpy(~np.isnan(g) & (np.nan_to_num(g, nan=1.0) <= 0.0))
 
 
 def loss_weights(q, alpha: float = 0.5) -> torch.Tensor:
@@ -205,6 +228,29 @@ def _by_loss(scores, eps, seed, reference):
     return _as_f64(scores.difficulty, "difficulty")
 
 
+def _by_confidence(scores, eps, seed, reference):
+    return _masked(scores.confidence, scores)
+
+
+def _by_hard_to_learn(scores, eps, seed, reference):
+    # lowest confidence first: Swayamdipta et al.'s hard-to-learn order (flipped labels)
+    return _masked(-_as_f64(scores.confidence, "confidence"), scores)
+
+
+def _by_variability(scores, eps, seed, reference):
+    return _masked(scores.variability, scores)
+
+
+def _by_forgetting(scores, eps, seed, reference):
+    # never-learnt samples first, as Toneva et al. (infinitely many events) and Swayamdipta et al. rank them
+    f = _as_f64(scores.forgetting, "forgetting")
+    return _masked(np.where(scores.never_learnt.numpy(), np.inf, f), scores)
+
+
+def _by_accuracy_last(scores, eps, seed, reference):
+    return _masked(scores.accuracy_last, scores)
+
+
 def _by_random(scores, eps, seed, reference):
     # A seeded permutation of the scored ids, written as descending scores so that
     # selection_order gives exactly that permutation.
@@ -221,9 +267,16 @@ def _by_random(scores, eps, seed, reference):
 # (and one line in SCORE_LABELS).
 PRUNE_BY: Dict[str, Callable] = {"memorization": _by_memorization, "gain": _by_gain, "excess": _by_excess,
                                  "relative_excess": _by_relative_excess, "last": _by_last, "loss": _by_loss,
-                                 "random": _by_random}
+                                 "random": _by_random, "confidence": _by_confidence,
+                                 "hard_to_learn": _by_hard_to_learn, "variability": _by_variability,
+                                 "forgetting": _by_forgetting, "accuracy_last": _by_accuracy_last}
 # The scores that need a per-sample reference (reference=).
 NEEDS_REFERENCE = ("excess", "relative_excess")
+# The scores that need a statistic group beyond core: {score: group} (a state built with
+# cartography=True; reading them on another raises a ValueError saying so).
+NEEDS_GROUP: Dict[str, str] = {"confidence": "cartography", "hard_to_learn": "cartography",
+                               "variability": "cartography", "forgetting": "cartography",
+                               "accuracy_last": "cartography"}
 SCORES = tuple(PRUNE_BY)  # the `by=` vocabulary, in the order the CLI lists it
 
 # What each score is, for axis labels and reports.
@@ -235,6 +288,11 @@ SCORE_LABELS: Dict[str, str] = {
     "last": "-last loss (nats; lowest last loss first)",
     "loss": "difficulty d (mean burn-in loss, nats)",
     "random": "random order (seeded)",
+    "confidence": "confidence: mean p(y) over epochs (easy-to-learn first)",
+    "hard_to_learn": "-confidence (lowest mean p(y) first: hard-to-learn, flipped labels)",
+    "variability": "variability: std of p(y) over epochs (ambiguous first)",
+    "forgetting": "forgetting events (never learnt first)",
+    "accuracy_last": "token accuracy at the last epoch (exact memorization)",
 }
 
 # The scores that the entry points (Cartographer, the `gdc` CLI, the demo) use unless told
@@ -263,6 +321,14 @@ def _check_by(by) -> str:
     return by
 
 
+def available_scores(scores, reference=None) -> tuple:
+    """The names of :data:`SCORES` that ``scores`` can give: those needing a reference only with
+    ``reference``, those needing a statistic group (:data:`NEEDS_GROUP`) only when the state kept it."""
+    has = getattr(scores, "has", None)
+    return tuple(by for by in SCORES if not (by in NEEDS_REFERENCE and reference is None)
+                 and not (by in NEEDS_GROUP and not (has is not None and has("confidence"))))
+
+
 def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Optional[float] = None,
                  eps_index: Optional[int] = None, reference=None) -> torch.Tensor:
     """The selection score [N] float64 named by ``by`` (one of :data:`SCORES`): higher is more
@@ -281,6 +347,13 @@ def score_values(scores, by: str = "memorization", *, seed: int = 0, eps: Option
         "loss": the difficulty d (mean burn-in loss), highest first: the paper's loss baseline
             (hard samples first, not the lowest loss).
         "random": a uniform order of the scored samples, seeded by ``seed``.
+        With the cartography group (``CartoState(..., cartography=True)``; docs/method.md, "Data
+        cartography"): "confidence" (highest mean p(y) first, easy-to-learn), "hard_to_learn"
+        (lowest first: Swayamdipta et al.'s hard-to-learn region, where flipped labels are),
+        "variability" (highest std of p(y) first, ambiguous), "forgetting" (Toneva et al.'s
+        forgetting events, never-learnt samples first as +inf), "accuracy_last" (the last epoch's
+        token accuracy, exact memorization). Without the group they raise ValueError saying how
+        to enable it. NaN where there is no difficulty, as for every score.
     reference: checked whenever given (a ValueError for a wrong length or a NaN), used by "excess" and
         "relative_excess".
     """
@@ -328,7 +401,9 @@ def score_columns(scores, reference=None, *, seed: int = 0, quadrants=None) -> D
     ``difficulty``, ``last_loss``, ``gain``, ``memorization`` and ``forgets`` (at the first tracked
     eps; with several, ``memorization@EPS`` / ``forgets@EPS`` for each other one), ``transitions``,
     ``observed``, the extras kept by the state (``min_loss``, ``loss_mean``, ``loss_std``,
-    ``grad_energy``), ``reference`` when given, then ``score_BY`` for every ``by`` of
+    ``grad_energy``), the cartography columns kept by the state (``confidence``, ``variability``,
+    ``accuracy_last``, ``correctness``, ``forgetting``, ``first_learned``), ``geometric_confidence``
+    (extras) and ``never_learnt`` (cartography), ``reference`` when given, then ``score_BY`` for every ``by`` of
     :data:`SCORES` that can be computed (:func:`score_values`: higher = more memorized, NaN =
     unscored; "excess" and "relative_excess" only with a ``reference``, "random" seeded by
     ``seed``), and ``quadrant`` (int8 codes) when ``quadrants`` (a :class:`Quadrants` or [N]
@@ -364,15 +439,17 @@ def iter_score_columns(scores, reference=None, *, seed: int = 0, quadrants=None)
         yield "forgets" + suffix, scores.forgets_by_eps[:, k].cpu().numpy().astype(np.int64)
     yield "transitions", scores.transitions.cpu().numpy().astype(np.int64)
     yield "observed", scores.observed.cpu().numpy().astype(np.int64)
-    for name in optional_scores_columns():  # the columns of the groups beyond core (csrc/state_stats.def)
+    # the columns of the groups beyond core (csrc/state_stats.def) that the state kept, and those
+    # derived from them
+    for name in (*optional_scores_columns(), "geometric_confidence", "never_learnt"):
+        if not scores.has(name):
+            continue
         t = getattr(scores, name)
-        if t is not None:
-            yield name, f64(t)
+        yield name, (t.cpu().numpy().copy() if t.dtype == torch.bool
+                     else t.cpu().numpy().astype(np.int64) if not t.dtype.is_floating_point else f64(t))
     if ref is not None:
         yield "reference", ref.numpy()
-    for by in SCORES:
-        if by in NEEDS_REFERENCE and ref is None:
-            continue
+    for by in available_scores(scores, ref):
         yield f"score_{by}", score_values(scores, by, seed=seed, reference=ref).numpy()
     if codes is not None:
         yield "quadrant", codes.numpy().astype(np.int8)
@@ -409,3 +486,29 @@ def flagged_ids(scores, by: str = DEFAULT_SCORE, *, fraction: Optional[float] = 
         raise ValueError(f"quadrant must be one of {sorted(QUADRANT_NAMES)}, got {quadrant!r}")
     q = scores.quadrants(alpha_d, alpha_m, eps=eps, eps_index=eps_index, by=by, reference=reference, seed=seed)
     return torch.from_numpy(np.flatnonzero(q.codes.numpy() == int(quadrant))).to(torch.int64)
+
+
+# Swayamdipta et al.'s regions of the data map, in the order they are drawn and listed.
+REGIONS = ("easy-to-learn", "ambiguous", "hard-to-learn")
+# The size of each region: their filtering keeps the top 33% by a metric.
+REGION_FRACTION = 0.33
+
+
+def cartography_regions(scores, fraction: float = REGION_FRACTION) -> Dict[str, torch.Tensor]:
+    """Swayamdipta et al.'s three regions of a state with the cartography group, each the
+    ``round(fraction * n)`` of the n samples with a confidence (observed at least once) selected
+    by one metric, as their filtering script selects: "easy-to-learn" the highest confidence,
+    "ambiguous" the highest variability, "hard-to-learn" the lowest confidence; ties by lower id
+    (docs/method.md, "Data cartography"). A sample may be in two regions or in none.
+
+    Returns {region: sorted int64 ids}. Raises ValueError for a state without the group (saying
+    how to enable it) or a fraction outside [0, 1].
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    conf = _as_f64(scores.confidence, "confidence")
+    var = _as_f64(scores.variability, "variability")
+    k = int(round(float(fraction) * int((~np.isnan(conf)).sum())))
+    by = {"easy-to-learn": conf, "ambiguous": var, "hard-to-learn": -conf}
+    return {name: top_k(by[name], k, ordered=False) for name in REGIONS}

@@ -2,9 +2,10 @@
 
     gdc report STATE [--by SCORE] [REF] [--alpha-d A] [--alpha-m A] [--eps-index K] [--top K]
                      [--json | --html PAGE] [--dataset PATH [--text-field text] [--id-field FIELD]]
-    gdc plot   STATE -o map.png [--by SCORE] [REF] [--alpha-d A] [--alpha-m A] [--jitter J]
-    gdc select STATE (--quadrant Q | --prune FRACTION [--removed]) [--by SCORE] [REF] [--seed S]
-                     [--json] [-o ids.txt]
+    gdc plot   STATE -o map.png [--kind quadrants|cartography] [--by SCORE] [REF] [--alpha-d A]
+                     [--alpha-m A] [--jitter J] [--region-fraction F]
+    gdc select STATE (--quadrant Q | --prune FRACTION [--removed] | --region REGION [--region-fraction F])
+                     [--by SCORE] [REF] [--seed S] [--json] [-o ids.txt]
     REF: --reference FILE | --stored-reference NAME | --no-reference
 
 STATE is a state file, a Hugging Face checkpoint folder (holding gdc_carto_state.safetensors,
@@ -13,7 +14,8 @@ with the highest step that holds a state is read, and named on stderr. ``select 
 the KEPT ids (``--removed``: the removed ones); a line on stderr says which and how many.
 
 SCORE is one of gdc_ext.cartography.SCORES (memorization, gain, excess, relative_excess, last, loss,
-random): the score of the memorized axis (report, plot, --quadrant) and of pruning. The default is
+random; with a state recorded with cartography=True also confidence, hard_to_learn, variability,
+forgetting, accuracy_last): the score of the memorized axis (report, plot, --quadrant) and of pruning. The default is
 gdc_ext.cartography.DEFAULT_SCORE, or DEFAULT_REFERENCE_SCORE with a reference. FILE holds
 one reference loss per sample (nats per token; the loss of a model that did not train on the
 sample, e.g. from gdc_ext.reference_losses): a .npy array, a .pt tensor, or text with one float
@@ -21,6 +23,11 @@ per line. A reference stored in the state file (``CartoState.save(path, referenc
 ref})``; a Cartographer's Hugging Face checkpoints store its own) is used without --reference:
 the first one saved, or --stored-reference NAME; a line on stderr names it, and the output says
 which reference scored. --reference FILE overrides it; --no-reference ignores it.
+
+For a state recorded with cartography=True: ``plot --kind cartography`` draws Swayamdipta et al.'s
+data map (confidence vs variability coloured by correctness), ``select --region`` writes the ids
+of one of their regions (easy-to-learn, ambiguous, hard-to-learn: the top --region-fraction, 0.33,
+of the samples by confidence, variability, or lowest confidence), and ``report`` lists the regions.
 
 A missing, corrupted or foreign state or reference file, a bad argument, or an I/O error (a full
 disk, say) prints one line on stderr and exits with status 2 (no traceback). When the reader of
@@ -291,11 +298,14 @@ def _report(args) -> int:
             r["text"] = clip(text_of[i])  # None: no row carries this id (--id-field)
         return r
 
+    carto = _cartography_summary(scores)
     out = {"num_samples": len(codes), "epochs": scores.epoch, "burn_in": scores.burn_in,
            "eps": eps, "eps_index": args.eps_index, "by": by, "score": SCORE_LABELS[by],
            "reference": args.reference_source, "reference_stored": args.reference_stored, "alpha_d": args.alpha_d,
            "alpha_m": args.alpha_m, "tau_d": q.tau_d, "tau_m": q.tau_m, "quadrants": rows,
            "top_candidates": [row(i) for i in top], "top_hotspots": [row(i) for i in hot]}
+    if carto is not None:
+        out["cartography"] = carto
     if args.dataset is not None:
         out.update(dataset=args.dataset, text_field=args.text_field, id_field=args.id_field)
     if args.json:
@@ -312,6 +322,14 @@ def _report(args) -> int:
         md = "" if r["mean_d"] is None else f"{r['mean_d']:.3f}"
         mm = "" if r["mean_m"] is None else f"{r['mean_m']:.3f}"
         print(f"{r['code']:>4}  {r['quadrant']:<18}{r['n']:>8}{r['share']:>8.1%}{md:>9}{mm:>12}")
+    if carto is not None:
+        print(f"\ncartography (top {carto['fraction']:.0%} each; never learnt: {carto['never_learnt']}, "
+              f"forgetting events: {carto['forgetting_events']}):")
+        print(f"  {'region':<16}{'n':>8}{'mean conf.':>12}{'mean var.':>11}{'mean correct.':>15}")
+        for name, r in carto["regions"].items():
+            vals = [("" if r[k] is None else f"{r[k]:.3f}") for k in ("mean_confidence", "mean_variability",
+                                                                      "mean_correctness")]
+            print(f"  {name:<16}{r['n']:>8}{vals[0]:>12}{vals[1]:>11}{vals[2]:>15}")
     where = "" if args.dataset is None else f", text from {args.dataset}"
     print(f"\ntop {len(top)} candidates by {by} (highest first, ties by higher d, then id{where}):")
     ref_head = (f"  {'excess':>7}" if excess is not None else "") + (f"  {'rel.exc':>7}" if rel is not None else "")
@@ -335,6 +353,24 @@ def _report(args) -> int:
             line += "  " + ("(no row with this id)" if t is None else snippet(t, width))
         print(line.rstrip())
     return 0
+
+
+def _cartography_summary(scores):
+    """The regions and counts of a state with the cartography group, for report (None without)."""
+    from gdc_ext.cartography import REGION_FRACTION, cartography_regions
+
+    if not scores.has("confidence"):
+        return None
+    conf, var = scores.confidence.numpy(), scores.variability.numpy()
+    corr = scores.correctness.numpy()
+    regions = {}
+    for name, ids in cartography_regions(scores).items():
+        ids = ids.numpy()
+        regions[name] = {"n": len(ids), **{f"mean_{k}": float(np.mean(v[ids])) if len(ids) else None
+                                           for k, v in (("confidence", conf), ("variability", var),
+                                                        ("correctness", corr))}}
+    return {"fraction": REGION_FRACTION, "never_learnt": int(scores.never_learnt.sum()),
+            "forgetting_events": int(scores.forgetting.sum()), "regions": regions}
 
 
 def _report_html(args, scores, eps, by, reference, k) -> int:
@@ -377,6 +413,18 @@ def _plot(args) -> int:
     out = _plot_path(args.output)
     state_file = _state_path(args.state)
     scores = _load(state_file).scores()
+    if args.kind == "cartography":
+        if args.by is not None or args.reference is not None:
+            raise _UsageError("--kind cartography draws confidence against variability: --by / --reference are for "
+                              "--kind quadrants")
+        _need_cartography(scores, "--kind cartography")
+        try:
+            data_map(scores, kind="cartography", fraction=args.region_fraction, path=out, title=args.title,
+                     seed=args.seed)
+        except (ValueError, OSError) as e:
+            raise _UsageError(f"-o {out!r}: {_one_line(e)}") from None
+        print(f"wrote {out}")
+        return 0
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores, state_file)
     try:
@@ -386,6 +434,13 @@ def _plot(args) -> int:
         raise _UsageError(f"-o {out!r}: {_one_line(e)}") from None
     print(f"wrote {out}")
     return 0
+
+
+def _need_cartography(scores, what: str) -> None:
+    """A usage error naming ``what`` when the state was recorded without the cartography group."""
+    if not scores.has("confidence"):
+        raise _UsageError(f"{what} needs a state recorded with the cartography statistics: "
+                          f"CartoState(..., cartography=True) or Cartographer(..., cartography=True)")
 
 
 def _plot_path(output: str) -> str:
@@ -405,10 +460,12 @@ def _plot_path(output: str) -> str:
 def _select(args) -> int:
     from gdc_ext.cartography import SCORE_LABELS, prune
 
-    if args.removed and args.quadrant is not None:
+    if args.removed and args.prune is None:
         raise _UsageError("--removed goes with --prune (it writes the pruned ids instead of the kept ones)")
     state_file = _state_path(args.state)  # a folder resolved once (and named on stderr once)
     scores = _load(state_file).scores()
+    if args.region is not None:
+        return _select_region(args, scores, state_file)
     eps = _eps(scores, args.eps_index)
     by, reference = _choice(args, scores, state_file)
     n = len(scores.difficulty)
@@ -438,6 +495,30 @@ def _select(args) -> int:
                     f"--removed writes those instead)")
         selection.update(prune=args.prune, ids_are="removed" if args.removed else "kept",
                          kept=len(kept), removed=n_removed)
+    return _write_ids(args, state_file, n, selection, ids, what)
+
+
+def _select_region(args, scores, state_file: str) -> int:
+    from gdc_ext.cartography import cartography_regions
+
+    if args.by is not None or args.reference is not None:
+        raise _UsageError("--region selects by confidence or variability: --by / --reference are for --quadrant and "
+                          "--prune")
+    _need_cartography(scores, "--region")
+    ids = cartography_regions(scores, args.region_fraction)[args.region].numpy()
+    n = len(scores.difficulty)
+    seen = int((~np.isnan(scores.confidence.numpy())).sum())
+    metric = {"easy-to-learn": "highest confidence", "ambiguous": "highest variability",
+              "hard-to-learn": "lowest confidence"}[args.region]
+    what = (f"{len(ids)} ids in the {args.region} region of {n} (the top {args.region_fraction:.0%} of the {seen} "
+            f"observed samples by {metric})")
+    selection = {"region": args.region, "fraction": args.region_fraction, "metric": metric, "observed": seen}
+    return _write_ids(args, state_file, n, selection, ids, what)
+
+
+def _write_ids(args, state_file: str, n: int, selection: dict, ids, what: str) -> int:
+    """Writes the selected ``ids`` (one per line, or JSON with the ``selection``) and the summary
+    line ``what`` on stderr."""
     if args.json:
         out = {"state": args.state, "state_file": state_file, "num_samples": n, "selection": selection, "n": len(ids),
                "ids": [int(i) for i in ids]}
@@ -466,7 +547,8 @@ def _fraction(s: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gdc_ext.cartography import DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, SCORES
+    from gdc_ext.cartography import DEFAULT_REFERENCE_SCORE, DEFAULT_SCORE, REGION_FRACTION, REGIONS, SCORES
+    from gdc_ext.plot import KINDS
 
     p = argparse.ArgumentParser(prog="gdc", description="Generative Data Cartography over a saved CartoState.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -519,11 +601,17 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", required=True, help="image path, e.g. map.png")
     pl.add_argument("--jitter", type=float, default=0.01, help="vertical jitter as a fraction of the score's range")
     pl.add_argument("--title", default=None)
+    pl.add_argument("--kind", choices=list(KINDS), default="quadrants",
+                    help="quadrants (default): difficulty vs the --by score; cartography: confidence vs variability "
+                         "coloured by correctness with the three regions (a state recorded with cartography=True)")
+    pl.add_argument("--region-fraction", type=_fraction, default=REGION_FRACTION,
+                    help=f"--kind cartography: the size of each region (default {REGION_FRACTION})")
     pl.set_defaults(func=_plot)
 
     s = sub.add_parser("select", help="write sample ids, one per line (or JSON)",
-                       description="Write sample ids, one per line: those in a quadrant (--quadrant), or those "
-                                   "KEPT after pruning (--prune; --removed writes the removed ones instead). "
+                       description="Write sample ids, one per line: those in a quadrant (--quadrant), those "
+                                   "KEPT after pruning (--prune; --removed writes the removed ones instead), or those "
+                                   "in a data-cartography region (--region). "
                                    "A summary line on stderr says which, e.g. 'kept 950 ids (removed 50 ...)'.")
     common(s)
     g = s.add_mutually_exclusive_group(required=True)
@@ -531,6 +619,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prune", type=_fraction, metavar="FRACTION",
                    help="writes the ids KEPT after removing round(FRACTION * N) samples, highest score first "
                         "(with --removed: the removed ones)")
+    g.add_argument("--region", choices=list(REGIONS),
+                   help="ids in one of Swayamdipta et al.'s regions (a state recorded with cartography=True): the top "
+                        "--region-fraction of the samples by confidence (easy-to-learn), variability (ambiguous) or "
+                        "lowest confidence (hard-to-learn)")
+    s.add_argument("--region-fraction", type=_fraction, default=REGION_FRACTION,
+                   help=f"with --region: the size of the region (default {REGION_FRACTION})")
     s.add_argument("--removed", action="store_true", help="with --prune: write the removed ids instead of the kept")
     s.add_argument("--json", action="store_true",
                    help='write one JSON object: {"ids": [...], "n", "num_samples", "state", "selection": '

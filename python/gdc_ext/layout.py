@@ -8,9 +8,10 @@ tensors and their shapes and dtypes (:func:`shapes`), the fake implementations o
 :class:`~gdc_ext.Scores` (which columns exist: :func:`scores_columns`). tests/test_state_layout.py
 checks that this table equals the one parsed from the .def file, so a stale build is caught.
 
-Groups: a state keeps ``core`` always and ``extras`` when built with ``extras=True``; a group set
-is a bit mask (:data:`CORE`, :data:`EXTRAS`). Columns of a tensor are the statistics of the
-enabled groups in declaration order (per-eps tensors: K columns per statistic).
+Groups: a state keeps ``core`` always, ``extras`` when built with ``extras=True`` and
+``cartography`` when built with ``cartography=True``; a group set is a bit mask (:data:`CORE`,
+:data:`EXTRAS`, :data:`CARTOGRAPHY`). Columns of a tensor are the statistics of the enabled groups
+in declaration order (per-eps tensors: K columns per statistic).
 
 The ``ACC_*`` / ``F_*`` / ``I_*`` constants name columns that sit at the same place in every
 layout with them (core first, then extras), for code that reads one column by hand.
@@ -26,9 +27,10 @@ import torch
 from gdc_ext import _C
 
 __all__ = [
-    "Stat", "TABLE", "GROUPS", "CORE", "EXTRAS", "ALL_GROUPS", "TENSORS", "TENSOR_DTYPES", "SOURCES", "SIGNALS",
-    "FOLDS", "STATS", "MAX_EPOCHS", "groups_for", "check_groups", "group_names", "columns", "column", "widths",
-    "shapes", "acc_sources", "saved_columns", "stat_location", "scores_columns", "optional_scores_columns", "infer_groups",
+    "Stat", "TABLE", "GROUPS", "CORE", "EXTRAS", "CARTOGRAPHY", "ALL_GROUPS", "TENSORS", "TENSOR_DTYPES", "SOURCES", "SIGNALS",
+    "FOLDS", "STATS", "MAX_EPOCHS", "groups_for", "groups_of_meta", "check_groups", "group_names", "columns", "column", "widths",
+    "shapes", "acc_sources", "saved_columns", "stat_location", "scores_columns", "optional_scores_columns",
+    "group_scores_columns", "infer_groups", "bytes_per_sample",
     "ACC_LOSS_SUM", "ACC_COUNT", "ACC_ENERGY_SUM", "ACC_COLS",
     "F_DIFF_SUM", "F_LAST", "F_MIN", "F_MEAN", "F_M2", "F_ENERGY", "F_COLS_BASE", "F_COLS_EXTRAS",
     "I_DIFF_COUNT", "I_OBSERVED", "I_COLS",
@@ -50,6 +52,7 @@ TABLE: dict = json.loads(_C.state_layout())
 GROUPS: Dict[str, int] = {name: int(bit) for name, bit in TABLE["groups"]}
 CORE: int = GROUPS["core"]
 EXTRAS: int = GROUPS["extras"]
+CARTOGRAPHY: int = GROUPS["cartography"]
 ALL_GROUPS: int = functools.reduce(lambda a, b: a | b, GROUPS.values())
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "int16": torch.int16}
 TENSORS: Tuple[str, ...] = tuple(name for name, _, _ in TABLE["tensors"])
@@ -64,9 +67,15 @@ MAX_EPOCHS: int = int(TABLE["max_epochs"])
 _BY_NAME = {s.name: s for s in STATS}
 
 
-def groups_for(extras: bool) -> int:
-    """The group mask of a CartoState built with ``extras``."""
-    return CORE | (EXTRAS if extras else 0)
+def groups_for(extras: bool, cartography: bool = False) -> int:
+    """The group mask of a CartoState built with ``extras`` and ``cartography``."""
+    return CORE | (EXTRAS if extras else 0) | (CARTOGRAPHY if cartography else 0)
+
+
+def groups_of_meta(meta: dict) -> int:
+    """The group mask of a saved state's metadata (``extras``; ``cartography``, absent from files
+    written before the group existed: False)."""
+    return groups_for(meta["extras"], meta.get("cartography", False))
 
 
 def check_groups(groups) -> int:
@@ -140,9 +149,19 @@ def scores_columns(groups: Optional[int] = None) -> Tuple[str, ...]:
 
 
 def optional_scores_columns() -> Tuple[str, ...]:
-    """Scores columns that only groups beyond core feed (None in a state without them)."""
+    """Scores columns that only groups beyond core feed (absent from a state without them)."""
     core = scores_columns(CORE)
     return tuple(c for c in scores_columns() if c not in core)
+
+
+def group_scores_columns(group: str) -> Tuple[str, ...]:
+    """The Scores columns fed by the statistics of group ``group`` (a name of :data:`GROUPS`)."""
+    return tuple(dict.fromkeys(s.scores for s in STATS if s.group == group and s.scores != "none"))
+
+
+def bytes_per_sample(groups: int, K: int) -> int:
+    """Bytes of the per-sample tensors of a state with ``groups`` and K thresholds, per sample."""
+    return sum(w * torch.empty((), dtype=TENSOR_DTYPES[t]).element_size() for t, w in widths(groups, K).items())
 
 
 def infer_groups(K: int, **tensor_widths: int) -> Optional[int]:
@@ -154,8 +173,9 @@ def infer_groups(K: int, **tensor_widths: int) -> Optional[int]:
 
 
 def _fixed(name: str) -> int:
-    """The column of ``name`` in every layout that has it (checked: core first, then extras)."""
-    cols = {column(name, g) for g in (CORE, CORE | EXTRAS, ALL_GROUPS)} - {None}
+    """The column of ``name`` in every layout that has it (checked: core first, then extras, then
+    cartography)."""
+    cols = {column(name, g) for g in range(1, ALL_GROUPS + 1) if g & CORE and not g & ~ALL_GROUPS} - {None}
     assert len(cols) == 1, f"{name} moves between layouts: {cols}"
     return cols.pop()
 

@@ -8,8 +8,9 @@ from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["token_nll", "loss_matrix", "energy_totals", "scores_from_matrix", "last_observed", "gain", "excess", "relative_excess",
-           "quadrants", "prune_order", "selection_order", "select"]
+__all__ = ["token_nll", "token_p_correct", "loss_matrix", "energy_totals", "scores_from_matrix", "cartography_from_matrices",
+           "last_observed", "gain", "excess", "relative_excess", "quadrants", "prune_order", "selection_order", "select",
+           "cartography_regions"]
 
 
 def token_nll(logits: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -27,11 +28,29 @@ def token_nll(logits: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.nd
     return nll, energy
 
 
+def token_p_correct(logits: np.ndarray, target: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-token p(y) = softmax(z)[y] in float64 and argmax correctness (1.0 / 0.0) by torch's
+    rule, the first index among equal maxima: z[y] > z[j] for every j < y and z[y] >= z[j] for
+    every j > y.
+
+    logits: [R, V]; target: [R] int. Returns (p_y [R], correct [R]).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(target)
+    nll, _ = token_nll(z, y)
+    correct = np.zeros(len(y))
+    for r in range(len(y)):
+        zy = z[r, y[r]]
+        correct[r] = float(all(zy > z[r, j] for j in range(y[r])) and all(zy >= z[r, j] for j in range(y[r] + 1, z.shape[1])))
+    return np.exp(-nll), correct
+
+
 def loss_matrix(epochs: Iterable[Sequence[Tuple[np.ndarray, np.ndarray]]], num_samples: int) -> np.ndarray:
     """L[t, i] = mean of the token losses of sample i seen in epoch t; NaN where none was seen.
 
     epochs: for each epoch, a sequence of (sample_ids [R], token_losses [R]) batches, one id per
-    token (ignored tokens already removed).
+    token (ignored tokens already removed). Any per-token value gives its per-epoch sample mean
+    the same way: p(y) gives P[t, i], argmax correctness the token accuracy A[t, i].
     """
     rows = []
     for batches in epochs:
@@ -92,6 +111,53 @@ def scores_from_matrix(L: np.ndarray, burn_in: int, eps: Union[float, Sequence[f
     if scalar_eps:
         out["memorization"], out["forgets"] = out["memorization"][:, 0], out["forgets"][:, 0]
     return out
+
+
+def cartography_from_matrices(P: np.ndarray, A: np.ndarray) -> dict:
+    """The cartography statistics of docs/method.md ("Data cartography") from the T x N matrices
+    P (P[t, i]: the mean token p(y) of sample i in epoch t) and A (its token accuracy), NaN where
+    sample i was not observed in epoch t (the same entries in both).
+
+    Learnt in epoch t: A[t, i] == 1 (every token argmax-correct). Returns a dict of [N] arrays:
+    confidence (mean of P over observed epochs), variability (population std of P), correctness
+    (learnt epochs), accuracy_last (A at the last observed epoch), forgetting (pairs of consecutive
+    observations learnt -> not learnt), never_learnt (observed, never learnt), first_learned (the
+    first learnt epoch, 1-based; NaN if none); NaN for the float ones where never observed.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    A = np.asarray(A, dtype=np.float64)
+    T, N = P.shape
+    out = {name: np.full(N, np.nan) for name in ("confidence", "variability", "accuracy_last", "first_learned")}
+    out["correctness"] = np.zeros(N, dtype=np.int64)
+    out["forgetting"] = np.zeros(N, dtype=np.int64)
+    out["never_learnt"] = np.zeros(N, dtype=bool)
+    for i in range(N):
+        seen = [t for t in range(T) if not np.isnan(P[t, i])]
+        if not seen:
+            continue
+        p, learnt = P[seen, i], A[seen, i] == 1.0
+        out["confidence"][i] = p.mean()
+        out["variability"][i] = p.std()
+        out["accuracy_last"][i] = A[seen[-1], i]
+        out["correctness"][i] = int(learnt.sum())
+        out["forgetting"][i] = sum(1 for a, b in zip(learnt[:-1], learnt[1:]) if a and not b)
+        out["never_learnt"][i] = not learnt.any()
+        if learnt.any():
+            out["first_learned"][i] = seen[int(np.argmax(learnt))] + 1  # epochs are 1-based
+    return out
+
+
+def cartography_regions(confidence: np.ndarray, variability: np.ndarray, fraction: float = 0.33) -> dict:
+    """Swayamdipta et al.'s three regions as selections of round(fraction * n) of the n samples
+    with a confidence (NaN: never observed, in no region): ambiguous = the highest variability,
+    easy-to-learn = the highest confidence, hard-to-learn = the lowest confidence; ties by lower
+    id. A plain sort with a key, on purpose. Returns {region: sorted ids}."""
+    c = np.asarray(confidence, dtype=np.float64)
+    v = np.asarray(variability, dtype=np.float64)
+    ids = [i for i in range(len(c)) if not np.isnan(c[i])]
+    k = int(round(fraction * len(ids)))
+    by = {"ambiguous": lambda i: (-v[i], i), "easy-to-learn": lambda i: (-c[i], i), "hard-to-learn": lambda i: (c[i], i)}
+    return {name: np.array(sorted(sorted(ids, key=key)[:k]), dtype=np.int64) for name, key in by.items()}
 
 
 def last_observed(L: np.ndarray) -> np.ndarray:

@@ -62,6 +62,19 @@ def _gain(v):
     return _difficulty(v).sub_(_last(v))
 
 
+def _p_std(v):
+    return _where_seen(v, _f64(v["p_m2"]).div_(v["observed"].clamp(min=1)).clamp_(min=0).sqrt_())
+
+
+def _first_learned(v):
+    e = v["first_learnt"]
+    return _f64(e).masked_fill_(e <= 0, _NAN)
+
+
+def _never_learnt(v):
+    return (v["observed"] > 0) & (v["learnt"] <= 0)
+
+
 COLUMNS: Dict[str, Column] = {
     "difficulty": Column(("diff_sum", "diff_count"), torch.float64, False, _difficulty,
                          "[N] float64 d_i, the mean loss over observed burn-in epochs; NaN where none was observed"),
@@ -83,6 +96,34 @@ COLUMNS: Dict[str, Column] = {
                        "[N] float64 population std of L[., i] over observed epochs (extras)"),
     "grad_energy": Column(("energy_total",), torch.float64, False, lambda v: _f64(v["energy_total"]),
                           "[N] float64 sum over tokens and epochs of ||softmax - onehot||^2 (extras)"),
+    "geometric_confidence": Column(("mean", "observed"), torch.float64, False,
+                                   lambda v: _where_seen(v, _f64(v["mean"]).neg_().exp_()),
+                                   "[N] float64 exp(-loss_mean), the geometric mean over epochs of the per-epoch "
+                                   "geometric-mean token probability (extras; what Scores.confidence was before the "
+                                   "cartography group)"),
+    # the cartography group (csrc/state_stats.def; docs/method.md, "Data cartography")
+    "confidence": Column(("p_mean", "observed"), torch.float64, False, lambda v: _where_seen(v, _f64(v["p_mean"])),
+                         "[N] float64 mean over observed epochs of P[t, i], the epoch's mean token p(y) "
+                         "(Swayamdipta et al. 2020's confidence; cartography)"),
+    "variability": Column(("p_m2", "observed"), torch.float64, False, _p_std,
+                          "[N] float64 population std over observed epochs of P[t, i] (Swayamdipta et al. 2020's "
+                          "variability; cartography)"),
+    "accuracy_last": Column(("acc_last", "observed"), torch.float64, False,
+                            lambda v: _where_seen(v, _f64(v["acc_last"])),
+                            "[N] float64 token accuracy (fraction of argmax-correct tokens) at the last observed epoch: "
+                            "exact memorization (Tirumala et al. 2022); NaN if never observed (cartography)"),
+    "correctness": Column(("learnt",), torch.int32, False, lambda v: v["learnt"].to(torch.int32, copy=True),
+                          "[N] int32 epochs in which the sample was learnt (every token argmax-correct; for one-row "
+                          "samples the epochs predicted correctly, Swayamdipta et al. 2020) (cartography)"),
+    "forgetting": Column(("forgot",), torch.int32, False, lambda v: v["forgot"].to(torch.int32, copy=True),
+                         "[N] int32 forgetting events, learnt -> not learnt between consecutive observations "
+                         "(Toneva et al. 2019); 0 for never-learnt samples, see never_learnt (cartography)"),
+    "first_learned": Column(("first_learnt",), torch.float64, False, _first_learned,
+                            "[N] float64 the first (1-based) epoch in which the sample was learnt; NaN if never "
+                            "(cartography)"),
+    "never_learnt": Column(("learnt", "observed"), torch.bool, False, _never_learnt,
+                           "[N] bool: observed but never learnt (Toneva et al. 2019 give these the most forgetting "
+                           "events; cartography)"),
     # derived columns that Scores exposes as properties, computed straight from the statistics
     "gain": Column(("diff_sum", "diff_count", "last", "observed"), torch.float64, False, _gain,
                    "[N] float64 difficulty - last_loss"),

@@ -111,8 +111,12 @@ class Scores:
     Columns (see :data:`gdc_ext.scores_columns.COLUMNS`): difficulty [N] float64 (NaN where no
     burn-in epoch was observed), memorization_by_eps [N, K] float64, forgets_by_eps [N, K] int32,
     transitions [N] int32, observed [N] int32, last_loss [N] float64 (NaN if never observed), and,
-    for a state with extras, min_loss, loss_mean, loss_std and grad_energy [N] float64 (None
-    without). ``CartoState.scores()`` keeps a snapshot of the state's compact tensors and computes
+    for a state with extras, min_loss, loss_mean, loss_std, grad_energy and geometric_confidence
+    (exp(-loss_mean)) [N] float64 (None without); for a state with the cartography group
+    (``cartography=True``; docs/method.md, "Data cartography"), confidence, variability,
+    accuracy_last, first_learned [N] float64, correctness, forgetting [N] int32 and never_learnt
+    [N] bool (reading them without the group raises ValueError saying how to enable it;
+    :meth:`has` tells whether a column exists). ``CartoState.scores()`` keeps a snapshot of the state's compact tensors and computes
     each column when it is first read (then cached), chunk by chunk, so reading one column costs
     the snapshot plus that column's [N] values. Scores built by hand take every column as a tensor.
     """
@@ -278,16 +282,6 @@ class Scores:
         ref = check_reference(reference, self._n, nonnegative=True)
         return 1.0 - self.last_loss.double().clamp(min=RELATIVE_FLOOR) / ref.clamp(min=RELATIVE_FLOOR)
 
-    @property
-    def confidence(self) -> Optional[torch.Tensor]:
-        """Cartography's confidence analogue: exp(-mean loss), the geometric-mean token probability."""
-        return None if self.loss_mean is None else torch.exp(-self.loss_mean)
-
-    @property
-    def variability(self) -> Optional[torch.Tensor]:
-        """Cartography's variability analogue: std of the per-epoch loss."""
-        return self.loss_std
-
     def quadrants(self, alpha_d: float = 0.75, alpha_m: float = 0.75, eps_index: Optional[int] = None, *,
                   eps: Optional[float] = None, by: Optional[str] = None, memorization: Optional[str] = None,
                   reference=None, seed: int = 0):
@@ -312,7 +306,16 @@ class Scores:
     def __repr__(self) -> str:
         N = self._n
         return (f"Scores(N={N}, epochs={self.epoch}, burn_in={self.burn_in}, eps={self.eps}, "
-                f"scored={int(self.scored.sum())}, extras={self._has('loss_mean')})")
+                f"scored={int(self.scored.sum())}, extras={self._has('loss_mean')}, "
+                f"cartography={self._has('confidence')})")
+
+    def has(self, name: str) -> bool:
+        """Whether column ``name`` (one of :data:`gdc_ext.scores_columns.COLUMNS`) exists: the state
+        kept the statistics it needs (extras' columns are None without them; reading a cartography
+        column without them raises ValueError)."""
+        if name not in COLUMNS:
+            raise ValueError(f"unknown Scores column {name!r}; the columns are {', '.join(COLUMNS)}")
+        return self._has(name)
 
     def to_pandas(self, reference=None, *, quadrants=None, seed: int = 0):
         """A ``pandas.DataFrame`` with one row per sample (index ``sample_id``, 0..N-1) and every
@@ -363,11 +366,36 @@ class Scores:
 
 
 
+# The groups whose columns raise when read on a state without them (extras' columns are None, as
+# they were before the groups existed): {group: how to enable it}.
+_REQUIRED_GROUPS = {"cartography": "cartography=True"}
+
+
+def missing_group_error(column: str, group: str) -> ValueError:
+    """The ValueError for reading Scores column ``column`` of ``group`` on a state without it."""
+    b = layout.bytes_per_sample(layout.CORE | layout.GROUPS[group], 1) - layout.bytes_per_sample(layout.CORE, 1)
+    how = _REQUIRED_GROUPS[group]
+    return ValueError(f"Scores.{column} needs the {group} statistics, which this state does not keep: record with "
+                      f"CartoState(num_samples, burn_in, ..., {how}) or Cartographer(..., {how}) (the Hugging Face "
+                      f"and Lightning integrations take that state or Cartographer), +{b} bytes per sample")
+
+
+def _column_group(name: str) -> Optional[str]:
+    """The group beyond core whose statistics column ``name`` reads (None: core only)."""
+    groups = {layout.STATS[[x.name for x in layout.STATS].index(st)].group for st in COLUMNS[name].stats} - {"core"}
+    return groups.pop() if groups else None
+
+
 def _column_property(name: str) -> property:
     doc = COLUMNS[name].doc
+    group = _column_group(name)
+    required = group in _REQUIRED_GROUPS
 
     def get(self) -> Optional[torch.Tensor]:
-        return self._get(name)
+        value = self._get(name)
+        if value is None and required:
+            raise missing_group_error(name, group)
+        return value
 
     def set(self, value: Optional[torch.Tensor]) -> None:
         self._cols[name] = value
@@ -394,6 +422,11 @@ class CartoState:
             loss_mean, loss_std, grad_energy and the confidence / variability views; None
             without). Opt-in since the compact layout (default False): they cost 24 bytes per
             sample beyond the 32-byte budget of the default state.
+        cartography: also keep data cartography and forgetting events (Swayamdipta et al. 2020,
+            Toneva et al. 2019), from each token's p(y) and argmax correctness, which the fused
+            kernels compute in the same pass: Scores.confidence, variability, correctness,
+            accuracy_last, forgetting, never_learnt, first_learned (reading them without the
+            group raises ValueError). Opt-in (default False): 34 bytes per sample.
 
     A bad ``num_samples``, ``burn_in`` or ``eps`` (a string, None, a bool, a float count, nested
     lists, ...) raises a ValueError naming the argument.
@@ -407,6 +440,9 @@ class CartoState:
     - default (``CartoState(N, burn_in)``, one eps): 16 + 8 + 4 + 2 = **30 bytes per sample**;
       28 + 2K with K thresholds;
     - ``extras=True``: 24 + 24 + 4 + 2K = 52 + 2K (54 with one eps);
+    - ``cartography=True``: + 34 (float64 p(y) and correct-token sums: 16; float32 mean and M2 of
+      the epoch's mean p(y) and the last token accuracy: 12; int16 learnt epochs, forgetting
+      events and first learnt epoch: 6), so 62 + 2K without extras;
 
     plus 8 (epoch) + 8K (eps) bytes in all. The int16 counters bound a state to
     :data:`gdc_ext.layout.MAX_EPOCHS` (32767) folded epochs: end_epoch refuses the next one,
@@ -414,13 +450,14 @@ class CartoState:
     """
 
     def __init__(self, num_samples: int, burn_in: int, eps: Union[float, Sequence[float]] = 0.1,
-                 device: Union[str, torch.device] = "cpu", extras: bool = False):
+                 device: Union[str, torch.device] = "cpu", extras: bool = False, cartography: bool = False):
         num_samples = _as_int("num_samples", num_samples, "a positive int")
         burn_in = _as_int("burn_in", burn_in, "an int >= 1 (epochs)")
         self._eps_scalar, eps_list = _eps_values(eps)
         self.num_samples = num_samples
         self.burn_in = burn_in
         self.extras = bool(extras)
+        self.cartography = bool(cartography)
         N, K, dev = self.num_samples, len(eps_list), torch.device(device)
         for name, (dtype, shape) in layout.shapes(N, K, self.groups).items():
             setattr(self, name, torch.zeros(shape, dtype=dtype, device=dev))
@@ -470,8 +507,9 @@ class CartoState:
     @property
     def groups(self) -> int:
         """The statistic groups kept (a bit mask of :data:`gdc_ext.layout.GROUPS`: core, plus
-        extras with ``extras=True``); they fix the columns of the tensors."""
-        return layout.groups_for(self.extras)
+        extras with ``extras=True``, cartography with ``cartography=True``); they fix the columns
+        of the tensors."""
+        return layout.groups_for(self.extras, self.cartography)
 
     @property
     def num_eps(self) -> int:
@@ -497,7 +535,7 @@ class CartoState:
 
     def __repr__(self) -> str:
         return (f"CartoState(num_samples={self.num_samples}, burn_in={self.burn_in}, eps={self.eps.tolist()}, "
-                f"device={self.device}, extras={self.extras})")
+                f"device={self.device}, extras={self.extras}, cartography={self.cartography})")
 
     # ----------------------------------------------------------------------------- epochs
     @_synchronized
@@ -506,7 +544,7 @@ class CartoState:
 
         With torch.distributed initialised (world size > 1), the accumulators are first summed
         across ranks, so every rank ends with identical scores. Before that, one small all-gather
-        checks that every rank's state agrees on N, eps, burn_in, extras, the tensor layout and the
+        checks that every rank's state agrees on N, eps, burn_in, extras, cartography, the tensor layout and the
         number of epochs done: a state built differently, or restored from another epoch, raises
         the same ValueError on every rank (naming the field, the ranks and their values) and
         nothing is changed, where the all-reduce would otherwise mix mismatched states silently or
@@ -545,7 +583,7 @@ class CartoState:
 
     @_synchronized
     def record(self, losses: torch.Tensor, sample_ids: torch.Tensor,
-               counts: Optional[Union[torch.Tensor, float]] = None) -> None:
+               counts: Optional[Union[torch.Tensor, float]] = None, *, p_y=None, correct=None) -> None:
         """Accumulates per-row or per-sample losses of any model into this epoch's accumulator.
 
         For losses that CartoLoss does not compute: a diffusion model's per-sample MSE, a VAE's
@@ -568,6 +606,13 @@ class CartoState:
                 so a padding mask can be passed as ``counts``. Counts are finite, >= 0 and at
                 most :data:`MAX_RECORD_COUNT` (2**53), and each ``loss * count`` (and the batch's
                 sum of them added to the accumulator) must stay within float64's range.
+            p_y, correct: for a state with the cartography group (``cartography=True``), required
+                there and refused elsewhere: each row's probability of its target, p(y) (the mean
+                over the tokens it averages, for a count above 1), and whether its prediction is
+                the target (argmax == target; for a count above 1 the fraction of its tokens that
+                are, so a row is learnt when it is 1). Tensors of the shape of ``sample_ids`` (a
+                bool tensor for ``correct`` counts True as 1), each value finite and in [0, 1];
+                weighted by the counts like the losses.
 
         Recording is explicit: it happens whatever the grad mode and model mode, and never
         touches autograd (the losses are detached). Inputs are moved to the state's device. The
@@ -583,6 +628,14 @@ class CartoState:
         """
         acc = self.acc
         dev = acc.device
+        if self.cartography and (p_y is None or correct is None):
+            missing = " and ".join(n for n, v in (("p_y", p_y), ("correct", correct)) if v is None)
+            raise ValueError(f"{missing}: this state keeps the cartography statistics (cartography=True), so record() "
+                             f"needs each row's p(y) (p_y=) and argmax correctness (correct=), tensors like the losses")
+        if not self.cartography and (p_y is not None or correct is not None):
+            given = " and ".join(n for n, v in (("p_y", p_y), ("correct", correct)) if v is not None)
+            raise ValueError(f"{given}: this state does not keep the cartography statistics; build it with "
+                             f"CartoState(..., cartography=True) to record them")
         if not isinstance(losses, torch.Tensor):
             raise ValueError(f"losses must be a float tensor, got {type(losses).__name__}")
         if not losses.dtype.is_floating_point:
@@ -603,6 +656,10 @@ class CartoState:
             cnt = _rows_like("counts", counts, losses, dev, integer=False).to(torch.float64)
         N = self.num_samples
         used = cnt > 0
+        extra = {}  # the cartography sources: p_y, correct [R] float64
+        if self.cartography:
+            extra = {"p_y": _rows_like("p_y", p_y, losses, dev, integer=False),
+                     "correct": _rows_like("correct", correct, losses, dev, integer=False)}
         # what each row adds to the loss sum; unused rows add 0 (a skipped row's loss is not read)
         prod = torch.where(used, loss * cnt, torch.zeros((), dtype=torch.float64, device=dev))
         if dev.type == "cpu":
@@ -632,16 +689,27 @@ class CartoState:
             if not bool(torch.isfinite(_sum_bound(acc, ids, used, prod))):
                 raise ValueError("counts: the batch's losses * counts, added to this epoch's accumulator, overflow "
                                  "float64; the CartoState was left unchanged")
+            for name, v in extra.items():
+                bad = used & ~((v >= 0) & (v <= 1))  # NaN fails both
+                if bool(bad.any()):
+                    r = int(bad.nonzero()[0, 0])
+                    raise ValueError(f"{name}[{r}] = {float(v[r])}: expected a value in [0, 1] "
+                                     f"({'a probability' if name == 'p_y' else 'the fraction of argmax-correct tokens'}); "
+                                     f"the CartoState was left unchanged")
             ok = used
         else:
             # no host synchronisation: the batch's validity is a device scalar that masks every row
             in_range = (ids >= 0) & (ids < N)
             row_bad = (~torch.isfinite(cnt)) | (cnt < 0) | (cnt > MAX_RECORD_COUNT) \
                 | (used & ~(in_range & torch.isfinite(loss) & torch.isfinite(prod) & (loss.abs() <= MAX_RECORD_LOSS)))
+            for v in extra.values():
+                row_bad = row_bad | (used & ~((v >= 0) & (v <= 1)))
             ok = used & ~row_bad.any() & torch.isfinite(_sum_bound(acc, ids, used & in_range, prod))
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         # one column per accumulator statistic, by its per-row source (csrc/state_stats.def)
         values = {"nll": torch.where(ok, prod, zero), "one": torch.where(ok, cnt, zero)}
+        for name, v in extra.items():  # unused rows add 0 (their values are not read)
+            values[name] = torch.where(ok, v * cnt, zero)
         upd = torch.stack([values.get(src, zero.expand_as(loss)) for src in layout.acc_sources(self.groups)], 1)
         acc.index_add_(0, torch.where(ok, ids, torch.zeros_like(ids)), upd)
 
@@ -660,7 +728,8 @@ class CartoState:
         head = [struct.unpack("<q", struct.pack("<d", e))[0] for e in eps[:_FP_EPS_SHOWN]]
         head += [0] * (_FP_EPS_SHOWN - len(head))
         layout = repr([(n, tuple(t.shape), str(t.dtype), t.is_contiguous()) for n, t in self.tensors().items()])
-        values = [_FP_MAGIC, self.num_samples, self.burn_in, int(self.extras), len(eps), self.epochs_done,
+        values = [_FP_MAGIC, self.num_samples, self.burn_in, int(self.extras), int(self.cartography), len(eps),
+                  self.epochs_done,
                   _hash64(eps_bytes), _hash64(layout.encode()), *head]
         return torch.tensor(values, dtype=torch.int64)
 
@@ -690,7 +759,7 @@ class CartoState:
         if problems:
             raise ValueError("CartoState.end_epoch: the ranks' states disagree, nothing was changed: "
                              + " | ".join(problems) + ". Every rank must build the same CartoState (N, eps, burn_in, "
-                             "extras), restore the same checkpoint and call end_epoch() once per epoch.")
+                             "extras, cartography), restore the same checkpoint and call end_epoch() once per epoch.")
 
     # ----------------------------------------------------------------------------- scores
     @_synchronized
@@ -714,7 +783,7 @@ class CartoState:
         cols = layout.saved_columns(self.groups)
         return {"format": "gdc_ext.CartoState", "version": FORMAT_VERSION, "num_samples": self.num_samples,
                 "burn_in": self.burn_in, "eps": self.eps.tolist(), "eps_scalar": self._eps_scalar,
-                "extras": self.extras, "columns": cols}
+                "extras": self.extras, "cartography": self.cartography, "columns": cols}
 
     @_synchronized
     def state_dict(self) -> dict:
@@ -742,8 +811,8 @@ class CartoState:
             raise ValueError(f"state_dict: format version {meta.get('version')!r} is not supported "
                              f"(this gdc_ext reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
         mine = self._meta()
-        for key in ("num_samples", "burn_in", "eps", "extras"):
-            if meta.get(key) != mine[key]:
+        for key in ("num_samples", "burn_in", "eps", "extras", "cartography"):
+            if meta.get(key, False if key == "cartography" else None) != mine[key]:
                 raise ValueError(f"state_dict: mismatched state: {key} is {meta.get(key)!r} in the saved state "
                                  f"but {mine[key]!r} in this CartoState")
         tensors = {name: state_dict.get(name) for name in _TENSORS}
@@ -751,7 +820,7 @@ class CartoState:
             tensors = convert_legacy(meta, tensors, "state_dict")
         elif meta.get("columns", mine["columns"]) != mine["columns"]:
             raise ValueError(f"state_dict: its columns {meta.get('columns')} are not this gdc_ext's layout "
-                             f"{mine['columns']} for extras = {self.extras}")
+                             f"{mine['columns']} for extras = {self.extras}, cartography = {self.cartography}")
         return self._checked_tensors(tensors, self.device, copy=True)
 
     def _adopt(self, tensors: dict, device: torch.device, copy: bool) -> None:
@@ -775,7 +844,7 @@ class CartoState:
                                  f"expected {tuple(t.shape)} {t.dtype}")
             s = s.to(device)
             new[name] = s.clone().contiguous() if copy else s.contiguous()
-        _check_consistent(new)
+        _check_consistent(new, self.groups)
         return new
 
     @_synchronized
@@ -826,7 +895,8 @@ class CartoState:
         meta, tensors = read_state_file(path)
         eps = meta["eps"][0] if meta["eps_scalar"] else meta["eps"]
         # built on the meta device (no memory), then given the tensors just read
-        state = cls(meta["num_samples"], meta["burn_in"], eps, device="meta", extras=meta["extras"])
+        state = cls(meta["num_samples"], meta["burn_in"], eps, device="meta", extras=meta["extras"],
+                    cartography=meta.get("cartography", False))
         try:
             if meta["version"] in LEGACY_VERSIONS:
                 tensors = convert_legacy(meta, tensors, "a version 1/2 state")
@@ -846,11 +916,13 @@ def recording_lock(state: Optional["CartoState"], recording: bool):
 # ------------------------------------------------------------------------------------------ fingerprint
 _FP_MAGIC = 0x6764635F65703031  # "gdc_ep01": marks end_epoch's all-gather
 _FP_EPS_SHOWN = 4  # eps values carried for the error message (all of them are compared through the hash)
-_FP_NAMES = ("magic", "num_samples", "burn_in", "extras", "num_eps", "epochs_done", "eps_hash", "layout_hash")
+_FP_NAMES = ("magic", "num_samples", "burn_in", "extras", "cartography", "num_eps", "epochs_done", "eps_hash",
+             "layout_hash")
 _FP_INDEX = {name: i for i, name in enumerate(_FP_NAMES)}
 # (name in the message, fingerprint column); "eps" compares (K, hash of all values)
 _FP_CHECKS = (("num_samples (N)", "num_samples"), ("eps", "eps"), ("burn_in", "burn_in"), ("extras", "extras"),
-              ("epochs_done", "epochs_done"), ("tensor layout (shapes/dtypes)", "layout_hash"))
+              ("cartography", "cartography"), ("epochs_done", "epochs_done"),
+              ("tensor layout (shapes/dtypes)", "layout_hash"))
 
 
 def _hash64(data: bytes) -> int:
@@ -858,7 +930,7 @@ def _hash64(data: bytes) -> int:
 
 
 def _fp_repr(col: str, v: int) -> str:
-    if col == "extras":
+    if col in ("extras", "cartography"):
         return str(bool(v))
     if col == "layout_hash":
         return f"{v & 0xFFFFFFFFFFFFFFFF:016x}"
@@ -946,9 +1018,9 @@ def _short(value) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _check_consistent(t: dict) -> None:
+def _check_consistent(t: dict, groups: int = layout.CORE) -> None:
     """Cheap invariants that a damaged or hand-edited state breaks (counters in the core columns,
-    which every layout has at the same place)."""
+    which every layout has at the same place, and those of the cartography group when kept)."""
     ist, fg = t["istats"], t["forgets"]
     epochs = int(t["epoch"].reshape(-1)[0])
     if epochs < 0 or epochs > MAX_EPOCHS:
@@ -960,6 +1032,13 @@ def _check_consistent(t: dict) -> None:
     if bool((observed > epochs).any()) or bool((burn > observed).any()) or bool((fg > transitions[:, None]).any()):
         raise ValueError("state_dict: counters out of order (observed epochs > epochs folded, burn-in epochs > "
                          "observed, or forgets > transitions)")
+    if groups & layout.CARTOGRAPHY:
+        learnt, forgot, first = (ist[:, layout.column(n, groups)] for n in ("learnt", "forgot", "first_learnt"))
+        if bool((learnt > observed).any()) or bool((forgot > transitions).any()) or bool((first > epochs).any()) \
+                or bool(((learnt > 0) != (first > 0)).any()):
+            raise ValueError("state_dict: cartography counters out of order (learnt epochs > observed, forgetting "
+                             "events > transitions, first learnt epoch > epochs folded, or learnt without a first "
+                             "learnt epoch)")
 
 
 def _rows_like(name: str, value, losses: torch.Tensor, dev: torch.device, integer: bool) -> torch.Tensor:
