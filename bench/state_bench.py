@@ -413,15 +413,16 @@ def in_subprocess(spec: dict) -> dict:
 
 def estimate_bytes(spec: dict) -> int:
     """The whole worker's expected peak (all ranks), to skip a row that cannot fit: per rank the
-    state, its Scores (today's CartoState.scores(): 68 B / sample with extras, 36 without) and
-    ~50 B / sample of a phase's temporaries, plus ~350 MiB per process."""
-    per = (88 + 68) if spec["extras"] else (56 + 36)
+    compact state (30 B / sample, 52 with the extras) and ~45 B / sample of Scores columns and a
+    phase's temporaries (measured: 1e8 over 4 ranks peaked at 1.9 GiB per rank, 65 B / sample
+    above the process), plus ~350 MiB per process."""
+    state = 52 if spec["extras"] else 30
     if spec["kind"] == "sharded":
-        return int(spec["num_samples"] * (per + 50)) + spec["world_size"] * (350 << 20)
+        return int(spec["num_samples"] * (state + 45)) + spec["world_size"] * (350 << 20)
     if spec["kind"] == "sampler":
         return int(spec["num_samples"] * 21) + (350 << 20)
     if spec["kind"] == "replicated":  # its later phases check the memory left themselves
-        return int(spec["num_samples"] * (per - 68 + 8 if spec["extras"] else per - 36 + 8)) + (350 << 20)
+        return int(spec["num_samples"] * (state + 8)) + (350 << 20)
     return spec["world_size"] * (3 * spec["rows"] * spec["vocab"] * 4 + (600 << 20)) + 3 * spec["num_samples"] * 200
 
 
