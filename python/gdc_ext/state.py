@@ -1025,6 +1025,18 @@ def _check_consistent(t: dict, groups: int = layout.CORE) -> None:
     epochs = int(t["epoch"].reshape(-1)[0])
     if epochs < 0 or epochs > MAX_EPOCHS:
         raise ValueError(f"state_dict: epoch counter {epochs} outside [0, {MAX_EPOCHS}]: the state is corrupted")
+    # in chunks of rows: the comparisons' temporaries (~10 B per sample at once) would otherwise
+    # raise load's peak memory above the state it reads
+    for lo in range(0, ist.shape[0], _CHECK_CHUNK):
+        _check_consistent_rows({"istats": ist[lo:lo + _CHECK_CHUNK], "forgets": fg[lo:lo + _CHECK_CHUNK]}, epochs,
+                               groups)
+
+
+_CHECK_CHUNK = 1 << 18
+
+
+def _check_consistent_rows(t: dict, epochs: int, groups: int) -> None:
+    ist, fg = t["istats"], t["forgets"]
     if bool((ist < 0).any()) or bool((fg < 0).any()):
         raise ValueError("state_dict: negative counters: the state is corrupted")
     observed, burn = ist[:, layout.I_OBSERVED], ist[:, layout.I_DIFF_COUNT]
